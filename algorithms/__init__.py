@@ -1,0 +1,1 @@
+"""Learning-algorithm plugins: one file each, registered with ``@algorithms.register``."""

@@ -1,0 +1,364 @@
+"""The contracts between the engine and its plugins.
+
+Everything a plugin needs to know about the harness is in this file:
+
+* architecture specs (plain data, no torch): :class:`Dense`, :class:`Conv`, :class:`Pool`,
+  :class:`Flatten`, :class:`Recurrent`, gathered in an :class:`Arch`;
+* :class:`Algorithm` (registered, builds a :class:`Learner`) and :class:`Task` (registered,
+  loads :class:`TaskData`);
+* :class:`RunContext`, what a run tells the plugins about where and how it runs;
+* :class:`RunSpec`, :class:`EpochRecord` and :class:`RunResult`, what flows between suite,
+  runner and store;
+* :class:`UserError`, the one exception whose message is shown to a user without a traceback.
+
+Plugins import from here (and from :mod:`harness.toolkit`), never from the runner, the store or
+the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Union
+
+if TYPE_CHECKING:  # torch is imported only where a run needs it
+    import torch
+
+
+class UserError(Exception):
+    """A mistake of the user's: shown as one line, no traceback, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture specs
+# --------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "linear")
+
+
+@dataclass(frozen=True)
+class Dense:
+    units: int
+    act: str = "tanh"
+
+
+@dataclass(frozen=True)
+class Conv:
+    filters: int
+    kernel: int
+    padding: int = 0
+    act: str = "tanh"
+
+
+@dataclass(frozen=True)
+class Pool:
+    kind: str = "max"  # max | avg
+    size: int = 2
+
+
+@dataclass(frozen=True)
+class Flatten:
+    pass
+
+
+@dataclass(frozen=True)
+class Recurrent:
+    hidden: int
+    act: str = "tanh"
+
+
+Layer = Union[Dense, Conv, Pool, Flatten, Recurrent]
+LAYER_KINDS: dict[str, type] = {"dense": Dense, "conv": Conv, "pool": Pool,
+                                "flatten": Flatten, "recurrent": Recurrent}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A network: input shape, layers (the last one is the output layer) and output size.
+
+    ``kind`` is what algorithms declare support for: ``rnn`` if any layer is recurrent,
+    ``cnn`` if any is a convolution, ``mlp`` otherwise.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    layers: tuple[Layer, ...]
+    output_size: int
+
+    @property
+    def kind(self) -> str:
+        if any(isinstance(layer, Recurrent) for layer in self.layers):
+            return "rnn"
+        if any(isinstance(layer, Conv) for layer in self.layers):
+            return "cnn"
+        return "mlp"
+
+    def describe(self) -> str:
+        def one(layer: Layer) -> str:
+            if isinstance(layer, Dense):
+                return f"dense{layer.units}" + ("" if layer.act == "tanh" else f"({layer.act})")
+            if isinstance(layer, Conv):
+                return f"conv{layer.filters}k{layer.kernel}p{layer.padding}"
+            if isinstance(layer, Pool):
+                return f"{layer.kind}pool{layer.size}"
+            if isinstance(layer, Recurrent):
+                return f"rnn{layer.hidden}"
+            return "flatten"
+        shape = "x".join(str(s) for s in self.input_shape)
+        return f"{shape} > " + " > ".join(one(layer) for layer in self.layers)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "output_size": self.output_size,
+                "layers": [{type(l).__name__.lower(): dataclasses.asdict(l)} for l in self.layers]}
+
+    @staticmethod
+    def from_json(data: Mapping) -> "Arch":
+        layers = []
+        for item in data["layers"]:
+            (kind, fields), = item.items()
+            layers.append(LAYER_KINDS[kind](**fields))
+        return Arch(data["name"], tuple(data["input_shape"]), tuple(layers), data["output_size"])
+
+
+# --------------------------------------------------------------------------------------------
+# Hyper-parameters: typed dataclasses whose fields carry their range and help text
+# --------------------------------------------------------------------------------------------
+
+def param(default: Any, help: str = "", *, min: float | None = None, max: float | None = None,
+          choices: tuple | None = None) -> Any:
+    """A typed hyper-parameter with its default, help text and valid range/choices."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For plugins without hyper-parameters."""
+
+
+# --------------------------------------------------------------------------------------------
+# What a run tells the plugins
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunContext:
+    device: str = "cpu"
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 128
+    protocol: str = "clean"        # clean | paper
+    validation: float = 0.1        # fraction of the training set held out for selection
+    data_dir: str = "data"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What an algorithm may know about the task it learns."""
+
+    loss: str                       # cross_entropy | mse
+    output_size: int
+    input_shape: tuple[int, ...]
+    sequence: bool = False          # outputs at every time step: (batch, time, output)
+
+
+@dataclass
+class TaskData:
+    """Tensors of one task, on the CPU; the runner moves them to the run's device."""
+
+    x_train: "torch.Tensor"
+    y_train: "torch.Tensor"
+    x_val: "torch.Tensor"
+    y_val: "torch.Tensor"
+    x_test: "torch.Tensor"
+    y_test: "torch.Tensor"
+    info: TaskInfo
+    notes: dict = field(default_factory=dict)  # recorded with the run: split sizes, source, …
+
+
+class Learner:
+    """One model being trained by one algorithm.
+
+    ``train_step`` computes the update of one minibatch as the parameters' ``.grad`` and steps a
+    standard torch optimiser (see :func:`harness.toolkit.make_optimizer`), so optimisers are equal
+    across algorithms. It returns scalars, at least ``loss`` (tensors are fine: the harness reads
+    them once per epoch, so no step waits for the device).
+    """
+
+    schedulers: list = []
+
+    def train_step(self, x: "torch.Tensor", y: "torch.Tensor") -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def predict(self, x: "torch.Tensor") -> "torch.Tensor":
+        """The network's output (pre-softmax for classification), without side effects."""
+        raise NotImplementedError
+
+    def end_epoch(self) -> None:
+        """Called by the harness after each training epoch: steps the learning-rate schedules."""
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+
+class Algorithm:
+    """Base of learning-algorithm plugins. The class docstring's first line is its description.
+
+    Subclasses set ``name`` (through the ``@algorithms.register`` decorator), ``supports`` (the
+    architecture kinds), ``Params`` (a frozen dataclass of :func:`param` fields) and ``build``.
+    """
+
+    name: ClassVar[str] = ""
+    supports: ClassVar[frozenset[str]] = frozenset()
+    Params: ClassVar[type] = NoParams
+
+    def unsupported(self, arch: Arch, params: Any) -> Optional[str]:
+        """Why this algorithm cannot train ``arch`` (None when it can)."""
+        if arch.kind not in self.supports:
+            return f"{self.name} does not support {arch.kind} architectures " \
+                   f"(supports: {', '.join(sorted(self.supports))})"
+        return None
+
+    def build(self, arch: Arch, info: TaskInfo, params: Any, ctx: RunContext) -> Learner:
+        raise NotImplementedError
+
+
+class Task:
+    """Base of task plugins. The class docstring's first line is its description.
+
+    ``metrics`` maps each metric name to ``"max"`` or ``"min"`` (its better direction); the
+    first is the primary metric that selects epochs and fills the result table.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    loss: ClassVar[str] = "cross_entropy"
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "max"}
+
+    @property
+    def primary_metric(self) -> str:
+        return next(iter(self.metrics))
+
+    def presets(self, params: Any) -> dict[str, Arch]:
+        """Named architectures with the paper's sizes (``mlp``, ``cnn``, ``rnn``)."""
+        raise NotImplementedError
+
+    def datasets(self, params: Any) -> list[str]:
+        """Names of the datasets (see :mod:`harness.data`) this task needs."""
+        return []
+
+    def load(self, params: Any, ctx: RunContext) -> TaskData:
+        raise NotImplementedError
+
+    def evaluate(self, output: "torch.Tensor", target: "torch.Tensor") -> dict[str, float]:
+        """The task's metrics of ``output`` against ``target`` (one split at once)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+STATUSES = ("ok", "diverged", "error", "skipped")
+PROTOCOLS = ("clean", "paper")
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
+        return float(value)  # 1 and 1.0 hash the same only where the types do
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in sorted(value.items())}
+    return value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid. Its :meth:`key` (a hash of what determines the numbers) is its
+    identity in the store; the label, suite and skip reason are not part of it."""
+
+    algorithm: str
+    params: tuple[tuple[str, Any], ...]
+    task: str
+    task_params: tuple[tuple[str, Any], ...]
+    arch: Arch
+    seed: int
+    epochs: int
+    batch_size: int
+    device: str = "cpu"
+    protocol: str = "clean"
+    validation: float = 0.1
+    patience: Optional[int] = None
+    label: str = ""                 # the suite's row label (entry name and grid values)
+    task_label: str = ""            # the suite's task entry name (column of the report)
+    suite: str = ""
+    skip_reason: Optional[str] = field(default=None, compare=False)
+
+    def identity(self) -> dict:
+        return {"algorithm": self.algorithm, "params": dict(self.params), "task": self.task,
+                "task_params": dict(self.task_params), "arch": self.arch.to_json(),
+                "seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size,
+                "device": self.device, "protocol": self.protocol,
+                "validation": self.validation, "patience": self.patience}
+
+    def key(self) -> str:
+        text = json.dumps(_canonical(self.identity()), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def to_json(self) -> dict:
+        data = self.identity()
+        data.update(label=self.label, task_label=self.task_label, suite=self.suite,
+                    skip_reason=self.skip_reason)
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping) -> "RunSpec":
+        return RunSpec(algorithm=data["algorithm"], params=tuple(sorted(data["params"].items())),
+                       task=data["task"], task_params=tuple(sorted(data["task_params"].items())),
+                       arch=Arch.from_json(data["arch"]), seed=data["seed"],
+                       epochs=data["epochs"], batch_size=data["batch_size"],
+                       device=data["device"], protocol=data["protocol"],
+                       validation=data["validation"], patience=data["patience"],
+                       label=data.get("label", ""), task_label=data.get("task_label", ""),
+                       suite=data.get("suite", ""),
+                       skip_reason=data.get("skip_reason"))
+
+    def context(self, data_dir: str, threads: int) -> RunContext:
+        return RunContext(device=self.device, seed=self.seed, epochs=self.epochs,
+                          batch_size=self.batch_size, protocol=self.protocol,
+                          validation=self.validation, data_dir=data_dir, threads=threads)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int                      # 1-based
+    train_time_s: float
+    eval_time_s: float
+    train_loss: float
+    metrics: dict[str, dict[str, float]]   # split (train_stats|val|test) -> metric -> value
+    lr: Optional[float] = None
+    warmup: bool = False            # the first epoch (allocations, lazy init) is flagged
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: str                     # ok | diverged | error | skipped
+    reason: str = ""
+    traceback: str = ""
+    epochs: list[EpochRecord] = field(default_factory=list)
+    peak_memory_mb: Optional[float] = None
+    memory_kind: str = ""           # process_rss | cuda_max_allocated
+    threads: int = 1
+    started_at: str = ""
+    finished_at: str = ""
+    n_parameters: Optional[int] = None
+    notes: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # what each protocol selects (see runner)

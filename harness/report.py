@@ -1,0 +1,281 @@
+"""Markdown reports built from the result store alone: tables (tabulate) and plots (seaborn).
+
+``reports/<suite>/report.md`` holds, in order: the results table of the suite's protocol
+(mean ± std over seeds, the number of seeds, the best per column in bold, the published
+reference and the difference), both protocols side by side, time per epoch (warm-up excluded)
+and peak memory, curves of the metric per epoch and per second of training, the runs that were
+skipped or failed with their reasons, and the environment the runs ran in.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from harness import store as store_mod
+from harness.suite import Suite
+
+ARROW = {"max": "↑", "min": "↓"}
+
+
+def _fmt(value: float, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if metric == "accuracy":
+        return f"{value:.2f}"
+    return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def _mean_std(values) -> tuple[float, float, int]:
+    import numpy as np
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan, 0
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0, int(arr.size)
+
+
+def _cell(mean: float, std: float, n: int, metric: str, bold: bool = False) -> str:
+    if n == 0:
+        return "–"
+    text = f"{_fmt(mean, metric)} ± {_fmt(std, metric)} ({n})" if n > 1 else f"{_fmt(mean, metric)} (1)"
+    return f"**{text}**" if bold else text
+
+
+def _reference(suite: Suite, label: str, algorithm: str, task: str, arch: str):
+    entry = label.split(" (")[0]
+    for key in ((label, task, arch), (entry, task, arch), (algorithm, task, arch)):
+        if key in suite.references:
+            return suite.references[key]
+    return None
+
+
+def _columns(suite: Suite, runs) -> list[tuple[str, str]]:
+    present = set(zip(runs["task_label"], runs["arch"]))
+    return [c for c in suite.column_order if c in present]
+
+
+def _rows(suite: Suite, runs) -> list[str]:
+    present = set(runs["label"])
+    return [r for r in suite.row_order if r in present]
+
+
+def results_table(suite: Suite, runs, protocol: str) -> Optional[str]:
+    """Rows × task/arch columns of ``protocol``'s selected test metric, with references."""
+    from tabulate import tabulate
+    ok = runs[runs["status"].isin(["ok", "diverged"])]
+    if ok.empty:
+        return None
+    column_name = "clean_test" if protocol == "clean" else "paper_test"
+    columns, rows = _columns(suite, ok), _rows(suite, ok)
+    stats = {}
+    for (label, task, arch), group in ok.groupby(["label", "task_label", "arch"]):
+        stats[(label, task, arch)] = (_mean_std(group[column_name].tolist()),
+                                      group["algorithm"].iloc[0])
+    headers = ["algorithm"]
+    for task, arch in columns:
+        metric, direction = suite.metrics[task]
+        headers.append(f"{task}/{arch} {metric} {ARROW[direction]}")
+        if any(_reference(suite, r, stats.get((r, task, arch), (None, r))[1], task, arch)
+               for r in rows):
+            headers += ["published", "Δ"]
+    table = []
+    for label in rows:
+        line = [label]
+        for task, arch in columns:
+            metric, direction = suite.metrics[task]
+            cells = [stats[(r, task, arch)][0] for r in rows if (r, task, arch) in stats]
+            means = [m for m, _, n in cells if n]
+            best = (max if direction == "max" else min)(means) if means else None
+            has_refs = any(_reference(suite, r, stats.get((r, task, arch), (None, r))[1], task, arch)
+                           for r in rows)
+            if (label, task, arch) in stats:
+                (mean, std, n), algorithm = stats[(label, task, arch)]
+                line.append(_cell(mean, std, n, metric, bold=n > 0 and mean == best))
+            else:
+                mean, n, algorithm = math.nan, 0, label
+                line.append("–")
+            if has_refs:
+                ref = _reference(suite, label, algorithm, task, arch)
+                if ref is None:
+                    line += ["", ""]
+                else:
+                    ref_mean, ref_std = ref
+                    line.append(_fmt(ref_mean, metric) + (f" ± {_fmt(ref_std, metric)}" if ref_std is not None else ""))
+                    line.append(f"{mean - ref_mean:+.2f}" if n else "–")
+        table.append(line)
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def protocols_table(suite: Suite, runs) -> Optional[str]:
+    """Both selections side by side, per row and column, with the selected epochs."""
+    from tabulate import tabulate
+    ok = runs[runs["status"].isin(["ok", "diverged"])]
+    if ok.empty:
+        return None
+    table = []
+    for label in _rows(suite, ok):
+        for task, arch in _columns(suite, ok):
+            group = ok[(ok["label"] == label) & (ok["task_label"] == task) & (ok["arch"] == arch)]
+            if group.empty:
+                continue
+            metric = suite.metrics[task][0]
+            clean = _mean_std(group["clean_test"].tolist())
+            paper = _mean_std(group["paper_test"].tolist())
+            ref = _reference(suite, label, group["algorithm"].iloc[0], task, arch)
+            table.append([label, f"{task}/{arch}", metric,
+                          _cell(*clean, metric), f"{group['clean_epoch'].mean():.1f}",
+                          _cell(*paper, metric), f"{group['paper_epoch'].mean():.1f}",
+                          _fmt(ref[0], metric) if ref else "",
+                          f"{paper[0] - ref[0]:+.2f}" if ref and paper[2] else "",
+                          int(group["epochs_run"].max())])
+    headers = ["algorithm", "task/arch", "metric", "clean: test at best-val epoch", "epoch",
+               "paper: best test epoch", "epoch", "published", "Δ paper", "epochs run"]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def timing_table(suite: Suite, runs, epochs) -> Optional[str]:
+    """Seconds per training epoch (warm-up excluded; mean ± std over seeds' epochs) and peak
+    memory, with the ratio to BP where BP ran the same column."""
+    from tabulate import tabulate
+    timed = epochs[~epochs["warmup"] & epochs["status"].isin(["ok", "diverged"])]
+    if timed.empty:
+        timed = epochs[epochs["status"].isin(["ok", "diverged"])]
+    if timed.empty:
+        return None
+    table = []
+    bp_time = {}
+    for (label, task, arch), group in timed.groupby(["label", "task_label", "arch"]):
+        if group["algorithm"].iloc[0] == "bp":
+            bp_time.setdefault((task, arch), group["train_time_s"].mean())
+    for label in _rows(suite, timed):
+        for task, arch in _columns(suite, timed):
+            group = timed[(timed["label"] == label) & (timed["task_label"] == task)
+                          & (timed["arch"] == arch)]
+            if group.empty:
+                continue
+            mean, std, n = _mean_std(group["train_time_s"].tolist())
+            eval_mean = group["eval_time_s"].mean()
+            memory = runs[(runs["label"] == label) & (runs["task_label"] == task)
+                          & (runs["arch"] == arch)]["peak_memory_mb"].max()
+            ratio = bp_time.get((task, arch))
+            table.append([label, f"{task}/{arch}", f"{mean:.3f} ± {std:.3f}", n,
+                          f"{mean / ratio:.2f}×" if ratio else "", f"{eval_mean:.3f}",
+                          f"{memory:.0f}" if memory == memory else "–"])
+    headers = ["algorithm", "task/arch", "train s/epoch", "epochs timed", "vs BP",
+               "eval s/epoch", "peak memory MB"]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _plots(suite: Suite, epochs, out_dir: Path) -> list[tuple[str, str]]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    frame = epochs[epochs["status"].isin(["ok", "diverged"])].copy()
+    if frame.empty:
+        return []
+    frame["column"] = frame["task_label"] + "/" + frame["arch"]
+    frame = frame.sort_values(["run_key", "epoch"])
+    frame["train_seconds"] = frame.groupby("run_key")["train_time_s"].cumsum()
+    made = []
+    sns.set_theme(style="whitegrid", context="notebook")
+    n_cols = frame["column"].nunique()
+    wrap = min(3, n_cols)
+
+    timed = frame[~frame["warmup"]] if (~frame["warmup"]).any() else frame
+    grid = sns.catplot(data=timed, x="label", y="train_time_s", col="column", kind="box",
+                       col_wrap=wrap, sharey=False, height=3.6, aspect=1.3)
+    grid.set_axis_labels("", "train seconds per epoch")
+    grid.set_titles("{col_name}")
+    for ax in grid.axes.flat:
+        ax.tick_params(axis="x", rotation=30)
+    grid.figure.suptitle("Time per training epoch (warm-up excluded; spread over epochs and seeds)",
+                         y=1.02)
+    grid.savefig(out_dir / "time_per_epoch.png", dpi=110, bbox_inches="tight")
+    plt.close(grid.figure)
+    made.append(("Time per epoch", "time_per_epoch.png"))
+
+    for column_x, name, title in (("epoch", "curves_epoch.png", "per epoch"),
+                                  ("train_seconds", "curves_time.png", "per second of training")):
+        figures = []
+        for (task, arch), group in frame.groupby(["task_label", "arch"], sort=False):
+            metric = suite.metrics.get(task, ("accuracy", "max"))[0]
+            figures.append((f"{task}/{arch}", group, f"test_{metric}", metric))
+        fig, axes = plt.subplots(1, len(figures), figsize=(5.2 * len(figures), 3.8), squeeze=False)
+        for ax, (title_col, group, y, metric) in zip(axes[0], figures):
+            if y not in group:
+                continue
+            sns.lineplot(data=group, x=column_x, y=y, hue="label", errorbar="sd", ax=ax,
+                         estimator="mean", marker="o" if column_x == "epoch" else None)
+            ax.set_title(title_col)
+            ax.set_xlabel("epoch" if column_x == "epoch" else "cumulative train seconds")
+            ax.set_ylabel(f"test {metric}")
+            ax.legend(fontsize=7, title=None)
+        fig.suptitle(f"Test metric {title} (mean, band = std over seeds)", y=1.02)
+        fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        made.append((f"Test metric {title}", name))
+    return made
+
+
+def environment_table(sessions, runs) -> Optional[str]:
+    from tabulate import tabulate
+    used = sessions[sessions["id"].isin(runs["session_id"].dropna().astype(int))]
+    if used.empty:
+        return None
+    columns = ["id", "started_at", "python", "torch", "project_version", "git_commit", "cpu",
+               "cores", "gpu", "jobs", "threads", "backend", "device"]
+    return tabulate(used[columns].values.tolist(), headers=columns, tablefmt="github",
+                    disable_numparse=True)
+
+
+def build(suite: Suite, out_root: Path = Path("reports")) -> Path:
+    """Write ``<out_root>/<suite>/report.md`` and its PNGs from the store; returns the path."""
+    from tabulate import tabulate
+    frames = store_mod.load(suite.store_path, keys=[s.key() for s in suite.specs])
+    runs, epochs, sessions = frames
+    out_dir = Path(out_root) / suite.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = runs["status"].value_counts().to_dict()
+    total = len(suite.specs)
+    protocol = suite.specs[0].protocol if suite.specs else "clean"
+    other = "paper" if protocol == "clean" else "clean"
+    lines = [f"# Report: {suite.name}", ""]
+    if suite.description:
+        lines += [suite.description.strip(), ""]
+    lines += [f"Suite `{suite.path}`, store `{suite.store_path}`: {len(runs)} of {total} runs "
+              f"stored (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "). "
+              "Every number below comes from the store; regenerate with "
+              f"`python bench.py report {suite.path}`.", ""]
+    lines += [f"Protocol of this suite: **{protocol}** — "
+              + ("test metric at the epoch best on the validation split."
+                 if protocol == "clean" else "best test metric over epochs (as the DLL paper "
+                 "reports)."),
+              "Cells: mean ± std over seeds (number of seeds); best per column in bold."]
+    if suite.reference_source:
+        lines += [f"Published values: {suite.reference_source}; Δ = measured − published."]
+    lines.append("")
+    for title, table in ((f"## Results ({protocol} protocol)", results_table(suite, runs, protocol)),
+                         (f"## Results ({other} protocol)", results_table(suite, runs, other)),
+                         ("## Both protocols, per run group", protocols_table(suite, runs)),
+                         ("## Time per epoch and memory", timing_table(suite, runs, epochs))):
+        if table:
+            lines += [title, "", table, ""]
+    for title, name in _plots(suite, epochs, out_dir):
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    problems = runs[runs["status"].isin(["skipped", "error", "diverged"])]
+    if not problems.empty:
+        rows = [[r.status, r.label, f"{r.task_label}/{r.arch}", r.seed, r.reason]
+                for r in problems.sort_values(["status", "label", "seed"]).itertuples()]
+        lines += ["## Skipped, failed and diverged runs", "",
+                  tabulate(rows, headers=["status", "algorithm", "task/arch", "seed", "reason"],
+                           tablefmt="github", disable_numparse=True), ""]
+    missing = total - len(runs)
+    if missing:
+        lines += [f"{missing} run(s) of the suite are not in the store yet.", ""]
+    env = environment_table(sessions, runs)
+    if env:
+        lines += ["## Environment", "", env, ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

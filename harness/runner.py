@@ -1,0 +1,227 @@
+"""One run: load the task's tensors onto the device, build the learner, own the epoch loop.
+
+The harness, not the algorithm, owns the clock: it slices minibatches from tensors already on
+the device, times the training epoch (CUDA-synchronised), evaluates validation and test apart
+from it, records an :class:`EpochRecord` per epoch, stops early on the selection metric, and
+ends a run whose loss is not finite as ``diverged``. Any exception becomes status ``error``
+with its traceback: a failed run never stops the suite.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import resource
+import time
+import traceback
+from typing import Optional
+
+from harness import params as params_mod
+from harness.api import EpochRecord, RunResult, RunSpec, UserError
+from harness.registry import algorithms, discover, tasks
+
+EVAL_BATCH = 1024
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False where it can't."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and selection
+# --------------------------------------------------------------------------------------------
+
+def evaluate(learner, task, info, x, y) -> dict[str, float]:
+    import torch
+    from harness.toolkit import loss_value
+    if len(y) == 0:
+        return {}
+    with torch.no_grad():
+        outputs = torch.cat([learner.predict(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+        metrics = dict(task.evaluate(outputs, y))
+        metrics["loss"] = float(loss_value(info, outputs, y))
+    return metrics
+
+
+def select_epoch(epochs: list[EpochRecord], split: str, metric: str, direction: str) -> Optional[EpochRecord]:
+    """The epoch whose ``split`` metric is best (earliest on ties); None without that split."""
+    scored = [e for e in epochs if metric in e.metrics.get(split, {})
+              and math.isfinite(e.metrics[split][metric])]
+    if not scored:
+        return None
+    sign = 1.0 if direction == "max" else -1.0
+    return max(scored, key=lambda e: (sign * e.metrics[split][metric], -e.epoch))
+
+
+def summarize(epochs: list[EpochRecord], metric: str, direction: str) -> dict:
+    """What each protocol selects: ``clean`` takes the epoch best on validation and reports its
+    test value; ``paper`` reports the best test value over epochs (as the DLL paper does)."""
+    clean = select_epoch(epochs, "val", metric, direction)
+    paper = select_epoch(epochs, "test", metric, direction)
+    return {"metric": metric, "direction": direction,
+            "clean_epoch": clean.epoch if clean else None,
+            "clean_val": clean.metrics["val"][metric] if clean else None,
+            "clean_test": clean.metrics["test"].get(metric) if clean else None,
+            "paper_epoch": paper.epoch if paper else None,
+            "paper_test": paper.metrics["test"][metric] if paper else None}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple = ()) -> RunResult:
+    """Run one spec to the end and return its result; never raises for the run's own failures."""
+    import torch
+    discover(plugin_paths)
+    torch.set_num_threads(max(1, threads))
+    result = RunResult(spec=spec, status="ok", threads=threads, started_at=now())
+    cuda = spec.device.startswith("cuda")
+    try:
+        algorithm = algorithms.get(spec.algorithm)
+        task = tasks.get(spec.task)
+        alg_params = params_mod.build(algorithm.Params, spec.params)
+        task_params = params_mod.build(task.Params, spec.task_params)
+        reason = algorithm.unsupported(spec.arch, alg_params)
+        if reason:
+            result.status, result.reason = "skipped", reason
+            return result
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
+        ctx = spec.context(data_dir, threads)
+        _seed_everything(spec.seed)
+        data = task.load(task_params, ctx)
+        device = torch.device(spec.device)
+        x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+        x_val, y_val = data.x_val.to(device), data.y_val.to(device)
+        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+        result.notes.update(data.notes)
+        _seed_everything(spec.seed)
+        learner = algorithm.build(spec.arch, data.info, alg_params, ctx)
+        state = learner.state_dict()
+        result.n_parameters = sum(v.numel() for v in state.values() if hasattr(v, "numel"))
+        _train(spec, task, data.info, learner, result, x_train, y_train, (x_val, y_val),
+               (x_test, y_test), device)
+        result.selection = summarize(result.epochs, task.primary_metric,
+                                     task.metrics[task.primary_metric])
+    except UserError as exc:
+        result.status, result.reason = "error", str(exc)
+    except Exception as exc:  # the run failed; the suite goes on
+        result.status = "error"
+        result.reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        result.traceback = traceback.format_exc()
+    finally:
+        result.finished_at = now()
+        if cuda:
+            result.peak_memory_mb = torch.cuda.max_memory_allocated() / 2 ** 20
+            result.memory_kind = "cuda_max_allocated"
+        else:
+            result.peak_memory_mb = _peak_rss_mb()
+            result.memory_kind = "process_rss"
+    return result
+
+
+def _train(spec, task, info, learner, result, x_train, y_train, val, test, device) -> None:
+    import torch
+    metric, direction = task.primary_metric, task.metrics[task.primary_metric]
+    watch_split = "val" if spec.protocol == "clean" and len(val[1]) else "test"
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    n, batch = len(y_train), spec.batch_size
+    best, since_best = None, 0
+    for epoch in range(1, spec.epochs + 1):
+        lr = _current_lr(learner)
+        _sync(spec.device)
+        start = time.perf_counter()
+        order = torch.randperm(n, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        steps = 0
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            stats = learner.train_step(x_train[idx], y_train[idx])
+            loss_sum += stats["loss"]
+            steps += 1
+        learner.end_epoch()
+        _sync(spec.device)
+        train_time = time.perf_counter() - start
+        train_loss = float(loss_sum) / max(1, steps)
+
+        start = time.perf_counter()
+        metrics = {"val": evaluate(learner, task, info, *val), "test": evaluate(learner, task, info, *test)}
+        _sync(spec.device)
+        eval_time = time.perf_counter() - start
+        record = EpochRecord(epoch=epoch, train_time_s=train_time, eval_time_s=eval_time,
+                             train_loss=train_loss, metrics=metrics, lr=lr, warmup=epoch == 1)
+        result.epochs.append(record)
+        if not math.isfinite(train_loss) or not all(
+                math.isfinite(v) for split in metrics.values() for v in split.values()):
+            result.status = "diverged"
+            result.reason = f"non-finite loss at epoch {epoch} (train loss {train_loss})"
+            return
+        score = metrics[watch_split].get(metric)
+        if score is not None:
+            better = best is None or (score > best if direction == "max" else score < best)
+            best, since_best = (score, 0) if better else (best, since_best + 1)
+            if spec.patience is not None and since_best >= spec.patience:
+                result.reason = f"early stop at epoch {epoch}: no {watch_split} {metric} " \
+                                f"improvement for {spec.patience} epochs"
+                return
+
+
+def _current_lr(learner) -> Optional[float]:
+    for attr in ("optimizer", "optimizers"):
+        opt = getattr(learner, attr, None)
+        if isinstance(opt, (list, tuple)):
+            opt = opt[0] if opt else None
+        if opt is not None and hasattr(opt, "param_groups"):
+            return float(opt.param_groups[0]["lr"])
+    return None
+
+
+def threads_for(jobs: int, cores: Optional[int] = None) -> int:
+    """Torch threads per worker so that jobs × threads ≤ cores."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, jobs))

@@ -1,0 +1,204 @@
+"""Building blocks shared by algorithm plugins, so that what should be equal across algorithms
+(optimisers, schedules, initialisation, losses, layer shapes) is written once.
+
+* :class:`TrainParams` — the hyper-parameters every algorithm has (learning rate, optimiser by
+  name, momentum, weight decay, linear decay, label smoothing, weight initialisation); an
+  algorithm's ``Params`` subclasses it and adds its own.
+* :func:`make_optimizer` — a standard torch optimiser and its schedule from those params.
+* :func:`loss_and_grad` / :func:`loss_value` — the task loss and its exact gradient with
+  respect to the network's output (what local rules start from).
+* :func:`layer_shapes`, :func:`init_weight`, :func:`build_sequential` — the architecture
+  spec made concrete.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.api import Arch, Conv, Dense, Flatten, Pool, Recurrent, TaskInfo, param
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+DECAYS = ("none", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float = param(1e-3, "learning rate", min=0.0)
+    optimizer: str = param("adam", "optimiser by name", choices=OPTIMIZERS)
+    momentum: float = param(0.9, "momentum (sgd, rmsprop)", min=0.0, max=1.0)
+    weight_decay: float = param(0.0, "L2 weight decay", min=0.0)
+    lr_decay: str = param("linear", "per-epoch schedule: linear is the paper's "
+                          "lr·(1 − epoch/epochs)", choices=DECAYS)
+    label_smoothing: float = param(0.0, "label smoothing of classification targets",
+                                   min=0.0, max=0.5)
+    init_std: float = param(0.05, "weights ~ N(0, init_std²) (the DLL paper's); "
+                            "0 = PyTorch's default init", min=0.0)
+
+
+def make_optimizer(parameters: Iterable[torch.Tensor], p: TrainParams, epochs: int,
+                   lr: Optional[float] = None) -> tuple[torch.optim.Optimizer, list]:
+    """The optimiser named in ``p`` and its per-epoch schedule (a list, possibly empty)."""
+    lr = p.lr if lr is None else lr
+    parameters = list(parameters)
+    if p.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=p.weight_decay)
+    elif p.optimizer == "adamw":
+        opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=p.weight_decay)
+    elif p.optimizer == "sgd":
+        opt = torch.optim.SGD(parameters, lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    elif p.optimizer == "rmsprop":
+        opt = torch.optim.RMSprop(parameters, lr=lr, momentum=p.momentum,
+                                  weight_decay=p.weight_decay)
+    else:  # validated before a run starts; kept for direct callers
+        raise ValueError(f"unknown optimizer {p.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if p.lr_decay == "linear":
+        return opt, [torch.optim.lr_scheduler.LambdaLR(opt, lambda e: max(0.0, 1.0 - e / epochs))]
+    if p.lr_decay == "cosine":
+        return opt, [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))]
+    return opt, []
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+def _flat(info: TaskInfo, output: torch.Tensor, target: torch.Tensor):
+    if info.loss == "cross_entropy":
+        return output.reshape(-1, output.shape[-1]), target.reshape(-1)
+    return output, target
+
+
+def loss_value(info: TaskInfo, output: torch.Tensor, target: torch.Tensor,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """The task loss, averaged over the batch (and time steps): what BP differentiates."""
+    out, tgt = _flat(info, output, target)
+    if info.loss == "cross_entropy":
+        return F.cross_entropy(out, tgt, label_smoothing=label_smoothing)
+    return F.mse_loss(out, tgt)
+
+
+def loss_and_grad(info: TaskInfo, output: torch.Tensor, target: torch.Tensor,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, ∂loss/∂output) without autograd; the gradient has ``output``'s shape.
+
+    Cross-entropy: (softmax(a) − q)/N with q the smoothed one-hot target; MSE: 2(ŷ − y)/numel.
+    Local learning rules take ``−grad`` (scaled as they need) as the output error.
+    """
+    out, tgt = _flat(info, output, target)
+    if info.loss == "cross_entropy":
+        classes = out.shape[-1]
+        log_p = torch.log_softmax(out, dim=-1)
+        q = torch.full_like(out, label_smoothing / classes)
+        q.scatter_(1, tgt.unsqueeze(1), 1.0 - label_smoothing + label_smoothing / classes)
+        loss = -(q * log_p).sum(dim=1).mean()
+        grad = (log_p.exp() - q) / out.shape[0]
+        return loss.detach(), grad.reshape(output.shape)
+    diff = out - tgt
+    return diff.pow(2).mean().detach(), (2.0 / diff.numel()) * diff
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures made concrete
+# --------------------------------------------------------------------------------------------
+
+def activation(name: str):
+    """(f, f′ as a function of f's *output*) for the named activation."""
+    if name == "tanh":
+        return torch.tanh, lambda y: 1.0 - y * y
+    if name == "relu":
+        return torch.relu, lambda y: (y > 0).to(y.dtype)
+    if name == "sigmoid":
+        return torch.sigmoid, lambda y: y * (1.0 - y)
+    if name == "linear":
+        return (lambda a: a), (lambda y: torch.ones_like(y))
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_module(name: str) -> nn.Module:
+    return {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,
+            "linear": nn.Identity}[name]()
+
+
+def layer_shapes(arch: Arch) -> list[tuple[object, tuple[int, ...], tuple[int, ...]]]:
+    """(layer, input shape, output shape) for each layer, per sample (no batch axis)."""
+    shape = tuple(arch.input_shape)
+    out = []
+    for layer in arch.layers:
+        if isinstance(layer, Flatten):
+            new = (math.prod(shape),)
+        elif isinstance(layer, Dense):
+            new = (*shape[:-1], layer.units) if len(shape) == 2 else (layer.units,)
+        elif isinstance(layer, Conv):
+            c, h, w = shape
+            k, p = layer.kernel, layer.padding
+            new = (layer.filters, h + 2 * p - k + 1, w + 2 * p - k + 1)
+        elif isinstance(layer, Pool):
+            c, h, w = shape
+            new = (c, h // layer.size, w // layer.size)
+        elif isinstance(layer, Recurrent):
+            new = (shape[0], layer.hidden)  # (time, hidden)
+        else:
+            raise TypeError(f"unknown layer {layer!r}")
+        if any(d <= 0 for d in new):
+            raise ValueError(f"{arch.name}: layer {layer} gives an empty output from {shape}")
+        out.append((layer, shape, new))
+        shape = new
+    return out
+
+
+def weight_shape(layer, in_shape: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+    """The torch-layout weight shape of a layer (None for weightless layers)."""
+    if isinstance(layer, Dense):
+        return (layer.units, in_shape[-1])
+    if isinstance(layer, Conv):
+        return (layer.filters, in_shape[0], layer.kernel, layer.kernel)
+    return None
+
+
+def init_weight(shape: tuple[int, ...], std: float, generator: Optional[torch.Generator] = None,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """N(0, std²) when std > 0, else PyTorch's default (Kaiming-uniform, a=√5) for the shape."""
+    if std > 0:
+        return torch.randn(shape, generator=generator, device=device) * std
+    weight = torch.empty(shape, device=device)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    return weight
+
+
+def build_sequential(arch: Arch, init_std: float) -> nn.Sequential:
+    """The feed-forward (MLP/CNN) architecture as an ``nn.Sequential`` without biases.
+
+    Dense and conv layers are followed by their activation module; the output layer is the
+    last Dense (its activation is usually ``linear``: the loss applies the softmax).
+    """
+    modules: list[nn.Module] = []
+    for layer, in_shape, _ in layer_shapes(arch):
+        if isinstance(layer, Dense):
+            module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
+        elif isinstance(layer, Conv):
+            module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel, padding=layer.padding,
+                               bias=False)
+        elif isinstance(layer, Pool):
+            modules.append(nn.MaxPool2d(layer.size) if layer.kind == "max"
+                           else nn.AvgPool2d(layer.size))
+            continue
+        elif isinstance(layer, Flatten):
+            modules.append(nn.Flatten())
+            continue
+        else:
+            raise TypeError(f"build_sequential cannot build {layer!r}")
+        with torch.no_grad():
+            module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
+        modules.append(module)
+        if layer.act != "linear":
+            modules.append(activation_module(layer.act))
+    return nn.Sequential(*modules)
+
+
+def count_parameters(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors)

@@ -1,0 +1,1 @@
+"""Task plugins: one file per task family, registered with ``@tasks.register``."""

@@ -1,0 +1,220 @@
+"""Image classification: MNIST, FashionMNIST (IDX files, verified), SVHN and CIFAR-10
+(torchvision's loaders), with the DLL paper's MLP and CNN as presets."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from harness import data
+from harness.api import (Arch, Conv, Dense, Flatten, Pool, RunContext, Task, TaskData, TaskInfo,
+                         UserError, param)
+from harness.registry import tasks
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    train_subset: Optional[int] = param(None, "use only this many training images "
+                                        "(a fixed random subset; null = all)", min=1)
+    test_subset: Optional[int] = param(None, "use only this many test images (null = all)", min=1)
+    split_seed: int = param(0, "seed of the validation split and subsets (the same for every "
+                            "run, so all algorithms see the same split)", min=0)
+
+
+def _mlp(name: str, input_shape: tuple[int, ...], hidden: tuple[int, ...]) -> Arch:
+    layers = (Flatten(),) + tuple(Dense(h) for h in hidden) + (Dense(10, "linear"),)
+    return Arch(name, input_shape, layers, 10)
+
+
+def _cnn(input_shape: tuple[int, ...], body: tuple, dense: int) -> Arch:
+    layers = body + (Flatten(), Dense(dense), Dense(10, "linear"))
+    return Arch("cnn", input_shape, layers, 10)
+
+
+class ImageTask(Task):
+    """Base of the image-classification tasks (not registered itself)."""
+
+    Params = ImageParams
+    loss = "cross_entropy"
+    metrics = {"accuracy": "max"}
+    dataset = ""
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    mean_std: tuple[float, float] = (0.5, 0.5)
+
+    def datasets(self, params: ImageParams) -> list[str]:
+        return [self.dataset]
+
+    def read_raw(self, data_dir: Path):
+        """(train images uint8 N×C×H×W, train labels, test images, test labels)."""
+        raise NotImplementedError
+
+    def load(self, params: ImageParams, ctx: RunContext) -> TaskData:
+        import torch
+        dataset = data.get(self.dataset)
+        cache = data.cache_path(dataset, Path(ctx.data_dir))
+        if cache.exists():
+            raw = torch.load(cache)
+        else:
+            raw = dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                           self.read_raw(Path(ctx.data_dir))))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.part")  # workers may race to write it
+            torch.save(raw, tmp)
+            tmp.replace(cache)
+        generator = torch.Generator().manual_seed(params.split_seed)
+        order = torch.randperm(len(raw["y_train"]), generator=generator)
+        n_val = int(round(ctx.validation * len(order)))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        if params.train_subset is not None:
+            train_idx = train_idx[: params.train_subset]
+        test_idx = torch.arange(len(raw["y_test"]))
+        if params.test_subset is not None:
+            test_idx = torch.randperm(len(test_idx), generator=generator)[: params.test_subset]
+        mean, std = self.mean_std
+
+        def images(x):
+            return ((x.float() / 255.0) - mean) / std
+
+        return TaskData(
+            x_train=images(raw["x_train"][train_idx]), y_train=raw["y_train"][train_idx].long(),
+            x_val=images(raw["x_train"][val_idx]), y_val=raw["y_train"][val_idx].long(),
+            x_test=images(raw["x_test"][test_idx]), y_test=raw["y_test"][test_idx].long(),
+            info=TaskInfo(loss="cross_entropy", output_size=10, input_shape=self.input_shape),
+            notes={"n_train": len(train_idx), "n_val": n_val, "n_test": len(test_idx),
+                   "split_seed": params.split_seed, "normalisation": [mean, std]})
+
+    def evaluate(self, output, target) -> dict[str, float]:
+        return {"accuracy": 100.0 * (output.argmax(dim=-1) == target).float().mean().item()}
+
+
+class IdxImageTask(ImageTask):
+    def read_raw(self, data_dir: Path):
+        folder = data.get(self.dataset).folder(data_dir)
+        x_train = data.read_idx(folder / "train-images-idx3-ubyte").unsqueeze(1)
+        y_train = data.read_idx(folder / "train-labels-idx1-ubyte")
+        x_test = data.read_idx(folder / "t10k-images-idx3-ubyte").unsqueeze(1)
+        y_test = data.read_idx(folder / "t10k-labels-idx1-ubyte")
+        for images, labels, split in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
+            if len(images) != len(labels):
+                raise UserError(f"{folder}: {split} has {len(images)} images but "
+                                f"{len(labels)} labels")
+        return x_train, y_train, x_test, y_test
+
+
+@tasks.register("mnist")
+class MNIST(IdxImageTask):
+    """MNIST handwritten digits (60k train / 10k test), accuracy %."""
+
+    dataset = "mnist"
+    mean_std = (0.1307, 0.3081)
+
+    def presets(self, params) -> dict[str, Arch]:
+        body = (Conv(32, 5), Pool("max", 2), Conv(64, 3), Pool("max", 2), Conv(16, 3))
+        return {"mlp": _mlp("mlp", self.input_shape, (1024, 512, 256)),
+                "cnn": _cnn(self.input_shape, body, 200)}
+
+
+@tasks.register("fashion_mnist", aliases=("fashionmnist", "fmnist"))
+class FashionMNIST(IdxImageTask):
+    """Fashion-MNIST clothing images (60k train / 10k test), accuracy %."""
+
+    dataset = "fashion_mnist"
+    mean_std = (0.2860, 0.3205)
+
+    def presets(self, params) -> dict[str, Arch]:
+        body = (Conv(64, 5), Pool("max", 2), Conv(128, 3), Pool("avg", 2), Conv(64, 3))
+        return {"mlp": _mlp("mlp", self.input_shape, (1024, 512, 256)),
+                "cnn": _cnn(self.input_shape, body, 128)}
+
+
+# --------------------------------------------------------------------------------------------
+# Colour sets through torchvision (downloaded where the network allows, or an existing copy)
+# --------------------------------------------------------------------------------------------
+
+def _torchvision_fetch(cls_name: str, splits: tuple):
+    def fetch(data_dir: Path) -> None:
+        import torchvision
+        cls = getattr(torchvision.datasets, cls_name)
+        root = data_dir / cls_name.lower()
+        for split in splits:
+            cls(str(root), download=True, **split)
+        (root / ".ready").write_text("ok")
+    return fetch
+
+
+data.register(data.Dataset(
+    "cifar10", files=(data.FileSpec(".ready", None),),
+    sources=(data.Source("torchvision", "torchvision.datasets.CIFAR10 download",
+                         fetch=_torchvision_fetch("CIFAR10", ({"train": True}, {"train": False}))),),
+    how_to_get="on a machine with internet run python bench.py data --fetch cifar10, or copy "
+               "torchvision's cifar-10-batches-py/ into data/cifar10/ and touch data/cifar10/.ready",
+    description="CIFAR-10, 50k/10k colour images (torchvision)"))
+
+data.register(data.Dataset(
+    "svhn", files=(data.FileSpec(".ready", None),),
+    sources=(data.Source("torchvision", "torchvision.datasets.SVHN download",
+                         fetch=_torchvision_fetch("SVHN", ({"split": "train"}, {"split": "test"}))),),
+    how_to_get="on a machine with internet run python bench.py data --fetch svhn, or copy "
+               "torchvision's train_32x32.mat and test_32x32.mat into data/svhn/ and touch "
+               "data/svhn/.ready",
+    description="SVHN house numbers, 73k/26k colour images (torchvision)"))
+
+
+class ColourTask(ImageTask):
+    input_shape = (3, 32, 32)
+    mean_std = (0.5, 0.5)
+
+    def presets(self, params) -> dict[str, Arch]:
+        return {"mlp": _mlp("mlp", self.input_shape, (4096, 2048, 1024, 256)),
+                "cnn": self.cnn()}
+
+    def cnn(self) -> Arch:
+        raise NotImplementedError
+
+
+def _as_tensors(dataset, layout: str):
+    import numpy as np
+    import torch
+    images = np.asarray(dataset.data)
+    if layout == "nhwc":
+        images = images.transpose(0, 3, 1, 2)
+    labels = np.asarray(dataset.targets if hasattr(dataset, "targets") else dataset.labels)
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels).long()
+
+
+@tasks.register("cifar10", aliases=("cifar-10",))
+class CIFAR10(ColourTask):
+    """CIFAR-10 colour images (50k train / 10k test), accuracy %."""
+
+    dataset = "cifar10"
+
+    def cnn(self) -> Arch:
+        body = (Conv(64, 3, 1), Pool("max", 2), Conv(128, 3, 1), Pool("max", 2), Conv(64, 3, 1),
+                Pool("avg", 2))
+        return _cnn(self.input_shape, body, 256)
+
+    def read_raw(self, data_dir: Path):
+        import torchvision
+        root = str(data_dir / "cifar10")
+        train = torchvision.datasets.CIFAR10(root, train=True, download=False)
+        test = torchvision.datasets.CIFAR10(root, train=False, download=False)
+        return (*_as_tensors(train, "nhwc"), *_as_tensors(test, "nhwc"))
+
+
+@tasks.register("svhn")
+class SVHN(ColourTask):
+    """SVHN street-view house numbers (73k train / 26k test), accuracy %."""
+
+    dataset = "svhn"
+
+    def cnn(self) -> Arch:
+        body = (Conv(64, 3, 1), Pool("max", 2), Conv(128, 3, 1), Pool("max", 2), Conv(64, 3, 1))
+        return _cnn(self.input_shape, body, 256)
+
+    def read_raw(self, data_dir: Path):
+        import torchvision
+        root = str(data_dir / "svhn")
+        train = torchvision.datasets.SVHN(root, split="train", download=False)
+        test = torchvision.datasets.SVHN(root, split="test", download=False)
+        return (*_as_tensors(train, "nchw"), *_as_tensors(test, "nchw"))
