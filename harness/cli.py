@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: the suite's store, or results/<suite>.sqlite)")
     run.add_argument("--rerun", action="store_true", help="run again even runs already stored")
     run.add_argument("--retry-errors", action="store_true", help="run again runs stored as error")
+    run.add_argument("--only", action="append", default=[], metavar="KEY=V[,V]",
+                     help="run only part of the grid: algorithm=, task=, arch= or seed= "
+                     "(repeatable; e.g. --only algorithm=bp --only task=mnist,fashion_mnist)")
     run.add_argument("--dry-run", action="store_true", help="show the runs, run nothing")
     run.add_argument("--no-report", action="store_true", help="do not write the report after")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,6 +139,7 @@ def cmd_run(args) -> int:
         raise UserError(f"--threads: must be ≥ 1, not {args.threads}")
     device = parallel.resolve_device(args.device)
     suite = _load_suite(args, device=device)
+    suite.specs = _only(suite.specs, args.only)
     if args.dry_run:
         return _dry_run(suite, args)
     summary = parallel.run(
@@ -150,6 +154,32 @@ def cmd_run(args) -> int:
         from harness import report
         print(f"report: {report.build(suite)}")
     return 130 if summary.interrupted else 0
+
+
+ONLY_KEYS = ("algorithm", "task", "arch", "seed")
+
+
+def _only(specs, rules: list[str]):
+    """The specs that match every ``KEY=V[,V]`` rule (algorithm matches name or row label)."""
+    for rule in rules:
+        key, _, values = rule.partition("=")
+        if key not in ONLY_KEYS or not values:
+            raise UserError(f"--only {rule!r}: KEY=VALUE[,VALUE] with KEY one of {', '.join(ONLY_KEYS)}")
+        wanted = set(values.split(","))
+
+        def keep(spec) -> bool:
+            if key == "algorithm":
+                return bool({spec.algorithm, spec.label, spec.label.split(" (")[0]} & wanted)
+            if key == "task":
+                return bool({spec.task, spec.task_label} & wanted)
+            if key == "arch":
+                return spec.arch.name in wanted
+            return str(spec.seed) in wanted
+        kept = [s for s in specs if keep(s)]
+        if not kept:
+            raise UserError(f"--only {rule!r} matches no run of the suite")
+        specs = kept
+    return specs
 
 
 def _dry_run(suite, args) -> int:

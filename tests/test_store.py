@@ -1,0 +1,76 @@
+"""The result store: runs enter as they finish, re-runs skip stored runs, a killed suite
+leaves no partial record and resumes, and the store loads into pandas in one call."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import store
+from harness.suite import load as load_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def test_run_store_and_resume(blob_suite, cli):
+    path = blob_suite("  bp: {lr: 0.01}\n  raises: {}", seeds=2, epochs=2)
+    status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    assert status == 0 and "ok 2" in out and "error 2" in out
+    suite = load_suite(path)
+    frames = store.load(suite.store_path)
+    assert len(frames.runs) == 4
+    assert set(frames.runs["status"]) == {"ok", "error"}
+    assert len(frames.epochs) == 4  # 2 ok runs × 2 epochs; failed runs have none
+    assert {"val_accuracy", "test_accuracy", "test_loss", "train_time_s"} <= set(frames.epochs.columns)
+    assert len(frames.sessions) == 1 and frames.sessions["torch"].iloc[0]
+    status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    assert "already stored 4" in out and "ok 0" in out
+    status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--no-report", "--rerun")
+    assert "ok 2" in out and "already stored 0" in out
+    assert len(store.load(suite.store_path).runs) == 4
+
+
+def test_killed_suite_leaves_no_partial_run_and_resumes(blob_suite, tmp_path):
+    path = blob_suite("  slow_bp: {lr: 0.01, sleep_s: 0.02}", seeds=4, epochs=3)
+    suite = load_suite(path)
+    command = [sys.executable, str(ROOT / "bench.py"), "run", str(path), "--device", "cpu",
+               "--no-progress", "--no-report", "--plugins", str(TEST_PLUGINS)]
+    env = dict(os.environ, BENCH_OFFLINE="1")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    stored = 0
+    while time.time() < deadline and stored < 1:
+        time.sleep(0.2)
+        if suite.store_path.exists():
+            try:
+                with sqlite3.connect(suite.store_path) as conn:
+                    stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+            except sqlite3.OperationalError:
+                stored = 0
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1 <= stored < 4, "the suite should be killed part-way"
+    frames = store.load(suite.store_path)
+    # every stored run is complete: all its epochs are there
+    assert all(frames.epochs.groupby("run_key").size() == 3)
+    assert set(frames.runs["status"]) == {"ok"}
+    before = dict(zip(frames.runs["key"], frames.runs["finished_at"]))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = store.load(suite.store_path).runs
+    assert len(after) == 4 and set(after["status"]) == {"ok"}
+    for key, finished in before.items():  # finished runs were kept, not re-run
+        assert after.set_index("key").loc[key, "finished_at"] == finished
+
+
+def test_not_a_store_is_a_user_error(tmp_path, cli, blob_suite):
+    bad = tmp_path / "blobsuite.sqlite"
+    bad.write_text("this is not sqlite")
+    status, _, err = cli("report", blob_suite())
+    assert status == 2 and "not a result store" in err
