@@ -79,34 +79,32 @@ def _discover(args) -> None:
 
 
 def cmd_list(args) -> int:
-    from harness import params as P
-    from harness.registry import algorithms, tasks
-    _discover(args)
+    from harness.registry import catalog
+    found = catalog(args.plugins)
     out = []
+
+    def params(rows, indent):
+        for name, kind, default, text in rows:
+            out.append(f"{'':<{indent}}{name} ({kind}, default {default}) {text}")
+
     if args.what in ("all", "algorithms"):
         out.append("Algorithms")
-        for name in algorithms.names():
-            alg = algorithms.get(name)
-            out.append(f"  {name:<12} {algorithms.describe(name)}")
-            out.append(f"  {'':<12} architectures: {', '.join(sorted(alg.supports))}")
-            for field_name, kind, default, text in P.describe(alg.Params):
-                out.append(f"  {'':<14}{field_name} ({kind}, default {default}) {text}")
-        for module, error in algorithms.broken.items():
+        for alg in found["algorithms"]:
+            out.append(f"  {alg['name']:<12} {alg['description']}")
+            out.append(f"  {'':<12} architectures: {', '.join(alg['supports'])}")
+            params(alg["params"], 16)
+        for module, error in found["broken"]["algorithm"].items():
             out.append(f"  BROKEN {module}: {error}")
     if args.what in ("all", "tasks"):
         out.append("Tasks")
-        for name in tasks.names():
-            task = tasks.get(name)
-            defaults = P.build(task.Params, P.resolve(task.Params, {}))
-            presets = task.presets(defaults)
-            metrics = ", ".join(f"{m} ({'↑' if d == 'max' else '↓'})" for m, d in task.metrics.items())
-            out.append(f"  {name:<14} {tasks.describe(name)}")
-            out.append(f"  {'':<14} metrics: {metrics}; loss: {task.loss}")
-            for preset, arch in presets.items():
-                out.append(f"  {'':<14} arch {preset}: {arch.describe()}")
-            for field_name, kind, default, text in P.describe(task.Params):
-                out.append(f"  {'':<16}{field_name} ({kind}, default {default}) {text}")
-        for module, error in tasks.broken.items():
+        for task in found["tasks"]:
+            metrics = ", ".join(f"{m} ({'↑' if d == 'max' else '↓'})" for m, d in task["metrics"].items())
+            out.append(f"  {task['name']:<14} {task['description']}")
+            out.append(f"  {'':<14} metrics: {metrics}; loss: {task['loss']}")
+            for preset, text in task["presets"].items():
+                out.append(f"  {'':<14} arch {preset}: {text}")
+            params(task["params"], 18)
+        for module, error in found["broken"]["task"].items():
             out.append(f"  BROKEN {module}: {error}")
     print("\n".join(out))
     return 0

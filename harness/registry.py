@@ -145,3 +145,71 @@ def discover(extra_paths: Iterable[str | os.PathLike] = ()) -> None:
                     _import_folder(sub, None, registry)
         else:  # a flat folder: files register into whichever registry they use
             _import_folder(folder, None, algorithms)
+
+
+# --------------------------------------------------------------------------------------------
+# A catalogue of plugin metadata, cached so that `bench.py list` answers without importing torch
+# --------------------------------------------------------------------------------------------
+
+CACHE_FILE = PROJECT_ROOT / ".cache" / "plugins.json"
+
+
+def _fingerprint(extra_paths: Iterable[str | os.PathLike]) -> str:
+    import hashlib
+    from importlib.metadata import entry_points
+    digest = hashlib.sha256(sys.version.encode() + sys.executable.encode())
+    folders = [PROJECT_ROOT / "algorithms", PROJECT_ROOT / "tasks", PROJECT_ROOT / "harness"]
+    folders += [Path(p) for p in extra_paths]
+    folders += [Path(p) for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.py")):
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode())
+    for group in ENTRY_POINT_GROUPS.values():
+        for entry in entry_points(group=group):
+            digest.update(f"{entry.name}={entry.value}".encode())
+    return digest.hexdigest()
+
+
+def _build_catalog() -> dict:
+    from harness import params as P
+    catalog: dict = {"algorithms": [], "tasks": [],
+                     "broken": {"algorithm": dict(algorithms.broken), "task": dict(tasks.broken)}}
+    for name in algorithms.names():
+        alg = algorithms.get(name)
+        catalog["algorithms"].append({
+            "name": name, "description": algorithms.describe(name),
+            "supports": sorted(alg.supports), "params": P.describe(alg.Params)})
+    for name in tasks.names():
+        task = tasks.get(name)
+        presets = task.presets(P.build(task.Params, P.resolve(task.Params, {})))
+        catalog["tasks"].append({
+            "name": name, "description": tasks.describe(name), "loss": task.loss,
+            "metrics": dict(task.metrics), "params": P.describe(task.Params),
+            "presets": {k: v.describe() for k, v in presets.items()}})
+    return catalog
+
+
+def catalog(extra_paths: Iterable[str | os.PathLike] = ()) -> dict:
+    """Name, description, parameters and architectures of every plugin. Served from a cache
+    keyed by the plugin files' sizes and times (and the entry points), rebuilt when any
+    changes: importing every plugin means importing torch, which takes seconds."""
+    import json
+    extra_paths = list(extra_paths)
+    key = _fingerprint(extra_paths)
+    try:
+        cached = json.loads(CACHE_FILE.read_text())
+        if cached.get("key") == key:
+            return cached["catalog"]
+    except (OSError, ValueError):
+        pass
+    discover(extra_paths)
+    built = _build_catalog()
+    try:
+        CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "catalog": built}))
+        tmp.replace(CACHE_FILE)
+    except OSError:
+        pass  # a read-only checkout still lists, just not as fast
+    return built

@@ -14,9 +14,13 @@ sys.path.insert(0, str(ROOT))
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 os.environ.setdefault("BENCH_OFFLINE", "1")   # tests never fetch data from the network
 
-from harness.registry import discover  # noqa: E402
+import tempfile  # noqa: E402
 
-discover([TEST_PLUGINS])
+from harness import registry  # noqa: E402
+
+# the test plugins must never reach the user's `bench.py list` cache
+registry.CACHE_FILE = Path(tempfile.mkdtemp(prefix="bench-test-cache-")) / "plugins.json"
+registry.discover([TEST_PLUGINS])
 
 
 @pytest.fixture

@@ -85,3 +85,41 @@ def test_aliases_resolve_to_the_registered_name():
 def test_register_rejects_non_plugins():
     with pytest.raises(TypeError):
         algorithms.register("notaclass")(object)
+
+
+def test_list_catalogue_is_rebuilt_when_a_plugin_changes(tmp_path, cli):
+    folder = tmp_path / "grow" / "algorithms"
+    folder.mkdir(parents=True)
+    (folder / "one.py").write_text(PLUGIN.format(tag="c"))
+    _, out, _ = cli("list", "algorithms", "--plugins", tmp_path / "grow")
+    assert "signsgd_c" in out and "signsgd_d" not in out
+    (folder / "two.py").write_text(PLUGIN.format(tag="d"))
+    _, out, _ = cli("list", "algorithms", "--plugins", tmp_path / "grow")
+    assert "signsgd_d" in out
+
+
+def test_the_readme_worked_example_is_a_working_plugin(tmp_path):
+    """The README's 'Adding an algorithm' example, run as written."""
+    import re
+    from pathlib import Path
+
+    from harness import params as P
+    from harness.api import RunSpec
+    from harness.runner import execute
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(# algorithms/signbp.py\n.*?)```", readme, re.S).group(1)
+    folder = tmp_path / "readme" / "algorithms"
+    folder.mkdir(parents=True)
+    (folder / "signbp.py").write_text(code)
+    discover([tmp_path / "readme"])
+    alg = algorithms.get("signbp")
+    task = tasks.get("blobs")
+    task_params = P.resolve(task.Params, {})
+    spec = RunSpec(algorithm="signbp", params=P.resolve(alg.Params, {"lr": 1e-3}), task="blobs",
+                   task_params=task_params,
+                   arch=task.presets(P.build(task.Params, task_params))["mlp"], seed=0,
+                   epochs=3, batch_size=32)
+    result = execute(spec, str(tmp_path))
+    assert result.status == "ok", result.traceback
+    assert result.epochs[-1].metrics["test"]["accuracy"] > 60
