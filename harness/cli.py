@@ -185,17 +185,23 @@ def _dry_run(suite, args) -> int:
     from harness import parallel
     the_plan = parallel.plan(suite.specs, suite.store_path, args.rerun, args.retry_errors)
     reasons = parallel.prepare_data(the_plan.todo, _data_dir(args), lambda m: None, fetch=False)
-    todo = parallel.with_data_reasons(the_plan.todo, reasons)
+    not_ready = {name: f"to run if {name} can be fetched (bench.py data)"
+                 for name, reason in reasons.items() if reason}
+    todo = parallel.with_data_reasons(the_plan.todo, not_ready)
     done = {s.key() for s in the_plan.done}
     rows = []
     for spec in the_plan.done + the_plan.skipped + todo:
-        state = "stored" if spec.key() in done else ("skip: " + spec.skip_reason
-                                                     if spec.skip_reason else "to run")
+        if spec.key() in done:
+            state = "stored"
+        elif spec.skip_reason and spec.skip_reason in not_ready.values():
+            state = spec.skip_reason
+        else:
+            state = "skip: " + spec.skip_reason if spec.skip_reason else "to run"
         rows.append([spec.label, spec.task_label or spec.task, spec.arch.name, spec.seed,
                      spec.epochs, spec.batch_size, spec.device, state[:100]])
     print(tabulate(rows, headers=["algorithm", "task", "arch", "seed", "epochs", "batch",
                                   "device", "state"], tablefmt="simple"))
-    to_run = sum(1 for r in rows if r[-1] == "to run")
+    to_run = sum(1 for r in rows if r[-1].startswith("to run"))
     print(f"{len(rows)} runs: {to_run} to run, {len(done)} stored, "
           f"{len(rows) - to_run - len(done)} skipped (dry run: nothing was run)")
     return 0
