@@ -198,20 +198,26 @@ def _plots(suite: Suite, epochs, out_dir: Path) -> list[tuple[str, str]]:
     for column_x, name, title in (("epoch", "curves_epoch.png", "per epoch"),
                                   ("train_seconds", "curves_time.png", "per second of training")):
         figures = []
-        for (task, arch), group in frame.groupby(["task_label", "arch"], sort=False):
+        for task, arch in _columns(suite, frame.drop_duplicates("run_key")):
+            group = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
             metric = suite.metrics.get(task, ("accuracy", "max"))[0]
             figures.append((f"{task}/{arch}", group, f"test_{metric}", metric))
         fig, axes = plt.subplots(1, len(figures), figsize=(5.2 * len(figures), 3.8), squeeze=False)
         for ax, (title_col, group, y, metric) in zip(axes[0], figures):
             if y not in group:
                 continue
-            sns.lineplot(data=group, x=column_x, y=y, hue="label", errorbar="sd", ax=ax,
-                         estimator="mean", marker="o" if column_x == "epoch" else None)
+            if column_x == "epoch":   # seeds share epochs: mean with a ±std band
+                sns.lineplot(data=group, x=column_x, y=y, hue="label", errorbar="sd", ax=ax,
+                             estimator="mean", marker="o")
+            else:                     # seeds differ in seconds: one line per run
+                sns.lineplot(data=group, x=column_x, y=y, hue="label", units="run_key",
+                             estimator=None, ax=ax, alpha=0.8)
             ax.set_title(title_col)
             ax.set_xlabel("epoch" if column_x == "epoch" else "cumulative train seconds")
             ax.set_ylabel(f"test {metric}")
             ax.legend(fontsize=7, title=None)
-        fig.suptitle(f"Test metric {title} (mean, band = std over seeds)", y=1.02)
+        fig.suptitle(f"Test metric {title}" + (" (mean, band = std over seeds)" if column_x == "epoch"
+                                               else " (one line per run)"), y=1.02)
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         made.append((f"Test metric {title}", name))
