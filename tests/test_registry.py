@@ -123,3 +123,18 @@ def test_the_readme_worked_example_is_a_working_plugin(tmp_path):
     result = execute(spec, str(tmp_path))
     assert result.status == "ok", result.traceback
     assert result.epochs[-1].metrics["test"]["accuracy"] > 60
+
+
+def test_entry_point_plugins_from_an_installed_package(tmp_path, monkeypatch):
+    """A separate package adds an algorithm through the plausible_bench.algorithms group."""
+    (tmp_path / "extbench_plugin.py").write_text(PLUGIN.format(tag="ext"))
+    dist = tmp_path / "extbench-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: extbench\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[plausible_bench.algorithms]\nsignsgd_ext = extbench_plugin\n"
+        "[plausible_bench.tasks]\nbroken_task = extbench_missing_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    discover()
+    assert "signsgd_ext" in algorithms
+    assert any("extbench_missing_module" in key for key in tasks.broken)
