@@ -3,8 +3,9 @@ the harness (its runner's clock) and as a bare PyTorch loop, in the same process
 
     python benchmarks/bench_overhead.py [--subset 20000] [--repeats 3] [--threads 2]
 
-Prints the median seconds per epoch of each and the ratio harness / bare (bar: ≤ 1.05).
-Runs on real MNIST when prepared (the data make no difference to the time).
+Prints the fastest epoch of each (the one least disturbed by other processes, as timeit does)
+and the median, and the ratio harness / bare (bar: ≤ 1.05). Runs on real MNIST when prepared
+(the data make no difference to the time).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def bare_epoch_times(x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,14 +50,15 @@ def main() -> None:
     y = torch.randint(0, 10, (args.subset,))
     harness, bare = [], []
     for repeat in range(args.repeats):  # interleaved, so drift in machine load hits both
+        bare += bare_epoch_times(x, y, epochs=3, batch=128, seed=repeat)
         harness += harness_epoch_times("bp", "mlp", train_subset=args.subset, epochs=3,
                                        threads=args.threads, seed=repeat)
-        bare += bare_epoch_times(x, y, epochs=3, batch=128, seed=repeat)
-    h, b = median(harness), median(bare)
-    print(f"BP MLP epoch of {args.subset} images, batch 128, {args.threads} threads")
-    print(f"  harness     {h:.3f} s/epoch (median of {len(harness)})")
-    print(f"  bare torch  {b:.3f} s/epoch (median of {len(bare)})")
-    print(f"  ratio harness/bare = {h / b:.3f}  (bar: <= 1.05)")
+    print(f"BP MLP epoch of {args.subset} images, batch 128, {args.threads} threads, "
+          f"{len(harness)} epochs each")
+    print(f"  harness     fastest {min(harness):.3f} s/epoch, median {median(harness):.3f}")
+    print(f"  bare torch  fastest {min(bare):.3f} s/epoch, median {median(bare):.3f}")
+    print(f"  ratio harness/bare = {min(harness) / min(bare):.3f} fastest, "
+          f"{median(harness) / median(bare):.3f} median  (bar: <= 1.05)")
 
 
 if __name__ == "__main__":
