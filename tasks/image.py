@@ -136,29 +136,47 @@ def _torchvision_fetch(cls_name: str, splits: tuple):
     def fetch(data_dir: Path) -> None:
         import torchvision
         cls = getattr(torchvision.datasets, cls_name)
-        root = data_dir / cls_name.lower()
         for split in splits:
-            cls(str(root), download=True, **split)
-        (root / ".ready").write_text("ok")
+            cls(str(data_dir / cls_name.lower()), download=True, **split)
     return fetch
 
 
+def _torchvision_files(cls_name: str):
+    """torchvision's own list of (file, md5) of the set, checked by torchvision's helper."""
+    def check(folder: Path) -> list[str]:
+        if not folder.is_dir():
+            return [f"{folder} is missing"]
+        import torchvision
+        from torchvision.datasets.utils import check_integrity
+        cls = getattr(torchvision.datasets, cls_name)
+        if cls_name == "CIFAR10":
+            files = [(folder / cls.base_folder / name, md5)
+                     for name, md5 in cls.train_list + cls.test_list]
+        else:
+            files = [(folder / name, md5) for _, name, md5 in cls.split_list.values()
+                     if name.startswith(("train", "test"))]
+        return [f"{path} is missing or fails its md5" for path, md5 in files
+                if not check_integrity(str(path), md5)]
+    return check
+
+
 data.register(data.Dataset(
-    "cifar10", files=(data.FileSpec(".ready", None),),
+    "cifar10", files=(),
     sources=(data.Source("torchvision", "torchvision.datasets.CIFAR10 download",
                          fetch=_torchvision_fetch("CIFAR10", ({"train": True}, {"train": False}))),),
     how_to_get="on a machine with internet run python bench.py data --fetch cifar10, or copy "
-               "torchvision's cifar-10-batches-py/ into data/cifar10/ and touch data/cifar10/.ready",
-    description="CIFAR-10, 50k/10k colour images (torchvision)"))
+               "torchvision's cifar-10-batches-py/ folder into data/cifar10/",
+    description="CIFAR-10, 50k/10k colour images (torchvision, md5-checked)",
+    check=_torchvision_files("CIFAR10")))
 
 data.register(data.Dataset(
-    "svhn", files=(data.FileSpec(".ready", None),),
+    "svhn", files=(),
     sources=(data.Source("torchvision", "torchvision.datasets.SVHN download",
                          fetch=_torchvision_fetch("SVHN", ({"split": "train"}, {"split": "test"}))),),
     how_to_get="on a machine with internet run python bench.py data --fetch svhn, or copy "
-               "torchvision's train_32x32.mat and test_32x32.mat into data/svhn/ and touch "
-               "data/svhn/.ready",
-    description="SVHN house numbers, 73k/26k colour images (torchvision)"))
+               "torchvision's train_32x32.mat and test_32x32.mat into data/svhn/",
+    description="SVHN house numbers, 73k/26k colour images (torchvision, md5-checked)",
+    check=_torchvision_files("SVHN")))
 
 
 class ColourTask(ImageTask):

@@ -128,3 +128,33 @@ def test_missing_dataset_skips_runs_with_the_reason(write_suite, cli, tmp_path, 
     runs = store.load(tmp_path / "sk.sqlite").runs
     reason = runs[runs.status == "skipped"].reason.iloc[0]
     assert "mnist" in reason and "To get it" in reason
+
+
+def test_cifar10_in_torchvision_format(tmp_path, monkeypatch):
+    """A small CIFAR-10 written in its real pickled-batch format, md5-checked, then loaded."""
+    import pickle
+
+    import torchvision
+    from torchvision.datasets.utils import calculate_md5
+
+    folder = tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, 20).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+    data_dir = tmp_path / "data"
+    assert data.status("cifar10", data_dir)[0] == "missing"          # md5s differ from the real set
+    cls = torchvision.datasets.CIFAR10
+    md5 = {name: calculate_md5(str(folder / name)) for name in names}
+    monkeypatch.setattr(cls, "train_list", [[n, md5[n]] for n in names[:5]])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(cls, "meta", {"filename": "batches.meta", "key": "label_names",
+                                      "md5": calculate_md5(str(folder / "batches.meta"))})
+    assert data.status("cifar10", data_dir)[0] == "ready"
+    task = tasks.get("cifar10")
+    loaded = task.load(task.Params(), RunContext(validation=0.1, data_dir=str(data_dir)))
+    assert tuple(loaded.x_train.shape) == (90, 3, 32, 32) and len(loaded.y_test) == 20
