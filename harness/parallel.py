@@ -152,13 +152,14 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                     summary.counts[result.status] = summary.counts.get(result.status, 0) + 1
                     if result.status == "error":
                         bar.write(f"error in {result.spec.label} on {result.spec.task}/"
-                                  f"{result.spec.arch.name} seed {result.spec.seed}: {result.reason}")
+                                  f"{result.spec.arch.name} seed {result.spec.seed}: {result.reason}",
+                                  file=sys.stderr)
                     bar.update(1)
                     bar.set_postfix_str(_postfix(summary, len(todo)))
         except KeyboardInterrupt:
             summary.interrupted = True
             bar.write("interrupted: every finished run is in the store; run the suite again "
-                      "to continue")
+                      "to continue", file=sys.stderr)
         finally:
             bar.close()
             if client is not None:

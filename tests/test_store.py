@@ -74,3 +74,28 @@ def test_not_a_store_is_a_user_error(tmp_path, cli, blob_suite):
     bad.write_text("this is not sqlite")
     status, _, err = cli("report", blob_suite())
     assert status == 2 and "not a result store" in err
+
+
+def test_ctrl_c_keeps_finished_runs(blob_suite):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) with two workers."""
+    path = blob_suite("  slow_bp: {lr: 0.01, sleep_s: 0.05}", seeds=8, epochs=3, name="ctrlc")
+    suite = load_suite(path)
+    command = [sys.executable, str(ROOT / "bench.py"), "run", str(path), "--device", "cpu",
+               "--jobs", "2", "--no-progress", "--plugins", str(TEST_PLUGINS)]
+    proc = subprocess.Popen(command, cwd=path.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, stored = time.time() + 120, 0
+    while time.time() < deadline and stored < 1:
+        time.sleep(0.2)
+        try:
+            with sqlite3.connect(suite.store_path) as conn:
+                stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+        except sqlite3.OperationalError:
+            stored = 0
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    frames = store.load(suite.store_path)
+    assert 1 <= len(frames.runs) < 8
+    assert all(frames.epochs.groupby("run_key").size() == 3)
