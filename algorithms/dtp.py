@@ -1,0 +1,163 @@
+"""Difference target propagation (Lee et al. 2015; Bartunov et al. 2018) for the MLP.
+
+Forward layers h_{i+1} = f_i(W_i h_i) (h_0 = the flattened image, h_L = the logits). Every
+hidden layer i ≥ 1 has a learned approximate inverse g_i(h_{i+1}) = f_{i−1}(V_i h_{i+1}) ≈ h_i
+with its own weights V_i and its own Adam. Per batch:
+
+    inverses   k times: ε ~ N(0, σ²),  min_V  Σ_i ½‖g_i(f_i(h_i + ε)) − (h_i + ε)‖²
+    targets    t_L = h_L − β ∂ℓ/∂h_L                      (one gradient step from the output)
+               t_i = g_i(t_{i+1}) + h_i − g_i(h_{i+1})    (difference correction)
+    forward    min_{W_i} ½‖f_i(W_i h_i) − t_{i+1}‖²        (gradient within the layer only:
+               ∂W_i = ((h_{i+1} − t_{i+1}) ⊙ f_i′) h_iᵀ / N)
+
+ℓ is the per-sample task loss (its exact gradient from :func:`harness.toolkit.loss_and_grad`),
+so t_L − h_L = −β·(softmax − onehot). The difference correction makes t_i = h_i whenever
+t_{i+1} = h_{i+1}, whatever the inverse's error, and with exact linear inverses gives
+t_i = W_i⁻¹ t_{i+1} (tests/test_pc_dtp.py). Evaluation is a forward pass.
+
+Convolutional nets are declared unsupported: DTP's conv variant needs learned conv inverses
+(DDTP, Meulemans et al. 2020), which this plugin does not have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from harness.api import Algorithm, Arch, Dense, Flatten, Learner, RunContext, TaskInfo, param
+from harness.registry import algorithms
+from harness.toolkit import (TrainParams, activation, init_weight, layer_shapes, loss_and_grad,
+                             make_optimizer)
+
+
+class DTPNetwork(nn.Module):
+    """Dense layers W_0 … W_{L−1} (after an optional leading Flatten) and inverses V_1 … V_{L−1}
+    (``inverses[i−1]`` maps h_{i+1} back to h_i)."""
+
+    def __init__(self, arch: Arch, init_std: float):
+        super().__init__()
+        dense = []
+        for position, (layer, in_shape, _) in enumerate(layer_shapes(arch)):
+            if isinstance(layer, Flatten) and position == 0:
+                continue
+            if not isinstance(layer, Dense) or len(in_shape) != 1:
+                raise ValueError(f"{arch.name}: DTP builds [Flatten,] Dense… only, "
+                                 f"got {arch.describe()}")
+            dense.append((layer, in_shape[0]))
+        self.weights = nn.ParameterList(nn.Parameter(init_weight((layer.units, n_in), init_std))
+                                        for layer, n_in in dense)
+        self.acts = [layer.act for layer, _ in dense]
+        self.inverses = nn.ParameterList(
+            nn.Parameter(init_weight((n_in, layer.units), init_std)) for layer, n_in in dense[1:])
+
+    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """f_i(W_i h)."""
+        return activation(self.acts[i])[0](h.matmul(self.weights[i].t()))
+
+    def inverse(self, i: int, h_above: torch.Tensor) -> torch.Tensor:
+        """g_i(h_{i+1}) = f_{i−1}(V_i h_{i+1}) ≈ h_i, for 1 ≤ i ≤ L−1."""
+        return activation(self.acts[i - 1])[0](h_above.matmul(self.inverses[i - 1].t()))
+
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        hs = [x.reshape(x.shape[0], -1)]
+        for i in range(len(self.weights)):
+            hs.append(self.layer(i, hs[-1]))
+        return hs
+
+    def forward(self, x):
+        return self.activations(x)[-1]
+
+
+def difference_targets(net: DTPNetwork, hs: list[torch.Tensor],
+                       output_target: torch.Tensor) -> list[Optional[torch.Tensor]]:
+    """t_L = output_target, t_i = g_i(t_{i+1}) + h_i − g_i(h_{i+1}) down to i = 1 (t_0: None)."""
+    targets: list[Optional[torch.Tensor]] = [None] * len(hs)
+    targets[-1] = output_target
+    for i in range(len(hs) - 2, 0, -1):
+        targets[i] = net.inverse(i, targets[i + 1]) + hs[i] - net.inverse(i, hs[i + 1])
+    return targets
+
+
+def inverse_loss(net: DTPNetwork, hs: list[torch.Tensor], noise: float) -> torch.Tensor:
+    """Σ_i ½‖g_i(f_i(h_i + ε)) − (h_i + ε)‖² / N over the hidden layers (forward W fixed)."""
+    total = hs[0].new_zeros(())
+    for i in range(1, len(hs) - 1):
+        corrupted = hs[i] + noise * torch.randn_like(hs[i])
+        with torch.no_grad():
+            above = net.layer(i, corrupted)
+        total = total + 0.5 * (net.inverse(i, above) - corrupted).pow(2).sum()
+    return total / hs[0].shape[0]
+
+
+def forward_gradients(net: DTPNetwork, hs: list[torch.Tensor],
+                      targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """∂/∂W_i of ½‖h_{i+1} − t_{i+1}‖² / N with h_i held fixed (the layer-local gradient)."""
+    grads = []
+    for i in range(len(net.weights)):
+        derivative = activation(net.acts[i])[1](hs[i + 1])
+        delta = (hs[i + 1] - targets[i + 1]) * derivative
+        grads.append(delta.t().matmul(hs[i]) / hs[0].shape[0])
+    return grads
+
+
+@dataclass(frozen=True)
+class DTPParams(TrainParams):
+    target_step: float = param(0.5, "β: the output target is h_L − β ∂ℓ/∂h_L", min=0.0)
+    inverse_noise: float = param(0.1, "σ of the Gaussian corruption in the inverses' "
+                                 "reconstruction loss", min=0.0)
+    inverse_lr: float = param(1e-3, "learning rate of the inverses' own Adam", min=0.0)
+    inverse_updates: int = param(1, "inverse Adam steps per batch (before the targets)", min=0)
+
+
+class DTPLearner(Learner):
+    def __init__(self, network: DTPNetwork, info: TaskInfo, params: DTPParams, epochs: int):
+        self.network = network
+        self.info = info
+        self.p = params
+        self.optimizer, self.schedulers = make_optimizer(network.weights.parameters(), params,
+                                                         epochs)
+        self.inverse_optimizer = torch.optim.Adam(network.inverses.parameters(),
+                                                  lr=params.inverse_lr)
+
+    def train_step(self, x, y):
+        net, p = self.network, self.p
+        with torch.no_grad():
+            hs = net.activations(x)
+        for _ in range(p.inverse_updates):
+            self.inverse_optimizer.zero_grad(set_to_none=True)
+            inverse_loss(net, hs, p.inverse_noise).backward()
+            self.inverse_optimizer.step()
+        with torch.no_grad():
+            loss, out_grad = loss_and_grad(self.info, hs[-1], y, p.label_smoothing)
+            output_target = hs[-1] - p.target_step * out_grad * hs[-1].shape[0]
+            targets = difference_targets(net, hs, output_target)
+            for weight, grad in zip(net.weights, forward_gradients(net, hs, targets)):
+                weight.grad = grad
+        self.optimizer.step()
+        return {"loss": loss}
+
+    def predict(self, x):
+        return self.network(x)
+
+    def state_dict(self):
+        return self.network.state_dict()
+
+
+@algorithms.register("dtp", aliases=("target_propagation", "difference_target_propagation"))
+class DifferenceTargetPropagation(Algorithm):
+    """Difference target propagation: learned inverses carry targets down; local losses (MLP)."""
+
+    supports = frozenset({"mlp", "cnn"})
+    Params = DTPParams
+
+    def unsupported(self, arch: Arch, params) -> Optional[str]:
+        if arch.kind == "cnn":
+            return ("dtp: convolutional layers need learned convolutional inverses (DDTP, "
+                    "Meulemans et al. 2020), not implemented; DTP runs the MLP only")
+        return super().unsupported(arch, params)
+
+    def build(self, arch: Arch, info: TaskInfo, params: DTPParams, ctx: RunContext) -> Learner:
+        return DTPLearner(DTPNetwork(arch, params.init_std).to(ctx.device), info, params,
+                          ctx.epochs)

@@ -1,0 +1,244 @@
+"""Predictive coding (Whittington & Bogacz 2017; Millidge et al. 2020; PCX, ICLR 2025).
+
+Value nodes x_i sit after every hidden weighted layer; each layer predicts the node above from
+the node below, μ_{i+1} = F_i(x_i; W_i) (F_i = the layer, its activation and any pooling /
+flattening after it). With M the number of loss terms in the batch (N, or N·T for sequences):
+
+    ε_i     = x_i − μ_i                                        prediction errors
+    E       = Σ_i ½‖ε_i‖² + M·ℓ(μ_L, y)                        energy (x_L clamped via the loss)
+    ∂E/∂x_i = ε_i + J_iᵀ ∂E/∂μ_{i+1},   ∂E/∂μ_{i+1} = −ε_{i+1} (hidden) or M·ℓ′ (output)
+    x_i    ← x_i − γ·v,  v ← m·v + ∂E/∂x_i                     T inference steps (SGD, momentum m)
+    ∂W_i    = (1/M) (∂μ_{i+1}/∂W_i)ᵀ ∂E/∂μ_{i+1}               local: x_i is a detached leaf
+
+J_iᵀ(·) and ∂μ/∂W are vector–Jacobian products of one layer on its own detached input
+(torch.autograd.grad), so every weight's gradient is a function of its own layer's input node
+and the error above it only. The nodes start at a forward pass (all hidden ε = 0, so that
+pass is the first step's prediction); evaluation is a plain forward pass.
+
+``fixed_predictions`` (Millidge et al. 2020; the DLL paper's RNN baseline) keeps μ and the
+Jacobians at their forward-pass values during inference; then the hidden errors converge to
+BP's (BPTT's) errors and ΔW to BP's gradient as T grows (tests/test_pc_dtp.py). T = 1 with
+γ = 1 is the one-step variant: each node gets only the error of the layer (or read-out)
+directly above it, no credit through time.
+
+RNN (tanh, (N, T, D) → (N, T, out)): one value node h_t per time step,
+μ_t = tanh(W_x x_t + W_h h_{t−1}), read-out ŷ_t = W_y h_t, all time steps predicted at once.
+
+Cost per batch: a forward pass, T state backward passes, T−1 re-predictions (none with fixed
+predictions), a forward at the final nodes and the weight products: ≈ (2T+2)/3 × BP's matmuls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
+                         RunContext, TaskInfo, param)
+from harness.registry import algorithms
+from harness.toolkit import (TrainParams, activation_module, init_weight, layer_shapes,
+                             loss_and_grad, make_optimizer)
+
+
+# --------------------------------------------------------------------------------------------
+# Networks of value nodes: each says how every node and the output are predicted
+# --------------------------------------------------------------------------------------------
+
+class PCFeedForward(nn.Module):
+    """MLP/CNN as blocks [weighted layer, activation, pool/flatten…]; a node after each but the
+    last. ``stem`` holds weightless layers before the first weighted one (the MLP's Flatten)."""
+
+    def __init__(self, arch: Arch, init_std: float):
+        super().__init__()
+        stem: list[nn.Module] = []
+        blocks: list[list[nn.Module]] = []
+        for layer, in_shape, _ in layer_shapes(arch):
+            if isinstance(layer, (Dense, Conv)):
+                if isinstance(layer, Dense):
+                    module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
+                else:
+                    module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel,
+                                       padding=layer.padding, bias=False)
+                with torch.no_grad():
+                    module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
+                blocks.append([module] + ([activation_module(layer.act)]
+                                          if layer.act != "linear" else []))
+            elif isinstance(layer, (Pool, Flatten)):
+                module = nn.Flatten() if isinstance(layer, Flatten) else (
+                    nn.MaxPool2d(layer.size) if layer.kind == "max" else nn.AvgPool2d(layer.size))
+                (blocks[-1] if blocks else stem).append(module)
+            else:
+                raise TypeError(f"PC cannot build {layer!r} in a feed-forward net")
+        self.stem = nn.Sequential(*stem)
+        self.blocks = nn.ModuleList(nn.Sequential(*b) for b in blocks)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def init_nodes(self, x):
+        """Forward pass: nodes := predictions. Returns (leaves, μ's, output), the graph of each
+        prediction starting at the (detached) node below — the first inference step's."""
+        below, leaves, mus = self.stem(x), [], []
+        for block in self.blocks[:-1]:
+            mus.append(block(below))
+            below = mus[-1].detach().requires_grad_()
+            leaves.append(below)
+        return leaves, mus, self.blocks[-1](below)
+
+    def predictions(self, x, nodes):
+        """(μ_1 … μ_{L−1}, μ_L): each from the node below only."""
+        below = [self.stem(x)] + list(nodes)
+        mus = [block(b) for block, b in zip(self.blocks, below)]
+        return mus[:-1], mus[-1]
+
+
+class PCRecurrent(nn.Module):
+    """tanh RNN: h_t = f(W_x x_t + W_h h_{t−1}), ŷ_t = W_y h_t; one node tensor (N, T, H)."""
+
+    def __init__(self, arch: Arch, init_std: float):
+        super().__init__()
+        layers = arch.layers
+        if len(layers) != 2 or not isinstance(layers[0], Recurrent) \
+                or not isinstance(layers[1], Dense):
+            raise ValueError(f"{arch.name}: PC's RNN is (Recurrent(h), Dense(out, linear)), "
+                             f"got {arch.describe()}")
+        hidden, inputs = layers[0].hidden, arch.input_shape[-1]
+        self.w_x = nn.Parameter(init_weight((hidden, inputs), init_std))
+        self.w_h = nn.Parameter(init_weight((hidden, hidden), init_std))
+        self.w_y = nn.Parameter(init_weight((layers[1].units, hidden), init_std))
+        self.act = activation_module(layers[0].act)
+        self.readout_act = activation_module(layers[1].act)
+
+    def forward(self, x):
+        drive = x.matmul(self.w_x.t())
+        h = drive.new_zeros(x.shape[0], self.w_h.shape[0])
+        states = []
+        for t in range(x.shape[1]):
+            h = self.act(drive[:, t] + h.matmul(self.w_h.t()))
+            states.append(h)
+        return self.readout_act(torch.stack(states, dim=1).matmul(self.w_y.t()))
+
+    def predictions(self, x, nodes):
+        (h,) = nodes
+        previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # h_{t−1}, h_0 = 0
+        mu = self.act(x.matmul(self.w_x.t()) + previous.matmul(self.w_h.t()))
+        return [mu], self.readout_act(h.matmul(self.w_y.t()))
+
+    def init_nodes(self, x):
+        with torch.no_grad():
+            drive = x.matmul(self.w_x.t())
+            h = drive.new_zeros(x.shape[0], self.w_h.shape[0])
+            states = []
+            for t in range(x.shape[1]):
+                h = self.act(drive[:, t] + h.matmul(self.w_h.t()))
+                states.append(h)
+        leaf = torch.stack(states, dim=1).requires_grad_()
+        mus, out = self.predictions(x, [leaf])
+        return [leaf], mus, out
+
+
+# --------------------------------------------------------------------------------------------
+# Energy, inference, local weight gradients
+# --------------------------------------------------------------------------------------------
+
+def energy(nodes, mus, loss, n_terms):
+    """E = Σ_i ½‖x_i − μ_i‖² + M·ℓ, reported per loss term (E/M)."""
+    return (sum(0.5 * (x - mu).pow(2).sum() for x, mu in zip(nodes, mus)) + n_terms * loss) / n_terms
+
+
+def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: float = 0.0,
+              fixed_predictions: bool = False, label_smoothing: float = 0.0,
+              record_energy: bool = False):
+    """Run T inference steps on one batch and return (weight gradients, loss, energies).
+
+    ``energies`` (when recorded) holds E/M before each state update and after the last.
+    """
+    leaves, mus, out = net.init_nodes(x)
+    n_terms = out.shape[0] * (out.shape[1] if info.sequence else 1)
+    nodes = [leaf.detach() for leaf in leaves]
+    velocity = [torch.zeros_like(node) for node in nodes]
+    loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
+    energies = []
+    for step in range(steps):
+        if step > 0 and not fixed_predictions:          # re-predict from the moved nodes
+            leaves = [node.requires_grad_() for node in nodes]
+            mus, out = net.predictions(x, leaves)
+            loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
+        errors = [node - mu.detach() for node, mu in zip(nodes, mus)]           # ε_i
+        if record_energy:
+            energies.append(energy(nodes, [m.detach() for m in mus], loss, n_terms).detach())
+        dE_dmu = [-e for e in errors] + [n_terms * out_grad]
+        top_down = torch.autograd.grad(mus + [out], leaves, dE_dmu,
+                                       retain_graph=fixed_predictions)         # J_iᵀ ∂E/∂μ_{i+1}
+        with torch.no_grad():
+            for i, (e, jt) in enumerate(zip(errors, top_down)):
+                velocity[i] = momentum * velocity[i] + (e + jt)                 # ∂E/∂x_i
+            nodes = [node - state_lr * v for node, v in zip(nodes, velocity)]
+    if not fixed_predictions:                             # predictions at the final nodes
+        mus, out = net.predictions(x, nodes)
+        loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
+    errors = [node - mu.detach() for node, mu in zip(nodes, mus)]
+    if record_energy:
+        energies.append(energy(nodes, [m.detach() for m in mus], loss, n_terms).detach())
+    weights = [w for w in net.parameters()]
+    dE_dmu = [-e for e in errors] + [n_terms * out_grad]
+    grads = torch.autograd.grad(mus + [out], weights, dE_dmu)                  # local ∂E/∂W_i
+    return [g / n_terms for g in grads], loss, energies
+
+
+# --------------------------------------------------------------------------------------------
+# The plugin
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PCParams(TrainParams):
+    inference_steps: int = param(3, "T: inference steps on the value nodes per batch", min=0)
+    state_lr: float = param(0.3, "γ: step size of the value-node updates (SGD)", min=0.0)
+    state_momentum: float = param(0.0, "momentum of the value-node SGD (0 = plain SGD)",
+                                  min=0.0, max=1.0)
+    fixed_predictions: bool = param(False, "keep predictions and Jacobians at the forward "
+                                    "pass during inference (Millidge et al. 2020; the DLL "
+                                    "paper's RNN baseline)")
+
+
+class PCLearner(Learner):
+    def __init__(self, network: nn.Module, info: TaskInfo, params: PCParams, epochs: int):
+        self.network = network
+        self.info = info
+        self.p = params
+        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
+
+    def train_step(self, x, y):
+        p = self.p
+        grads, loss, _ = inference(self.network, x, y, self.info, p.inference_steps, p.state_lr,
+                                   p.state_momentum, p.fixed_predictions, p.label_smoothing)
+        for weight, grad in zip(self.network.parameters(), grads):
+            weight.grad = grad
+        self.optimizer.step()
+        return {"loss": loss}
+
+    def predict(self, x):
+        return self.network(x)
+
+    def state_dict(self):
+        return self.network.state_dict()
+
+
+def build_pc_network(arch: Arch, init_std: float) -> nn.Module:
+    return PCRecurrent(arch, init_std) if arch.kind == "rnn" else PCFeedForward(arch, init_std)
+
+
+@algorithms.register("pc", aliases=("predictive_coding",))
+class PredictiveCoding(Algorithm):
+    """Predictive coding: T inference steps on value nodes, local weight updates (MLP, CNN, RNN)."""
+
+    supports = frozenset({"mlp", "cnn", "rnn"})
+    Params = PCParams
+
+    def build(self, arch: Arch, info: TaskInfo, params: PCParams, ctx: RunContext) -> Learner:
+        network = build_pc_network(arch, params.init_std).to(ctx.device)
+        return PCLearner(network, info, params, ctx.epochs)
