@@ -253,9 +253,9 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
     alg_rows = []   # (label, algorithm name, algorithm obj, checked values)
     for label, body in alg_entries.items():
         at = f"{where}: algorithms.{label}"
+        if body is not None and not isinstance(body, dict):
+            raise UserError(f"{at}: a mapping of parameter names to values, not {body!r}")
         body = dict(body or {})
-        if not isinstance(body, dict):
-            raise UserError(f"{at}: a mapping of parameter names to values")
         alg_name = algorithms.canonical(str(body.pop("algorithm", label)), at)
         algorithm = algorithms.get(alg_name)
         alg_rows.append((str(label), alg_name, algorithm,
@@ -364,10 +364,14 @@ def _references(raw: Any, where: str, alg_labels, task_labels, arch_names):
     for alg, per_task in values.items():
         if alg not in alg_labels:
             raise P.unknown_key(str(alg), sorted(set(alg_labels)), f"{at}.values", "algorithm")
-        for task, per_arch in (per_task or {}).items():
+        if not isinstance(per_task, dict):
+            raise UserError(f"{at}.values.{alg}: a mapping task → arch → value, not {per_task!r}")
+        for task, per_arch in per_task.items():
             if task not in task_labels:
                 raise P.unknown_key(str(task), sorted(set(task_labels)), f"{at}.values.{alg}", "task")
-            for arch, value in (per_arch or {}).items():
+            if not isinstance(per_arch, dict):
+                raise UserError(f"{at}.values.{alg}.{task}: a mapping arch → value, not {per_arch!r}")
+            for arch, value in per_arch.items():
                 if arch not in arch_names:
                     raise P.unknown_key(str(arch), arch_names, f"{at}.values.{alg}.{task}", "arch")
                 spot = f"{at}.values.{alg}.{task}.{arch}"

@@ -97,6 +97,17 @@ BAD = [
     ("tasks: {blobs: {}\nalgorithms", "not valid YAML"),
     ("- just\n- a list", "a suite is a mapping"),
     ("algorithms: {bp: {}}", "tasks:"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: [1, 2]}", "algorithms.bp: a mapping"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nreference: {values: {bp: {blobs: [1]}}}", "a mapping arch"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nreference: {values: {bp: 98}}", "a mapping task"),
+    ("tasks: {blobs: {archs: {x: 5}}}\nalgorithms: {bp: {}}", "tasks.blobs.archs.x"),
+    ("tasks: {blobs: {archs: {x: {layers: [{conv: {filters: 4}}]}}}}\nalgorithms: {bp: {}}", "conv"),
+    ("tasks: {blobs: {archs: {x: {layers: [{dense: {units: 4, act: gelu}}]}}}}\nalgorithms: {bp: {}}", "act"),
+    ("tasks: {blobs: {params: [1]}}\nalgorithms: {bp: {}}", "tasks.blobs.params"),
+    ("tasks: [blobs]\nalgorithms: {bp: {}}", "tasks: a mapping"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nname: 'my suite!'", "name"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\noverrides: {lr: 1}", "overrides: a list"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nexclude: [{seed: 1, colour: red}]", "unknown key 'colour'"),
 ]
 
 
