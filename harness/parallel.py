@@ -104,8 +104,12 @@ def _executor(backend: str, jobs: int, scheduler: Optional[str]):
             from dask.distributed import Client
         except ImportError:
             raise UserError("--backend dask needs dask.distributed: pip install 'dask[distributed]'") from None
-        client = Client(scheduler) if scheduler else Client(processes=True, n_workers=jobs,
-                                                            threads_per_worker=1)
+        try:
+            client = Client(scheduler, timeout="10s") if scheduler else Client(
+                processes=True, n_workers=jobs, threads_per_worker=1, dashboard_address=None)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         return client, joblib.parallel_config(backend="dask")
     if scheduler:
         raise UserError("--scheduler is for --backend dask only")

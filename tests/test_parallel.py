@@ -38,3 +38,10 @@ def test_local_dask_cluster(blob_suite, cli):
 def test_bad_backend_is_a_user_error(blob_suite, cli):
     status, _, err = cli("run", blob_suite(), "--backend", "mpi", "--device", "cpu")
     assert status == 2 and "--backend" in err and "loky" in err
+
+
+def test_unreachable_scheduler_is_a_user_error(blob_suite, cli):
+    pytest.importorskip("dask.distributed")
+    status, _, err = cli("run", blob_suite(name="unreach"), "--backend", "dask", "--scheduler",
+                         "tcp://127.0.0.1:9", "--device", "cpu", "--no-progress")
+    assert status == 2 and "cannot reach a Dask scheduler" in err
