@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness.api import UserError
 
-COMMANDS = ("run", "list", "validate", "report", "data")
+COMMANDS = ("run", "list", "validate", "report", "data", "merge")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--store", default=None, help="result store path")
     rep.add_argument("--out", default="reports", help="reports folder (default reports/)")
     common(rep)
+
+    mrg = sub.add_parser("merge", help="copy the runs of other stores (e.g. from other "
+                         "machines) into a suite's store")
+    mrg.add_argument("suite", type=Path, help="the suite whose store receives the runs")
+    mrg.add_argument("sources", nargs="+", type=Path, help="stores to copy from")
+    mrg.add_argument("--store", default=None, help="the receiving store (default: the suite's)")
+    mrg.add_argument("--replace", action="store_true", help="replace runs already present")
+    common(mrg)
 
     dat = sub.add_parser("data", help="each dataset: ready? from where? how to get it?")
     dat.add_argument("--fetch", nargs="*", metavar="NAME",
@@ -214,6 +222,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from harness.store import Store
+    suite = _load_suite(args)
+    keys = {s.key() for s in suite.specs}
+    with Store(suite.store_path) as store:
+        for source in args.sources:
+            copied, present = store.merge_from(source, replace=args.replace)
+            print(f"{source}: {copied} runs copied, {present} already in {suite.store_path}")
+        matching = len(keys & set(store.statuses()))
+    print(f"{suite.store_path}: {matching} of the suite's {len(keys)} runs are stored "
+          f"(runs of other grids are kept but not reported)")
+    return 0
+
+
 def cmd_data(args) -> int:
     from harness import data
     from harness.registry import discover
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return {"run": cmd_run, "list": cmd_list, "validate": cmd_validate,
-                "report": cmd_report, "data": cmd_data}[args.command](args)
+                "report": cmd_report, "data": cmd_data, "merge": cmd_merge}[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

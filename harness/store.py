@@ -120,6 +120,48 @@ class Store:
                  env["jobs"], env["threads"], env["backend"], env["device"]))
             return int(cur.lastrowid)
 
+    def merge_from(self, other: str | Path, replace: bool = False) -> tuple[int, int]:
+        """Copy the runs (with their epochs and sessions) of another store into this one, in
+        one transaction: stores filled on different machines become one. Run keys are content
+        hashes, so the same run is the same row; a run already here is kept unless ``replace``.
+        Returns (runs copied, runs already present)."""
+        other = Path(other)
+        if not other.exists():
+            raise UserError(f"{other}: no result store there")
+        if other.resolve() == self.path.resolve():
+            raise UserError(f"{other}: cannot merge a store into itself")
+        try:
+            self.conn.execute("ATTACH DATABASE ? AS src", (str(other),))
+            source_runs = self.conn.execute("SELECT key FROM src.runs").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{other}: not a result store ({exc})") from None
+        try:
+            here = {k for (k,) in self.conn.execute("SELECT key FROM runs")}
+            wanted = [k for (k,) in source_runs if replace or k not in here]
+            session_cols = [c[1] for c in self.conn.execute("PRAGMA table_info(sessions)")][1:]
+            run_cols = [c[1] for c in self.conn.execute("PRAGMA table_info(runs)")]
+            with self.conn:
+                new_id = {}
+                for (old_id,) in self.conn.execute(
+                        "SELECT DISTINCT session_id FROM src.runs WHERE session_id IS NOT NULL"):
+                    cur = self.conn.execute(
+                        f"INSERT INTO sessions ({', '.join(session_cols)}) SELECT "
+                        f"{', '.join(session_cols)} FROM src.sessions WHERE id = ?", (old_id,))
+                    new_id[old_id] = cur.lastrowid
+                for key in wanted:
+                    self.conn.execute("DELETE FROM epochs WHERE run_key = ?", (key,))
+                    self.conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(run_cols)}) SELECT "
+                                      f"{', '.join(run_cols)} FROM src.runs WHERE key = ?", (key,))
+                    old_id = self.conn.execute("SELECT session_id FROM runs WHERE key = ?",
+                                               (key,)).fetchone()[0]
+                    self.conn.execute("UPDATE runs SET session_id = ? WHERE key = ?",
+                                      (new_id.get(old_id), key))
+                    self.conn.execute("INSERT INTO epochs SELECT * FROM src.epochs WHERE run_key = ?",
+                                      (key,))
+        finally:
+            self.conn.execute("DETACH DATABASE src")
+        return len(wanted), len(source_runs) - len(wanted)
+
     def statuses(self, keys: Optional[Iterable[str]] = None) -> dict[str, str]:
         rows = self.conn.execute("SELECT key, status FROM runs").fetchall()
         wanted = None if keys is None else set(keys)

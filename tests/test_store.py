@@ -99,3 +99,21 @@ def test_ctrl_c_keeps_finished_runs(blob_suite):
     frames = store.load(suite.store_path)
     assert 1 <= len(frames.runs) < 8
     assert all(frames.epochs.groupby("run_key").size() == 3)
+
+
+def test_merge_stores_from_two_machines(blob_suite, cli, tmp_path):
+    """Half the seeds run into one store, half into another; merged, the suite is complete."""
+    path = blob_suite("  bp: {lr: 0.01}", seeds=4, epochs=2, name="merged")
+    part = tmp_path / "other_machine.sqlite"
+    cli("run", path, "--device", "cpu", "--no-progress", "--no-report", "--only", "seed=0,1")
+    cli("run", path, "--device", "cpu", "--no-progress", "--no-report", "--only", "seed=2,3",
+        "--store", part)
+    status, out, _ = cli("merge", path, part)
+    assert status == 0 and "2 runs copied" in out and "4 of the suite's 4 runs" in out
+    frames = store.load(load_suite(path).store_path)
+    assert sorted(frames.runs["seed"]) == [0, 1, 2, 3]
+    assert len(frames.epochs) == 8 and frames.runs["session_id"].nunique() == 2
+    status, out, _ = cli("merge", path, part)
+    assert "0 runs copied, 2 already" in out
+    status, _, err = cli("merge", path, tmp_path / "missing.sqlite")
+    assert status == 2 and "no result store" in err
