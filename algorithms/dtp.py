@@ -107,7 +107,7 @@ class DTPParams(TrainParams):
     target_step: float = param(0.5, "β: the output target is h_L − β ∂ℓ/∂h_L", min=0.0)
     inverse_noise: float = param(0.1, "σ of the Gaussian corruption in the inverses' "
                                  "reconstruction loss", min=0.0)
-    inverse_lr: float = param(1e-3, "learning rate of the inverses' own Adam", min=0.0)
+    inverse_lr: float = param(3e-4, "learning rate of the inverses' own Adam", min=0.0)
     inverse_updates: int = param(1, "inverse Adam steps per batch (before the targets)", min=0)
 
 

@@ -25,7 +25,9 @@ RNN (tanh, (N, T, D) → (N, T, out)): one value node h_t per time step,
 μ_t = tanh(W_x x_t + W_h h_{t−1}), read-out ŷ_t = W_y h_t, all time steps predicted at once.
 
 Cost per batch: a forward pass, T state backward passes, T−1 re-predictions (none with fixed
-predictions), a forward at the final nodes and the weight products: ≈ (2T+2)/3 × BP's matmuls.
+predictions; the first layer's prediction never changes and is not recomputed), a forward at
+the final nodes and the weight products: ≈ (2T+1)/3 × BP's matrix work or a little less
+(benchmarks/bench_pc_dtp.py prints the exact count for the MNIST MLP beside the measurement).
 """
 from __future__ import annotations
 
@@ -89,10 +91,11 @@ class PCFeedForward(nn.Module):
             leaves.append(below)
         return leaves, mus, self.blocks[-1](below)
 
-    def predictions(self, x, nodes):
-        """(μ_1 … μ_{L−1}, μ_L): each from the node below only."""
-        below = [self.stem(x)] + list(nodes)
-        mus = [block(b) for block, b in zip(self.blocks, below)]
+    def predictions(self, x, nodes, first=None):
+        """(μ_1 … μ_{L−1}, μ_L): each from the node below only. μ_1 depends on the input
+        alone, so inference passes the forward pass's as ``first`` instead of recomputing it."""
+        mus = [self.blocks[0](self.stem(x)) if first is None else first]
+        mus += [block(node) for block, node in zip(self.blocks[1:], nodes)]
         return mus[:-1], mus[-1]
 
 
@@ -122,7 +125,7 @@ class PCRecurrent(nn.Module):
             states.append(h)
         return self.readout_act(torch.stack(states, dim=1).matmul(self.w_y.t()))
 
-    def predictions(self, x, nodes):
+    def predictions(self, x, nodes, first=None):
         (h,) = nodes
         previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # h_{t−1}, h_0 = 0
         mu = self.act(x.matmul(self.w_x.t()) + previous.matmul(self.w_h.t()))
@@ -158,6 +161,7 @@ def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: 
     ``energies`` (when recorded) holds E/M before each state update and after the last.
     """
     leaves, mus, out = net.init_nodes(x)
+    first = mus[0].detach() if isinstance(net, PCFeedForward) and mus else None
     n_terms = out.shape[0] * (out.shape[1] if info.sequence else 1)
     nodes = [leaf.detach() for leaf in leaves]
     velocity = [torch.zeros_like(node) for node in nodes]
@@ -166,13 +170,14 @@ def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: 
     for step in range(steps):
         if step > 0 and not fixed_predictions:          # re-predict from the moved nodes
             leaves = [node.requires_grad_() for node in nodes]
-            mus, out = net.predictions(x, leaves)
+            mus, out = net.predictions(x, leaves, first=first)
             loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
         errors = [node - mu.detach() for node, mu in zip(nodes, mus)]           # ε_i
         if record_energy:
             energies.append(energy(nodes, [m.detach() for m in mus], loss, n_terms).detach())
         dE_dmu = [-e for e in errors] + [n_terms * out_grad]
-        top_down = torch.autograd.grad(mus + [out], leaves, dE_dmu,
+        linked = [(mu, g) for mu, g in zip(mus + [out], dE_dmu) if mu.requires_grad]
+        top_down = torch.autograd.grad([m for m, _ in linked], leaves, [g for _, g in linked],
                                        retain_graph=fixed_predictions)         # J_iᵀ ∂E/∂μ_{i+1}
         with torch.no_grad():
             for i, (e, jt) in enumerate(zip(errors, top_down)):

@@ -1,0 +1,76 @@
+"""PC and DTP against BP: training seconds per epoch of the MNIST MLP (784-1024-512-256-10,
+batch 128, Adam), each timed by the harness's own clock, in the same process, interleaved.
+
+    python benchmarks/bench_pc_dtp.py [--subset 20000] [--repeats 3] [--threads 2]
+
+Prints the median seconds per epoch of each, the ratios PC/BP and DTP/BP, and beside each its
+operation-count expectation: PC ≈ (2T+1)/3 × BP's matrix work (a forward pass, then per
+inference step one backward and one re-prediction, then the weight products; BP = forward,
+backward, weight products = 3); DTP = (2 forward/weight + 2 target + 3k inverse passes through
+the layers that have inverses) / 3 BP passes, computed from the layer sizes.
+Runs at each algorithm's default (tuned) parameters, on real MNIST when prepared, else on
+random tensors of its shape (same time).
+"""
+from __future__ import annotations
+
+import argparse
+
+from _timing import harness_epoch_times, median
+
+from algorithms.dtp import DTPParams  # noqa: E402  (_timing put the repository on sys.path)
+from algorithms.pc import PCParams  # noqa: E402
+
+LAYERS = (784, 1024, 512, 256, 10)
+
+
+def pc_count(steps: int) -> float:
+    """PC/BP by counted multiply-adds: BP = forward + weight products + input gradients of
+    layers 1 … L−1; PC = forward + T state backward (layers 1 … L−1) + T−1 re-predictions
+    (layers 1 … L−1; μ_1 never changes) + final forward + weight products."""
+    sizes = [a * b for a, b in zip(LAYERS, LAYERS[1:])]
+    everything, upper = sum(sizes), sum(sizes[1:])
+    return (3 * everything + (2 * steps - 1) * upper) / (2 * everything + upper)
+
+
+def dtp_expectation(inverse_updates: int) -> float:
+    sizes = [a * b for a, b in zip(LAYERS, LAYERS[1:])]
+    everything, inverted = sum(sizes), sum(sizes[1:])  # g_i exists for layers 1 … L−1
+    dtp = 2 * everything + 2 * inverted + 3 * inverse_updates * inverted
+    return dtp / (3 * everything)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="per repeat; the first is warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    names = ("bp", "pc", "dtp")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(args.repeats):  # interleaved, so drift in machine load hits all three
+        order = names[repeat % 3:] + names[:repeat % 3]
+        for name in order:
+            times[name] += harness_epoch_times(name, "mlp", train_subset=args.subset,
+                                               epochs=args.epochs, threads=args.threads,
+                                               seed=repeat, device=args.device)
+    bp = median(times["bp"])
+    steps, inverse_updates = PCParams().inference_steps, DTPParams().inverse_updates
+    expected = {"pc": ((2 * steps + 1) / 3, f"(2T+1)/3 with T = {steps}"),
+                "dtp": (dtp_expectation(inverse_updates),
+                        f"op count with {inverse_updates} inverse update(s) per batch")}
+    print(f"MNIST MLP epoch of {args.subset} images, batch 128, Adam, "
+          f"{args.threads} threads, {args.device}")
+    for name in names:
+        print(f"  {name:<4} {median(times[name]):.3f} s/epoch (median of {len(times[name])})")
+    for name in names[1:]:
+        ratio = median(times[name]) / bp
+        value, how = expected[name]
+        print(f"  ratio {name}/bp = {ratio:.2f}  (expected ≈ {value:.2f}: {how})")
+    print(f"  (PC counted layer by layer on this MLP, first-layer savings included: "
+          f"{pc_count(steps):.2f})")
+
+
+if __name__ == "__main__":
+    main()
