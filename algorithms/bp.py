@@ -40,9 +40,13 @@ class BPLearner(Learner):
 class Backprop(Algorithm):
     """Backpropagation (autograd), the reference every other rule is measured against."""
 
-    supports = frozenset({"mlp", "cnn"})
+    supports = frozenset({"mlp", "cnn", "rnn"})
     Params = BPParams
 
     def build(self, arch: Arch, info: TaskInfo, params: BPParams, ctx: RunContext) -> Learner:
-        network = build_sequential(arch, params.init_std).to(ctx.device)
+        if arch.kind == "rnn":  # BP through time: autograd on the unrolled recurrence
+            from algorithms._rnn import RNNNet
+            network: torch.nn.Module = RNNNet(arch, params.init_std).to(ctx.device)
+        else:
+            network = build_sequential(arch, params.init_std).to(ctx.device)
         return BPLearner(network, info, params, ctx.epochs)
