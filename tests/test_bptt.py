@@ -99,3 +99,28 @@ def test_bp_plugin_trains_rnn():
         last = float(learner.train_step(x, y)["loss"])
     assert last < first
     assert learner.predict(x).shape == (16, 5, 6)
+
+
+def test_written_out_bptt_matches_autograd_for_every_activation():
+    """The recurrence's own backward (algorithms/_rnn.py) against autograd on a step-by-step
+    loop, for each activation a Recurrent layer may name, under a random output gradient."""
+    from harness.toolkit import activation
+    for act in ("tanh", "relu", "sigmoid", "linear"):
+        torch.manual_seed(3)
+        net = RNNNet(Arch("rnn", (6, 3), (Recurrent(5, act), Dense(4, "linear")), 4),
+                     init_std=0.5).double()
+        x = torch.randn(7, 6, 3, dtype=torch.float64)
+        leaves = [p.detach().clone().requires_grad_(True) for p in (net.w_x, net.w_h, net.w_y)]
+        f, _ = activation(act)
+        h, outs = torch.zeros(7, 5, dtype=torch.float64), []
+        for t in range(6):
+            h = f(x[:, t] @ leaves[0].T + h @ leaves[1].T)
+            outs.append(h @ leaves[2].T)
+        reference = torch.stack(outs, dim=1)
+        out = net(x)
+        torch.testing.assert_close(out, reference)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out * g).sum(), [net.w_x, net.w_h, net.w_y])
+        want = torch.autograd.grad((reference * g).sum(), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
