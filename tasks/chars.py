@@ -29,7 +29,14 @@ data.register(data.Dataset(
                "data/moby_dick/data.txt",
     description="Moby-Dick (Melville), 1.2 M characters of public-domain UTF-8 text"))
 
+data.register(data.Dataset(
+    "harry_potter", files=(data.FileSpec("harry_potter.txt", None),), sources=(),
+    how_to_get="copyrighted, not shipped: put the paper's Harry Potter text (UTF-8) as "
+               "data/harry_potter/harry_potter.txt, or give the chars task a path",
+    description="the DLL paper's character corpus (user-supplied)"))
+
 CORPORA = ("moby_dick", "harry_potter", "file")
+DEFAULT_FILES = {"moby_dick": "data.txt", "harry_potter": "harry_potter.txt"}
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,10 @@ class CharParams:
 def _text_path(params: CharParams, data_dir: Path) -> Path:
     if params.path is not None:
         return Path(params.path).expanduser()
-    if params.corpus != "moby_dick":
+    if params.corpus not in DEFAULT_FILES:
         raise UserError(f"corpus {params.corpus!r} needs a path: set the task param path to the "
                         f"UTF-8 text file")
-    return data.get("moby_dick").folder(data_dir) / "data.txt"
+    return data.get(params.corpus).folder(data_dir) / DEFAULT_FILES[params.corpus]
 
 
 def read_text(path: Path) -> str:
@@ -99,13 +106,17 @@ class CharPrediction(Task):
     metrics = {"accuracy": "max", "bpc": "min", "baseline_accuracy": "max"}
 
     def datasets(self, params: CharParams) -> list[str]:
-        return ["moby_dick"] if params.path is None and params.corpus == "moby_dick" else []
+        return [params.corpus] if params.path is None and params.corpus in DEFAULT_FILES else []
 
     def _vocab_size(self, params: CharParams) -> int:
         if params.path is None and params.corpus == "moby_dick":
             return MOBY_DICK_VOCAB
-        text = read_text(_text_path(params, data.default_data_dir()))
-        return len(vocabulary(text))
+        path = _text_path(params, data.default_data_dir())
+        if params.path is None and not path.exists():
+            # harry_potter not supplied: its runs are skipped (the dataset is unavailable), so
+            # the preset's width does not matter until the file is there
+            return MOBY_DICK_VOCAB
+        return len(vocabulary(read_text(path)))
 
     def presets(self, params: CharParams) -> dict[str, Arch]:
         v = self._vocab_size(params)

@@ -68,7 +68,11 @@ def test_chars_missing_and_malformed_files_are_one_line_errors(tmp_path):
         CharPrediction().load(CharParams(corpus="file", path=str(bad)), RunContext())
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="path"):
-        CharPrediction().presets(CharParams(corpus="harry_potter"))
+        CharPrediction().presets(CharParams(corpus="file"))
+    # harry_potter is a user-supplied dataset: the harness skips its runs when it is missing
+    assert CharPrediction().datasets(CharParams(corpus="harry_potter")) == ["harry_potter"]
+    with pytest.raises(UserError, match="harry_potter.txt"):
+        CharPrediction().load(CharParams(corpus="harry_potter"), RunContext(data_dir=str(tmp_path)))
 
 
 # --------------------------------------------------------------------------------------------
