@@ -1,0 +1,65 @@
+"""The sequence suite's bars from its store: every metric of the test split at the epoch the
+clean protocol selects (best validation primary metric), beside the baselines the tasks record
+(most-frequent-character accuracy; persistence MSE), mean ± std over seeds.
+
+    python benchmarks/sequence_bars.py [results/sequences.sqlite] > reports/sequences/bars.md
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import statistics
+import sys
+from collections import defaultdict
+
+BARS = {  # task label -> (description, check(metrics) -> bool)
+    "chars": ("accuracy > baseline_accuracy + 10 points and bpc < 3.0",
+              lambda m: m["accuracy"] > m["baseline_accuracy"] + 10 and m["bpc"] < 3.0),
+    "forecast": ("test mse < persistence_mse", lambda m: m["mse"] < m["persistence_mse"]),
+}
+
+
+def main() -> None:
+    path = sys.argv[1] if len(sys.argv) > 1 else "results/sequences.sqlite"
+    db = sqlite3.connect(path)
+    groups = defaultdict(list)
+    skipped = []
+    for key, label, task, task_label, arch, seed, protocol, status, reason in db.execute(
+            "select key, label, task, task_label, arch, seed, protocol, status, reason from runs"):
+        if status != "ok":
+            skipped.append((label, task_label, arch, seed, status, reason))
+            continue
+        epochs = [(e, json.loads(m)) for e, m in db.execute(
+            "select epoch, metrics from epochs where run_key=? order by epoch", (key,))]
+        primary, sign = ("accuracy", 1) if task == "chars" else ("mse", -1)
+        watch = "val" if protocol == "clean" and epochs[0][1].get("val") else "test"
+        epoch, best = max(epochs, key=lambda em: (sign * em[1][watch][primary], -em[0]))
+        groups[(label, task, task_label, arch, protocol)].append((seed, epoch, best["test"]))
+    print(f"# Sequence bars (from `{path}`)\n")
+    print("Test metrics at the epoch selected on validation (clean protocol; paper protocol: "
+          "best test epoch), mean ± std over seeds.\n")
+    for (label, task, task_label, arch, protocol), runs in sorted(groups.items()):
+        names = sorted(runs[0][2])
+        print(f"## {label} on {task_label}/{arch} ({protocol}; {len(runs)} seed(s), selected "
+              f"epochs {[r[1] for r in runs]})\n")
+        print("| metric | test |\n|---|---|")
+        mean = {}
+        for name in names:
+            vals = [r[2][name] for r in runs]
+            mean[name] = statistics.mean(vals)
+            sd = f" ± {statistics.stdev(vals):.4g}" if len(vals) > 1 else ""
+            print(f"| {name} | {mean[name]:.4g}{sd} |")
+        desc, check = BARS[task]
+        try:
+            verdict = "met" if check(mean) else "NOT met"
+        except KeyError:
+            verdict = "cannot tell"
+        print(f"\nBar ({desc}): **{verdict}**\n")
+    if skipped:
+        print("## Not run\n\n| row | task | arch | seed | status | reason |\n|---|---|---|---|---|---|")
+        for row in skipped:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
