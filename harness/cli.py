@@ -145,18 +145,18 @@ def cmd_run(args) -> int:
         raise UserError(f"--threads: must be ≥ 1, not {args.threads}")
     device = parallel.resolve_device(args.device)
     suite = _load_suite(args, device=device)
-    suite.specs = _only(suite.specs, args.only)
+    specs = _only(suite.specs, args.only)
     if args.dry_run:
-        return _dry_run(suite, args)
+        return _dry_run(suite, specs, args)
     summary = parallel.run(
-        suite.specs, suite.store_path, jobs=args.jobs, backend=args.backend,
+        specs, suite.store_path, jobs=args.jobs, backend=args.backend,
         scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
         progress=not args.no_progress, command=" ".join(sys.argv), suite_name=suite.name)
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
           f"skipped {c['skipped']}, already stored {summary.already_stored} → {suite.store_path}")
-    if not args.no_report:
+    if not args.no_report:   # the whole suite's report, not only the slice that just ran
         from harness import report
         print(f"report: {report.build(suite)}")
     return 130 if summary.interrupted else 0
@@ -188,10 +188,10 @@ def _only(specs, rules: list[str]):
     return specs
 
 
-def _dry_run(suite, args) -> int:
+def _dry_run(suite, specs, args) -> int:
     from tabulate import tabulate
     from harness import parallel
-    the_plan = parallel.plan(suite.specs, suite.store_path, args.rerun, args.retry_errors)
+    the_plan = parallel.plan(specs, suite.store_path, args.rerun, args.retry_errors)
     reasons = parallel.prepare_data(the_plan.todo, _data_dir(args), lambda m: None, fetch=False)
     not_ready = {name: f"to run if {name} can be fetched (bench.py data)"
                  for name, reason in reasons.items() if reason}

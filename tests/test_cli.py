@@ -58,3 +58,13 @@ def test_every_shipped_suite_is_valid(cli):
     for path in sorted((ROOT / "suites").glob("*.yaml")):
         status, out, err = cli("validate", path)
         assert status == 0, f"{path}: {err}"
+
+
+def test_report_after_a_slice_covers_the_whole_suite(blob_suite, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = blob_suite("  bp: {lr: 0.01}", seeds=2, epochs=1, name="slice")
+    cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--only", "seed=1",
+                         "--rerun")
+    text = (tmp_path / "reports" / "slice" / "report.md").read_text()
+    assert "2 of 2 runs stored" in text and "(2)" in text
