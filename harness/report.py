@@ -21,7 +21,7 @@ ARROW = {"max": "↑", "min": "↓"}
 def _fmt(value: float, metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if metric == "accuracy":
+    if metric.endswith("accuracy"):
         return f"{value:.2f}"
     return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
 
@@ -131,6 +131,33 @@ def protocols_table(suite: Suite, runs) -> Optional[str]:
     headers = ["algorithm", "task/arch", "metric", "clean: test at best-val epoch", "epoch",
                "paper: best test epoch", "epoch", "published", "Δ paper", "epochs run"]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def metrics_table(suite: Suite, runs, epochs, protocol: str) -> Optional[str]:
+    """Every test metric the task records (not only the primary one: baselines such as the
+    persistence forecast, bits per character, loss) at the epoch the protocol selects; one
+    table per task/arch, since tasks record different metrics."""
+    from tabulate import tabulate
+    ok = runs[runs["status"].isin(["ok", "diverged"])]
+    chosen = ok[["key", f"{protocol}_epoch"]].dropna()
+    if chosen.empty:
+        return None
+    picked = epochs.merge(chosen, left_on=["run_key", "epoch"],
+                          right_on=["key", f"{protocol}_epoch"])
+    tables = []
+    for task, arch in _columns(suite, ok):
+        here = picked[(picked["task_label"] == task) & (picked["arch"] == arch)]
+        names = [c[len("test_"):] for c in sorted(here.columns)
+                 if c.startswith("test_") and here[c].notna().any()]
+        if len(names) <= 2:   # the primary metric and the loss: the results table says it all
+            continue
+        rows = []
+        for label in _rows(suite, here):
+            group = here[here["label"] == label]
+            rows.append([label] + [_cell(*_mean_std(group[f"test_{m}"].tolist()), m) for m in names])
+        tables.append(f"**{task}/{arch}**\n\n" + tabulate(
+            rows, headers=["algorithm"] + names, tablefmt="github", disable_numparse=True))
+    return "\n\n".join(tables) or None
 
 
 def timing_table(suite: Suite, runs, epochs) -> Optional[str]:
@@ -264,6 +291,8 @@ def build(suite: Suite, out_root: Path = Path("reports")) -> Path:
     for title, table in ((f"## Results ({protocol} protocol)", results_table(suite, runs, protocol)),
                          (f"## Results ({other} protocol)", results_table(suite, runs, other)),
                          ("## Both protocols, per run group", protocols_table(suite, runs)),
+                         (f"## Every test metric at the {protocol} protocol's epoch",
+                          metrics_table(suite, runs, epochs, protocol)),
                          ("## Time per epoch and memory", timing_table(suite, runs, epochs))):
         if table:
             lines += [title, "", table, ""]

@@ -39,6 +39,10 @@ def test_report_from_store(write_suite, cli, tmp_path, monkeypatch):
     assert "does not support cnn" in text           # the skipped run, with its reason
     assert "deliberate failure" in text             # the failed run, with its reason
     assert "## Environment" in text and "torch" in text
+    assert "## Every test metric at the clean protocol's epoch" in text
+    metrics_part = text.split("## Every test metric")[1].split("## Time per epoch")[0]
+    assert "**blobs/mlp**" in metrics_part and "majority_accuracy" in metrics_part
+    assert "32.81 ± 0.00 (2)" in metrics_part
     for png in ("time_per_epoch.png", "curves_epoch.png", "curves_time.png"):
         data = (report_path.parent / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
