@@ -222,6 +222,11 @@ class ForecastParams:
                                     min=10)
     train_stride: int = param(1, "clean protocol: step between training windows (evaluation "
                               "windows never overlap)", min=1)
+    predict: str = param("value", "clean protocol: the network outputs the value horizon steps "
+                         "ahead, or its change from the current step (differencing: the "
+                         "forecast is x_t + output; errors, and so every metric, are the same "
+                         "quantity either way, and persistence is the output 0)",
+                         choices=("value", "change"))
 
 
 def target_columns(spec: str, n_columns: int) -> list[int]:
@@ -260,13 +265,16 @@ def _source_path(params: ForecastParams, data_dir: Path) -> Path:
     return Path(params.path).expanduser()
 
 
-def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets):
-    """x = z[s : s+T] (masked columns zeroed), y = z[s+shift : s+shift+T, targets]."""
+def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets, change: bool = False):
+    """x = z[s : s+T] (masked columns zeroed), y = z[s+shift : s+shift+T, targets]
+    (minus z[s : s+T, targets] when predicting the change)."""
     import torch
     starts = torch.as_tensor(starts, dtype=torch.long)
     idx = starts[:, None] + torch.arange(seq_len)[None, :]
     x = z[idx] * in_cols_mask
     y = z[idx + shift][..., targets]
+    if change:
+        y = y - z[idx][..., targets]
     return x.float(), y.float()
 
 
@@ -281,6 +289,7 @@ class Forecast(Task):
     # set by load(): what evaluate() needs beyond (output, target)
     persistence_lag = 1
     target_std = None
+    predicts_change = False
 
     def datasets(self, params: ForecastParams) -> list[str]:
         return [params.dataset] if params.path is None else []
@@ -310,7 +319,11 @@ class Forecast(Task):
         targets = target_columns(params.targets, columns)
         T = params.seq_len
         mask = torch.ones(columns, dtype=torch.float64)
+        change = params.predict == "change"
         if ctx.protocol == "paper":
+            if change:
+                raise UserError("the paper protocol predicts the value at the same step: "
+                                "predict: change is for the clean protocol")
             if columns < 2:
                 raise UserError(f"{path}: the paper protocol predicts the last column from the "
                                 f"others; this series has one column (use protocol: clean)")
@@ -347,11 +360,13 @@ class Forecast(Task):
             fitted_on = f"training rows 0..{val_start - 1}"
         std = torch.where(std > 0, std, torch.ones_like(std))
         z = (series - mean) / std
-        sets = {k: _windows(z, list(s), T, shift, mask, targets) for k, s in split_starts.items()}
+        sets = {k: _windows(z, list(s), T, shift, mask, targets, change)
+                for k, s in split_starts.items()}
         if len(sets["train"][1]) == 0 or len(sets["test"][1]) == 0:
             raise UserError(f"{path}: {rows} rows are too few for windows of {T} steps "
                             f"(+{shift}) in every split")
         self.persistence_lag = lag
+        self.predicts_change = change
         self.target_std = std[targets].float()
         out = len(targets)
         return TaskData(
@@ -362,7 +377,7 @@ class Forecast(Task):
             notes={"file": str(path), "rows": rows, "columns": columns, "targets": targets,
                    "windows": {k: len(v[1]) for k, v in sets.items()},
                    "normaliser_fitted_on": fitted_on, "shift": shift,
-                   "persistence_lag": lag})
+                   "persistence_lag": lag, "predict": params.predict})
 
     def evaluate(self, output, target) -> dict[str, float]:
         err = output - target
@@ -372,6 +387,8 @@ class Forecast(Task):
         metrics = {"mse": err.pow(2).mean().item(), "mae": err.abs().mean().item(),
                    "mse_orig": (err * scale).pow(2).mean().item(),
                    "mae_orig": (err * scale).abs().mean().item()}
-        if target.dim() == 3 and target.shape[1] > lag:
+        if self.predicts_change:   # the target is the change: persistence forecasts 0
+            metrics["persistence_mse"] = target.pow(2).mean().item()
+        elif target.dim() == 3 and target.shape[1] > lag:
             metrics["persistence_mse"] = (target[:, lag:] - target[:, :-lag]).pow(2).mean().item()
         return metrics

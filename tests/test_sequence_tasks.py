@@ -206,3 +206,24 @@ def test_forecast_malformed_and_missing_files_are_one_line_errors(tmp_path, data
     with pytest.raises(UserError, match=name) as err:
         Forecast().load(ForecastParams(dataset=dataset, path=str(path)), RunContext())
     assert "\n" not in str(err.value)
+
+
+def test_predicting_the_change_keeps_every_metric_comparable(tmp_path):
+    """predict: change — the target is x_{t+h} − x_t, so output 0 is the persistence forecast
+    and its MSE equals the value-mode persistence MSE on the same steps."""
+    import numpy as np
+    rows = np.cumsum(np.random.default_rng(0).normal(size=(300, 321)), axis=0)
+    path = tmp_path / "electricity.txt"
+    path.write_text("\n".join(",".join(f"{v:.6f}" for v in row) for row in rows) + "\n")
+    common = dict(dataset="electricity", path=str(path), seq_len=8, horizon=2, targets="0,5")
+    value = Forecast().load(ForecastParams(**common), RunContext())
+    task = Forecast()
+    change = task.load(ForecastParams(**common, predict="change"), RunContext())
+    assert torch.allclose(change.y_test, value.y_test - value.x_test[..., [0, 5]], atol=1e-5)
+    zero = task.evaluate(torch.zeros_like(change.y_test), change.y_test)
+    assert zero["mse"] == pytest.approx(zero["persistence_mse"])
+    assert zero["mse"] == pytest.approx(
+        (value.y_test - value.x_test[..., [0, 5]]).pow(2).mean().item(), rel=1e-5)
+    with pytest.raises(UserError, match="clean protocol"):
+        Forecast().load(ForecastParams(**{**common, "targets": "last"}, predict="change"),
+                        RunContext(protocol="paper"))
