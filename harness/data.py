@@ -263,8 +263,8 @@ def fetch(name: str, data_dir: Path, log: Callable[[str], None] = lambda _: None
         if ok:
             return True, source.describe()
         tried.append(f"{source.kind}: {'; '.join(problems)}")
-    return False, f"dataset {name!r} is unavailable ({' | '.join(tried)}). " \
-                  f"To get it: {dataset.how_to_get}"
+    why = " | ".join(tried) or "; ".join(problems) or "no source can fetch it"
+    return False, f"dataset {name!r} is unavailable ({why}). To get it: {dataset.how_to_get}"
 
 
 def status(name: str, data_dir: Path) -> tuple[str, str]:
