@@ -15,6 +15,9 @@ J_iᵀ(·) and ∂μ/∂W are vector–Jacobian products of one layer on its own
 and the error above it only. The nodes start at a forward pass (all hidden ε = 0, so that
 pass is the first step's prediction); evaluation is a plain forward pass.
 
+Default: ``fixed_predictions`` on. Standard PC (off) matched BP on the 10,000-image sweep but
+collapsed after 6 epochs on full MNIST (reports/tune_pc_dtp/selection.md).
+
 ``fixed_predictions`` (Millidge et al. 2020; the DLL paper's RNN baseline) keeps μ and the
 Jacobians at their forward-pass values during inference; then the hidden errors converge to
 BP's (BPTT's) errors and ΔW to BP's gradient as T grows (tests/test_pc_dtp.py). T = 1 with
@@ -156,7 +159,8 @@ def energy(nodes, mus, loss, n_terms):
 def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: float = 0.0,
               fixed_predictions: bool = False, label_smoothing: float = 0.0,
               record_energy: bool = False):
-    """Run T inference steps on one batch and return (weight gradients, loss, energies).
+    """Run T inference steps on one batch and return (weight gradients, the forward pass's
+    task loss, energies).
 
     ``energies`` (when recorded) holds E/M before each state update and after the last.
     """
@@ -166,6 +170,7 @@ def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: 
     nodes = [leaf.detach() for leaf in leaves]
     velocity = [torch.zeros_like(node) for node in nodes]
     loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
+    forward_loss = loss                                   # the forward pass's: what is reported
     energies = []
     for step in range(steps):
         if step > 0 and not fixed_predictions:          # re-predict from the moved nodes
@@ -192,7 +197,7 @@ def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: 
     weights = [w for w in net.parameters()]
     dE_dmu = [-e for e in errors] + [n_terms * out_grad]
     grads = torch.autograd.grad(mus + [out], weights, dE_dmu)                  # local ∂E/∂W_i
-    return [g / n_terms for g in grads], loss, energies
+    return [g / n_terms for g in grads], forward_loss, energies
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ class PCParams(TrainParams):
     state_lr: float = param(0.3, "γ: step size of the value-node updates (SGD)", min=0.0)
     state_momentum: float = param(0.0, "momentum of the value-node SGD (0 = plain SGD)",
                                   min=0.0, max=1.0)
-    fixed_predictions: bool = param(False, "keep predictions and Jacobians at the forward "
+    fixed_predictions: bool = param(True, "keep predictions and Jacobians at the forward "
                                     "pass during inference (Millidge et al. 2020; the DLL "
                                     "paper's RNN baseline)")
 
