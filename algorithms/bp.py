@@ -7,33 +7,12 @@ import torch
 
 from harness.api import Algorithm, Arch, Learner, RunContext, TaskInfo
 from harness.registry import algorithms
-from harness.toolkit import TrainParams, build_sequential, loss_value, make_optimizer
+from harness.toolkit import ModuleLearner, TrainParams, build_sequential
 
 
 @dataclass(frozen=True)
 class BPParams(TrainParams):
     pass
-
-
-class BPLearner(Learner):
-    def __init__(self, network: torch.nn.Module, info: TaskInfo, params: BPParams, epochs: int):
-        self.network = network
-        self.info = info
-        self.label_smoothing = params.label_smoothing
-        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
-
-    def train_step(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_value(self.info, self.network(x), y, self.label_smoothing)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.detach()}
-
-    def predict(self, x):
-        return self.network(x)
-
-    def state_dict(self):
-        return self.network.state_dict()
 
 
 @algorithms.register("bp", aliases=("backprop", "backpropagation"))
@@ -49,4 +28,4 @@ class Backprop(Algorithm):
             network: torch.nn.Module = RNNNet(arch, params.init_std).to(ctx.device)
         else:
             network = build_sequential(arch, params.init_std).to(ctx.device)
-        return BPLearner(network, info, params, ctx.epochs)
+        return ModuleLearner(network, info, params, ctx.epochs)

@@ -28,8 +28,8 @@ from algorithms.fa import DISTRIBUTIONS, draw_feedback, feedback_generator
 from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
                          RunContext, TaskInfo, param)
 from harness.registry import algorithms
-from harness.toolkit import (TrainParams, activation_module, init_weight, layer_shapes,
-                             loss_and_grad, make_optimizer)
+from harness.toolkit import (ModuleLearner, TrainParams, activation_module, init_weight,
+                             layer_shapes, loss_and_grad)
 
 
 class DFANetwork(nn.Module):
@@ -163,12 +163,8 @@ class DFAParams(TrainParams):
     shared: bool = param(False, "one random matrix sliced per layer (B_i = B[:, :size_i])")
 
 
-class DFALearner(Learner):
-    def __init__(self, network: nn.Module, info: TaskInfo, params: DFAParams, epochs: int):
-        self.network = network
-        self.info = info
-        self.label_smoothing = params.label_smoothing
-        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
+class DFALearner(ModuleLearner):
+    """The network's own backward is replaced by the direct projections of the output error."""
 
     def train_step(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
@@ -177,12 +173,6 @@ class DFALearner(Learner):
         self.network.backward_direct(output, hidden, error)
         self.optimizer.step()
         return {"loss": loss}
-
-    def predict(self, x):
-        return self.network(x)
-
-    def state_dict(self):
-        return self.network.state_dict()
 
 
 @algorithms.register("dfa", aliases=("direct_feedback_alignment",))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,8 @@ from torch import nn
 from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
                          RunContext, TaskInfo, param)
 from harness.registry import algorithms
-from harness.toolkit import (TrainParams, activation_module, init_weight, layer_shapes,
-                             loss_value, make_optimizer)
+from harness.toolkit import (ModuleLearner, TrainParams, activation_module, init_weight,
+                             layer_shapes)
 
 DISTRIBUTIONS = ("normal", "uniform")
 FEEDBACK_SEED_OFFSET = 7919  # feedback generator = seed + offset: never the weights' stream
@@ -215,27 +214,6 @@ class FAParams(TrainParams):
                                   "matters, the sweep 0.005-0.5 moved nothing)", min=0.0)
 
 
-class FALearner(Learner):
-    def __init__(self, network: nn.Module, info: TaskInfo, params: TrainParams, epochs: int):
-        self.network = network
-        self.info = info
-        self.label_smoothing = params.label_smoothing
-        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
-
-    def train_step(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_value(self.info, self.network(x), y, self.label_smoothing)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.detach()}
-
-    def predict(self, x):
-        return self.network(x)
-
-    def state_dict(self):
-        return self.network.state_dict()
-
-
 @algorithms.register("fa", aliases=("feedback_alignment",))
 class FeedbackAlignment(Algorithm):
     """Feedback alignment: errors go down through fixed random matrices (dense, conv, RNN)."""
@@ -246,4 +224,4 @@ class FeedbackAlignment(Algorithm):
     def build(self, arch: Arch, info: TaskInfo, params: FAParams, ctx: RunContext) -> Learner:
         network = build_fa_network(arch, params.init_std, params.feedback_init,
                                    params.feedback_scale, feedback_generator(ctx.seed))
-        return FALearner(network.to(ctx.device), info, params, ctx.epochs)
+        return ModuleLearner(network.to(ctx.device), info, params, ctx.epochs)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import Arch, Conv, Dense, Flatten, Pool, Recurrent, TaskInfo, param
+from harness.api import Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent, TaskInfo, param
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 DECAYS = ("none", "linear", "cosine")
@@ -61,6 +61,31 @@ def make_optimizer(parameters: Iterable[torch.Tensor], p: TrainParams, epochs: i
     if p.lr_decay == "cosine":
         return opt, [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))]
     return opt, []
+
+
+class ModuleLearner(Learner):
+    """A learner around an ``nn.Module`` trained by ``loss.backward()``: BP on an ordinary
+    network, and any rule written as custom autograd Functions inside the network (FA). The
+    update is the parameters' ``.grad``; the optimiser named in the params steps it."""
+
+    def __init__(self, network: nn.Module, info: TaskInfo, params: TrainParams, epochs: int):
+        self.network = network
+        self.info = info
+        self.label_smoothing = params.label_smoothing
+        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
+
+    def train_step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_value(self.info, self.network(x), y, self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def predict(self, x):
+        return self.network(x)
+
+    def state_dict(self):
+        return self.network.state_dict()
 
 
 # --------------------------------------------------------------------------------------------

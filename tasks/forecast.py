@@ -24,8 +24,6 @@ the first ``lag`` of each window).
 from __future__ import annotations
 
 import ast
-import io
-import math
 import subprocess
 import sys
 import tempfile

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from algorithms.dfa import DFALearner, DFAParams, build_dfa_network
-from algorithms.fa import (FALearner, FAParams, FALinear, FAConv2d, build_fa_network,
+from algorithms.fa import (FALinear, FAConv2d, build_fa_network,
                            feedback_generator, feedback_tensors)
 from harness.api import Arch, Conv, Dense, Flatten, Pool, Recurrent, RunContext, TaskInfo
 from harness.registry import algorithms

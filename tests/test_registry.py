@@ -1,7 +1,6 @@
 """Discovery: plugins in folders, broken plugins listed with their error, did-you-mean."""
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 
@@ -11,10 +10,9 @@ from harness.registry import algorithms, discover, tasks
 PLUGIN = '''
 """Sign-SGD: BP whose gradients are replaced by their sign (a test plugin)."""
 from dataclasses import dataclass
-from algorithms.bp import BPLearner
 from harness.api import Algorithm, param
 from harness.registry import algorithms
-from harness.toolkit import TrainParams, build_sequential
+from harness.toolkit import ModuleLearner, TrainParams, build_sequential
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class SignSGD(Algorithm):
     Params = SignParams
 
     def build(self, arch, info, params, ctx):
-        return BPLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        return ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
 '''
 
 

@@ -28,7 +28,7 @@ def test_report_from_store(write_suite, cli, tmp_path, monkeypatch):
     status, out, _ = cli("run", path, "--device", "cpu", "--no-progress")
     assert status == 0
     report_path = tmp_path / "reports" / "rep" / "report.md"
-    assert f"report: reports/rep/report.md" in out
+    assert "report: reports/rep/report.md" in out
     text = report_path.read_text()
     assert "## Results (clean protocol)" in text and "## Results (paper protocol)" in text
     assert "blobs/mlp accuracy ↑" in text

@@ -1,6 +1,5 @@
 """Sequence tasks: each loader on a small file written here in the real format, the clean
 protocol's splits and normaliser, and one-line errors that name the file."""
-import math
 
 import pytest
 import torch

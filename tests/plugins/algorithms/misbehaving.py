@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.bp import BPLearner
 from harness.api import Algorithm, param
 from harness.registry import algorithms
-from harness.toolkit import TrainParams, build_sequential
+from harness.toolkit import ModuleLearner, TrainParams, build_sequential
 
 
 @dataclass(frozen=True)
@@ -17,7 +16,7 @@ class NaNParams(TrainParams):
     nan_after: int = param(3, "training steps before the loss turns NaN", min=0)
 
 
-class NaNLearner(BPLearner):
+class NaNLearner(ModuleLearner):
     steps = 0
 
     def train_step(self, x, y):
@@ -49,7 +48,7 @@ class Raises(Algorithm):
     Params = TrainParams
 
     def build(self, arch, info, params, ctx):
-        learner = BPLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
 
         def boom(x, y):
             raise RuntimeError("deliberate failure in train_step")
@@ -70,7 +69,7 @@ class SlowBP(Algorithm):
     Params = SlowParams
 
     def build(self, arch, info, params, ctx):
-        learner = BPLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
         step = learner.train_step
 
         def slow(x, y):
