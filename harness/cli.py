@@ -172,12 +172,16 @@ def _only(specs, rules: list[str]):
         if key not in ONLY_KEYS or not values:
             raise UserError(f"--only {rule!r}: KEY=VALUE[,VALUE] with KEY one of {', '.join(ONLY_KEYS)}")
         wanted = set(values.split(","))
+        entries = {s.label.split(" (")[0] for s in specs} | {s.task_label for s in specs}
+
+        def named(label: str, name: str) -> bool:   # as in suite rules: a label names its row
+            return label in wanted or (name in wanted and name not in entries)
 
         def keep(spec) -> bool:
             if key == "algorithm":
-                return bool({spec.algorithm, spec.label, spec.label.split(" (")[0]} & wanted)
+                return spec.label in wanted or named(spec.label.split(" (")[0], spec.algorithm)
             if key == "task":
-                return bool({spec.task, spec.task_label} & wanted)
+                return named(spec.task_label or spec.task, spec.task)
             if key == "arch":
                 return spec.arch.name in wanted
             return str(spec.seed) in wanted

@@ -167,13 +167,19 @@ def _archs(task, task_params, spec: Any, where: str) -> list[Arch]:
     return out
 
 
+def _names(values: list, label: str, name: str, labels: frozenset) -> bool:
+    """A value names an entry by its label; a plugin name that is not itself an entry label
+    names every entry of that plugin (so `fa` means the `fa` row alone when there is one)."""
+    return label in values or (name in values and name not in labels)
+
+
 def _matches(rule: dict, label: str, algorithm: str, task_label: str, task: str, arch: str,
-             seed: Optional[int] = None) -> bool:
+             seed: Optional[int] = None, labels: frozenset = frozenset()) -> bool:
     for key, value in rule.items():
         values = value if isinstance(value, list) else [value]
-        if key == "algorithm" and not (label in values or algorithm in values):
+        if key == "algorithm" and not _names(values, label, algorithm, labels):
             return False
-        if key == "task" and not (task_label in values or task in values):
+        if key == "task" and not _names(values, task_label, task, labels):
             return False
         if key == "arch" and arch not in values:
             return False
@@ -262,6 +268,7 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
                          P.check_values(algorithm.Params, body, at, grid=True)))
     alg_labels = [r[0] for r in alg_rows] + [r[1] for r in alg_rows]
     task_labels = [r[0] for r in task_rows] + [r[1] for r in task_rows]
+    entry_labels = frozenset(r[0] for r in alg_rows) | frozenset(r[0] for r in task_rows)
     arch_names = sorted({a.name for r in task_rows for a in r[4]})
 
     def check_rule(rule: Any, valid_keys: tuple, at: str) -> dict:
@@ -290,7 +297,8 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
             _int(rule["patience"], f"{at}.patience", low=1, allow_none=True)
         if "params" in rule:
             targets = [r for r in alg_rows if _matches({k: v for k, v in match.items()
-                                                        if k == "algorithm"}, r[0], r[1], "", "", "")]
+                                                        if k == "algorithm"}, r[0], r[1], "", "", "",
+                                                       labels=entry_labels)]
             for label, _, algorithm, _ in targets:
                 P.check_values(algorithm.Params, _check_keys(rule["params"], tuple(
                     f.name for f in P.fields(algorithm.Params)), f"{at}.params ({label})"),
@@ -311,7 +319,8 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
             for label, alg_name, algorithm, values in alg_rows:
                 merged, run_batch, run_epochs, run_patience = dict(values), batch_size, epochs, patience
                 for match, rule in checked_overrides:
-                    if _matches(match, label, alg_name, task_label, task_name, arch.name):
+                    if _matches(match, label, alg_name, task_label, task_name, arch.name,
+                                labels=entry_labels):
                         merged.update(P.check_values(algorithm.Params, rule.get("params") or {},
                                                      f"{where}: overrides", grid=True))
                         run_batch = rule.get("batch_size", run_batch)
@@ -327,7 +336,7 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
                     reason = algorithm.unsupported(arch, P.build(algorithm.Params, resolved))
                     for seed in seeds:
                         if any(_matches(rule, label, alg_name, task_label, task_name, arch.name,
-                                        seed) for rule in checked_excludes):
+                                        seed, entry_labels) for rule in checked_excludes):
                             continue
                         specs.append(RunSpec(
                             algorithm=alg_name, params=resolved, task=task_name,

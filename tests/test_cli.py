@@ -68,3 +68,15 @@ def test_report_after_a_slice_covers_the_whole_suite(blob_suite, cli, tmp_path, 
                          "--rerun")
     text = (tmp_path / "reports" / "slice" / "report.md").read_text()
     assert "2 of 2 runs stored" in text and "(2)" in text
+
+
+def test_only_algorithm_names_the_row_not_every_row_of_that_plugin(write_suite, cli, tmp_path):
+    path = write_suite(f"""
+        store: {tmp_path / 'o.sqlite'}
+        tasks: {{blobs: {{archs: [mlp]}}}}
+        algorithms:
+          bp: {{}}
+          bp-sgd: {{algorithm: bp, optimizer: sgd}}
+    """, "only")
+    _, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--only", "algorithm=bp")
+    assert "1 runs: 1 to run" in out and "bp-sgd" not in out

@@ -139,3 +139,25 @@ def test_run_validates_before_starting_anything(write_suite, cli, tmp_path):
 def test_valid_suite_reports_run_count(write_suite, cli):
     status, out, _ = cli("validate", write_suite(GOOD))
     assert status == 0 and "11 runs" in out
+
+
+def test_a_rule_naming_an_entry_label_matches_that_row_only(write_suite):
+    """`bp` names the bp row; the other rows built on bp are named by their labels (or by `bp`
+    only where no row is labelled bp)."""
+    suite = suite_mod.load(write_suite("""
+        tasks: {blobs: {}}
+        algorithms:
+          bp: {}
+          bp-sgd: {algorithm: bp, optimizer: sgd}
+        exclude: [{algorithm: bp, arch: cnn}]
+    """))
+    rows = {(s.label, s.arch.name) for s in suite.specs}
+    assert rows == {("bp", "mlp"), ("bp-sgd", "mlp"), ("bp-sgd", "cnn")}
+    suite = suite_mod.load(write_suite("""
+        tasks: {blobs: {}}
+        algorithms:
+          bp-adam: {algorithm: bp}
+          bp-sgd: {algorithm: bp, optimizer: sgd}
+        exclude: [{algorithm: bp, arch: cnn}]
+    """, "b"))
+    assert {s.arch.name for s in suite.specs} == {"mlp"}
