@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
-                         RunContext, TaskInfo, param)
+from harness.api import (Algorithm, Arch, Dense, Learner, Recurrent, RunContext, TaskInfo,
+                         param)
 from harness.registry import algorithms
-from harness.toolkit import (ModuleLearner, TrainParams, activation_module, init_weight,
-                             layer_shapes)
+from harness.toolkit import (ModuleLearner, TrainParams, activation_module, build_sequential,
+                             init_weight, weight_shape)
 
 DISTRIBUTIONS = ("normal", "uniform")
 FEEDBACK_SEED_OFFSET = 7919  # feedback generator = seed + offset: never the weights' stream
@@ -166,30 +166,14 @@ def build_fa_network(arch: Arch, init_std: float, distribution: str, scale: floa
                              f"got {arch.describe()}")
         return FARNN(arch.input_shape[-1], layers[0].hidden, layers[1].units, layers[0].act,
                      init_std, distribution, scale, generator)
-    modules: list[nn.Module] = []
-    for layer, in_shape, _ in layer_shapes(arch):
+    def fa_layer(layer, in_shape):
+        shape = weight_shape(layer, in_shape)
         if isinstance(layer, Dense):
-            shape = (layer.units, in_shape[-1])
-            module: nn.Module = FALinear(
-                init_weight(shape, init_std),
-                draw_feedback(shape[::-1], distribution, scale, generator))
-        elif isinstance(layer, Conv):
-            shape = (layer.filters, in_shape[0], layer.kernel, layer.kernel)
-            module = FAConv2d(init_weight(shape, init_std),
-                              draw_feedback(shape, distribution, scale, generator), layer.padding)
-        elif isinstance(layer, Pool):
-            modules.append(nn.MaxPool2d(layer.size) if layer.kind == "max"
-                           else nn.AvgPool2d(layer.size))
-            continue
-        elif isinstance(layer, Flatten):
-            modules.append(nn.Flatten())
-            continue
-        else:
-            raise TypeError(f"FA cannot build {layer!r}")
-        modules.append(module)
-        if layer.act != "linear":
-            modules.append(activation_module(layer.act))
-    return nn.Sequential(*modules)
+            return FALinear(init_weight(shape, init_std),
+                            draw_feedback(shape[::-1], distribution, scale, generator))
+        return FAConv2d(init_weight(shape, init_std),
+                        draw_feedback(shape, distribution, scale, generator), layer.padding)
+    return build_sequential(arch, init_std, fa_layer)
 
 
 def feedback_tensors(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -195,33 +195,41 @@ def init_weight(shape: tuple[int, ...], std: float, generator: Optional[torch.Ge
     return weight
 
 
-def build_sequential(arch: Arch, init_std: float) -> nn.Sequential:
+def plain_weighted_layer(layer, in_shape: tuple[int, ...], init_std: float) -> nn.Module:
+    """nn.Linear / nn.Conv2d without bias, weights from :func:`init_weight`."""
+    if isinstance(layer, Dense):
+        module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
+    else:
+        module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel, padding=layer.padding,
+                           bias=False)
+    with torch.no_grad():
+        module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
+    return module
+
+
+def build_sequential(arch: Arch, init_std: float,
+                     weighted: Optional[Callable[[object, tuple], nn.Module]] = None) -> nn.Sequential:
     """The feed-forward (MLP/CNN) architecture as an ``nn.Sequential`` without biases.
 
     Dense and conv layers are followed by their activation module; the output layer is the
     last Dense (its activation is usually ``linear``: the loss applies the softmax).
+    ``weighted(layer, in_shape)`` builds the dense/conv modules (default: plain ones), so a rule
+    written as custom layers (FA) reuses the rest.
     """
     modules: list[nn.Module] = []
     for layer, in_shape, _ in layer_shapes(arch):
-        if isinstance(layer, Dense):
-            module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
-        elif isinstance(layer, Conv):
-            module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel, padding=layer.padding,
-                               bias=False)
-        elif isinstance(layer, Pool):
+        if isinstance(layer, Pool):
             modules.append(nn.MaxPool2d(layer.size) if layer.kind == "max"
                            else nn.AvgPool2d(layer.size))
-            continue
         elif isinstance(layer, Flatten):
             modules.append(nn.Flatten())
-            continue
+        elif isinstance(layer, (Dense, Conv)):
+            modules.append(weighted(layer, in_shape) if weighted
+                           else plain_weighted_layer(layer, in_shape, init_std))
+            if layer.act != "linear":
+                modules.append(activation_module(layer.act))
         else:
             raise TypeError(f"build_sequential cannot build {layer!r}")
-        with torch.no_grad():
-            module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
-        modules.append(module)
-        if layer.act != "linear":
-            modules.append(activation_module(layer.act))
     return nn.Sequential(*modules)
 
 
