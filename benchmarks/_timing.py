@@ -42,3 +42,15 @@ def harness_epoch_times(algorithm: str, arch: str = "mlp", *, task: str = "mnist
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def interleaved_epoch_times(names: tuple[str, ...], arch: str = "mlp", *, repeats: int = 3,
+                            **kwargs) -> dict[str, list[float]]:
+    """Epoch times of several algorithms, interleaved and rotated each repeat, so that drift in
+    the machine's load hits them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name] += harness_epoch_times(name, arch, seed=repeat, **kwargs)
+    return times

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from _timing import harness_epoch_times, median
+from _timing import interleaved_epoch_times, median
 
 
 def main() -> None:
@@ -22,11 +22,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for arch, bar in (("mlp", 1.35), ("cnn", 1.6)):
         subset = args.subset if arch == "mlp" else args.subset // 4
-        times: dict[str, list[float]] = {"bp": [], "dll": [], "dll_fa": []}
-        for repeat in range(args.repeats):      # interleaved: load drift hits all three
-            for name in times:
-                times[name] += harness_epoch_times(name, arch, train_subset=subset, epochs=3,
-                                                   threads=args.threads, seed=repeat)
+        times = interleaved_epoch_times(("bp", "dll", "dll_fa"), arch, repeats=args.repeats,
+                                        train_subset=subset, epochs=3, threads=args.threads)
         bp_fast, bp_mid = min(times["bp"]), median(times["bp"])
         print(f"MNIST {arch.upper()}, {subset} images, batch 128, {args.threads} threads")
         for name, values in times.items():

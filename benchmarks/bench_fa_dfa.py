@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from _timing import harness_epoch_times, median
+from _timing import interleaved_epoch_times, median
 
 BAR = 1.1
 
@@ -25,13 +25,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     names = ("bp", "fa", "dfa")
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(args.repeats):  # interleaved, so drift in machine load hits all three
-        order = names[repeat % 3:] + names[:repeat % 3]
-        for name in order:
-            times[name] += harness_epoch_times(name, args.arch, train_subset=args.subset,
-                                               epochs=args.epochs, threads=args.threads,
-                                               seed=repeat, device=args.device)
+    times = interleaved_epoch_times(names, args.arch, repeats=args.repeats,
+                                    train_subset=args.subset, epochs=args.epochs,
+                                    threads=args.threads, device=args.device)
     bp = median(times["bp"])
     print(f"MNIST {args.arch.upper()} epoch of {args.subset} images, batch 128, Adam, "
           f"{args.threads} threads, {args.device}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from _timing import harness_epoch_times, median
+from _timing import interleaved_epoch_times, median
 
 from algorithms.dtp import DTPParams  # noqa: E402  (_timing put the repository on sys.path)
 from algorithms.pc import PCParams  # noqa: E402
@@ -50,13 +50,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     names = ("bp", "pc", "dtp")
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(args.repeats):  # interleaved, so drift in machine load hits all three
-        order = names[repeat % 3:] + names[:repeat % 3]
-        for name in order:
-            times[name] += harness_epoch_times(name, "mlp", train_subset=args.subset,
-                                               epochs=args.epochs, threads=args.threads,
-                                               seed=repeat, device=args.device)
+    times = interleaved_epoch_times(names, "mlp", repeats=args.repeats, train_subset=args.subset,
+                                    epochs=args.epochs, threads=args.threads, device=args.device)
     bp = median(times["bp"])
     steps, inverse_updates = PCParams().inference_steps, DTPParams().inverse_updates
     expected = {"pc": ((2 * steps + 1) / 3, f"(2T+1)/3 with T = {steps}"),
