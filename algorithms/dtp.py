@@ -28,7 +28,7 @@ from torch import nn
 
 from harness.api import Algorithm, Arch, Dense, Flatten, Learner, RunContext, TaskInfo, param
 from harness.registry import algorithms
-from harness.toolkit import (TrainParams, activation, init_weight, layer_shapes, loss_and_grad,
+from harness.toolkit import (ModuleLearner, TrainParams, activation, init_weight, layer_shapes, loss_and_grad,
                              make_optimizer)
 
 
@@ -111,7 +111,10 @@ class DTPParams(TrainParams):
     inverse_updates: int = param(1, "inverse Adam steps per batch (before the targets)", min=0)
 
 
-class DTPLearner(Learner):
+class DTPLearner(ModuleLearner):
+    """Forward weights and inverses have their own optimisers; predict and state_dict are
+    ModuleLearner's."""
+
     def __init__(self, network: DTPNetwork, info: TaskInfo, params: DTPParams, epochs: int):
         self.network = network
         self.info = info
@@ -137,12 +140,6 @@ class DTPLearner(Learner):
                 weight.grad = grad
         self.optimizer.step()
         return {"loss": loss}
-
-    def predict(self, x):
-        return self.network(x)
-
-    def state_dict(self):
-        return self.network.state_dict()
 
 
 @algorithms.register("dtp", aliases=("target_propagation", "difference_target_propagation"))

@@ -42,8 +42,8 @@ from torch import nn
 from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
                          RunContext, TaskInfo, param)
 from harness.registry import algorithms
-from harness.toolkit import (TrainParams, activation_module, init_weight, layer_shapes,
-                             loss_and_grad, make_optimizer)
+from harness.toolkit import (ModuleLearner, TrainParams, activation_module, init_weight,
+                             layer_shapes, loss_and_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,12 +215,10 @@ class PCParams(TrainParams):
                                     "paper's RNN baseline)")
 
 
-class PCLearner(Learner):
+class PCLearner(ModuleLearner):
     def __init__(self, network: nn.Module, info: TaskInfo, params: PCParams, epochs: int):
-        self.network = network
-        self.info = info
+        super().__init__(network, info, params, epochs)
         self.p = params
-        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
 
     def train_step(self, x, y):
         p = self.p
@@ -230,12 +228,6 @@ class PCLearner(Learner):
             weight.grad = grad
         self.optimizer.step()
         return {"loss": loss}
-
-    def predict(self, x):
-        return self.network(x)
-
-    def state_dict(self):
-        return self.network.state_dict()
 
 
 def build_pc_network(arch: Arch, init_std: float) -> nn.Module:
