@@ -119,14 +119,18 @@ class PCRecurrent(nn.Module):
         self.act = activation_module(layers[0].act)
         self.readout_act = activation_module(layers[1].act)
 
-    def forward(self, x):
+    def states(self, x):
+        """h_1 … h_T of a forward pass, (N, T, H)."""
         drive = x.matmul(self.w_x.t())
         h = drive.new_zeros(x.shape[0], self.w_h.shape[0])
         states = []
         for t in range(x.shape[1]):
             h = self.act(drive[:, t] + h.matmul(self.w_h.t()))
             states.append(h)
-        return self.readout_act(torch.stack(states, dim=1).matmul(self.w_y.t()))
+        return torch.stack(states, dim=1)
+
+    def forward(self, x):
+        return self.readout_act(self.states(x).matmul(self.w_y.t()))
 
     def predictions(self, x, nodes, first=None):
         (h,) = nodes
@@ -136,13 +140,7 @@ class PCRecurrent(nn.Module):
 
     def init_nodes(self, x):
         with torch.no_grad():
-            drive = x.matmul(self.w_x.t())
-            h = drive.new_zeros(x.shape[0], self.w_h.shape[0])
-            states = []
-            for t in range(x.shape[1]):
-                h = self.act(drive[:, t] + h.matmul(self.w_h.t()))
-                states.append(h)
-        leaf = torch.stack(states, dim=1).requires_grad_()
+            leaf = self.states(x).requires_grad_()
         mus, out = self.predictions(x, [leaf])
         return [leaf], mus, out
 

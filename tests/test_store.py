@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
+def wait_for_first_run(store_path: Path, seconds: float = 120) -> int:
+    """Poll the store until a run is in it; returns how many are."""
+    deadline, stored = time.time() + seconds, 0
+    while time.time() < deadline and stored < 1:
+        time.sleep(0.2)
+        try:
+            with sqlite3.connect(store_path) as conn:
+                stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+        except sqlite3.OperationalError:   # not created yet, or its tables not yet
+            stored = 0
+    return stored
+
+
 def test_run_store_and_resume(blob_suite, cli):
     path = blob_suite("  bp: {lr: 0.01}\n  raises: {}", seeds=2, epochs=2)
     status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
@@ -43,16 +56,7 @@ def test_killed_suite_leaves_no_partial_run_and_resumes(blob_suite, tmp_path):
     env = dict(os.environ, BENCH_OFFLINE="1")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    stored = 0
-    while time.time() < deadline and stored < 1:
-        time.sleep(0.2)
-        if suite.store_path.exists():
-            try:
-                with sqlite3.connect(suite.store_path) as conn:
-                    stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-            except sqlite3.OperationalError:
-                stored = 0
+    stored = wait_for_first_run(suite.store_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 1 <= stored < 4, "the suite should be killed part-way"
@@ -84,14 +88,7 @@ def test_ctrl_c_keeps_finished_runs(blob_suite):
                "--jobs", "2", "--no-progress", "--plugins", str(TEST_PLUGINS)]
     proc = subprocess.Popen(command, cwd=path.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline, stored = time.time() + 120, 0
-    while time.time() < deadline and stored < 1:
-        time.sleep(0.2)
-        try:
-            with sqlite3.connect(suite.store_path) as conn:
-                stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-        except sqlite3.OperationalError:
-            stored = 0
+    wait_for_first_run(suite.store_path)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
