@@ -113,14 +113,6 @@ class Arch:
                 "output_size": self.output_size,
                 "layers": [{type(l).__name__.lower(): dataclasses.asdict(l)} for l in self.layers]}
 
-    @staticmethod
-    def from_json(data: Mapping) -> "Arch":
-        layers = []
-        for item in data["layers"]:
-            (kind, fields), = item.items()
-            layers.append(LAYER_KINDS[kind](**fields))
-        return Arch(data["name"], tuple(data["input_shape"]), tuple(layers), data["output_size"])
-
 
 # --------------------------------------------------------------------------------------------
 # Hyper-parameters: typed dataclasses whose fields carry their range and help text
@@ -317,18 +309,6 @@ class RunSpec:
         data.update(label=self.label, task_label=self.task_label, suite=self.suite,
                     skip_reason=self.skip_reason)
         return data
-
-    @staticmethod
-    def from_json(data: Mapping) -> "RunSpec":
-        return RunSpec(algorithm=data["algorithm"], params=tuple(sorted(data["params"].items())),
-                       task=data["task"], task_params=tuple(sorted(data["task_params"].items())),
-                       arch=Arch.from_json(data["arch"]), seed=data["seed"],
-                       epochs=data["epochs"], batch_size=data["batch_size"],
-                       device=data["device"], protocol=data["protocol"],
-                       validation=data["validation"], patience=data["patience"],
-                       label=data.get("label", ""), task_label=data.get("task_label", ""),
-                       suite=data.get("suite", ""),
-                       skip_reason=data.get("skip_reason"))
 
     def context(self, data_dir: str, threads: int) -> RunContext:
         return RunContext(device=self.device, seed=self.seed, epochs=self.epochs,
