@@ -74,6 +74,14 @@ def _avg_pool_adjoint(err: torch.Tensor, size: int, in_shape: torch.Size) -> tor
     return F.pad(spread, (0, pad_w, 0, pad_h)) if pad_h or pad_w else spread
 
 
+def _contract(spec, shape, g: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """Σ_n g_nᵀ b_n: a dense layer's weight-shaped contraction of the error at its output with
+    a tensor at its input (u for ΔW, ξ for ΔΘ); conv2d's weight gradient for a conv layer."""
+    if isinstance(spec, Dense):
+        return g.t().matmul(below)
+    return conv2d_weight(below, shape, g, padding=spec.padding)
+
+
 class FeedForwardDLL(Learner):
     """DLL on a stack of dense/conv/pool/flatten layers (the last dense is the output)."""
 
@@ -153,25 +161,27 @@ class FeedForwardDLL(Learner):
                     err = _avg_pool_adjoint(err, spec.size, inp.shape)
                 continue
             g = err if spec.act == "linear" else err * activation(spec.act)[1](out)
-            dense = isinstance(spec, Dense)
-            delta_w = g.t().matmul(inp) if dense else conv2d_weight(inp, w.shape, g, padding=spec.padding)
-            w.grad = -self._scale(delta_w, n, clip)
+            # .grad = −Δ. Paper: the batch mean, folded into the small error tensor before the
+            # contraction (no extra pass over the weights). Released: the batch sum, doubled,
+            # clipped.
+            if clip is None:
+                w.grad = _contract(spec, w.shape, g * (-1.0 / n), inp)
+            else:
+                w.grad = -(2.0 * _contract(spec, w.shape, g, inp)).clamp(-clip, clip)
             if theta is None:
                 break       # the first weighted layer: nothing below needs an error
-            below = g.matmul(theta) if dense else conv2d_input(inp.shape, theta, g, padding=spec.padding)
+            if isinstance(spec, Dense):
+                below = g.matmul(theta)
+            else:
+                below = conv2d_input(inp.shape, theta, g, padding=spec.padding)
             if clip is not None:
                 below = below.clamp(-clip, clip)
             if self.learn_theta:
-                contraction = g.t().matmul(below) if dense else conv2d_weight(below, theta.shape, g, padding=spec.padding)
-                sign = 1.0 if self.released else -1.0        # released: +, growing ‖ξ‖
-                theta.grad = -self._scale(sign * contraction, n, clip)
+                if clip is None:    # ΔΘ = −⟨gᵀξ⟩ shrinks ‖ξ‖² (the paper's sign)
+                    theta.grad = _contract(spec, theta.shape, g * (1.0 / n), below)
+                else:               # released: ΔΘ = +Σ gᵀξ, growing ‖ξ‖
+                    theta.grad = -(2.0 * _contract(spec, theta.shape, g, below)).clamp(-clip, clip)
             err = below
-
-    def _scale(self, summed: torch.Tensor, n: int, clip: Optional[float]) -> torch.Tensor:
-        """Paper: the batch mean. Released: the batch sum, doubled, clipped to ±clip."""
-        if clip is None:
-            return summed / n
-        return (2.0 * summed).clamp(-clip, clip)
 
     def state_dict(self):
         state = {f"W{i}": w.detach() for i, w in enumerate(self.weights)}
