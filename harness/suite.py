@@ -361,6 +361,10 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
                  metrics=metrics)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _references(raw: Any, where: str, alg_labels, task_labels, arch_names):
     if raw is None:
         return {}, ""
@@ -384,11 +388,13 @@ def _references(raw: Any, where: str, alg_labels, task_labels, arch_names):
                 if arch not in arch_names:
                     raise P.unknown_key(str(arch), arch_names, f"{at}.values.{alg}.{task}", "arch")
                 spot = f"{at}.values.{alg}.{task}.{arch}"
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if _number(value):
                     out[(str(alg), str(task), str(arch))] = (float(value), None)
-                elif isinstance(value, list) and len(value) == 2 and all(
-                        isinstance(v, (int, float)) for v in value):
-                    out[(str(alg), str(task), str(arch))] = (float(value[0]), float(value[1]))
+                elif isinstance(value, list) and len(value) == 2 and _number(value[0]) and (
+                        value[1] is None or _number(value[1])):
+                    std = None if value[1] is None else float(value[1])
+                    out[(str(alg), str(task), str(arch))] = (float(value[0]), std)
                 else:
-                    raise UserError(f"{spot}: a number or [mean, std], not {value!r}")
+                    raise UserError(f"{spot}: a number, [mean, std] or [mean, null] (std not "
+                                    f"published), not {value!r}")
     return out, str(raw.get("source", ""))

@@ -24,7 +24,7 @@ exclude:
   - {algorithm: bp-sgd, arch: mlp, seed: 1}
 reference:
   source: test
-  values: {bp: {blobs: {mlp: [90.0, 1.0], cnn: 91}}}
+  values: {bp: {blobs: {mlp: [90.0, 1.0], cnn: 91}}, bp-sgd: {blobs: {mlp: [88.5, null]}}}
 """
 
 
@@ -41,6 +41,7 @@ def test_expansion(write_suite):
     assert [s.seed for s in sgd_mlp] == [0]
     assert all(dict(s.params)["optimizer"] == "sgd" for s in sgd_mlp)
     assert suite.references[("bp", "blobs", "cnn")] == (91.0, None)
+    assert suite.references[("bp-sgd", "blobs", "mlp")] == (88.5, None)   # std not published
     assert len({s.key() for s in suite.specs}) == 11
     assert suite.store_path.name == "grid.sqlite"
 
@@ -90,7 +91,8 @@ BAD = [
     ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\noverrides: [{params: {lr: x}}]", "must be a number"),
     ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nexclude: [{arch: rnn}]", "exclude[0].arch"),
     ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nreference: {values: {fa: {}}}", "reference.values"),
-    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nreference: {values: {bp: {blobs: {mlp: high}}}}", "a number or [mean, std]"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nreference: {values: {bp: {blobs: {mlp: high}}}}", "a number, [mean, std]"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nreference: {values: {bp: {blobs: {mlp: [null, 1]}}}}", "[mean, null]"),
     ("tasks: {blobs: {archs: {x: {layers: [{dense: 8}]}}}}\nalgorithms: {bp: {}}", "output layer has 8 units"),
     ("tasks: {blobs: {archs: {x: {layers: [{conv: {filters: 2, kernel: 20}}, flatten, {dense: 4}]}}}}\nalgorithms: {bp: {}}", "empty output"),
     ("tasks: {blobs: {}}\nalgorithms: {bp: {lr: [0.1, 0.1]}}", "same run"),
