@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="show the runs, run nothing")
     run.add_argument("--no-report", action="store_true", help="do not write the report after")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--log-epochs", action="store_true",
+                     help="one line per finished epoch of every run, on stderr (long runs)")
     common(run)
 
     lst = sub.add_parser("list", help="list algorithms and tasks with their parameters")
@@ -152,7 +154,7 @@ def cmd_run(args) -> int:
         specs, suite.store_path, jobs=args.jobs, backend=args.backend,
         scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
-        progress=not args.no_progress, command=" ".join(sys.argv), suite_name=suite.name)
+        progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv), suite_name=suite.name)
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
           f"skipped {c['skipped']}, already stored {summary.already_stored} → {suite.store_path}")

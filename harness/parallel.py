@@ -119,7 +119,7 @@ def _executor(backend: str, jobs: int, scheduler: Optional[str]):
 def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str = "loky",
         scheduler: Optional[str] = None, threads: Optional[int] = None, data_dir: Path,
         plugin_paths: tuple = (), rerun: bool = False, retry_errors: bool = False,
-        progress: bool = True, command: str = "", suite_name: str = "",
+        progress: bool = True, log_epochs: bool = False, command: str = "", suite_name: str = "",
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Summary:
     import joblib
     from tqdm import tqdm
@@ -149,7 +149,8 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
         try:
             with config:
                 results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-                    joblib.delayed(execute)(spec, str(data_dir), threads, tuple(plugin_paths))
+                    joblib.delayed(execute)(spec, str(data_dir), threads, tuple(plugin_paths),
+                                            log_epochs)
                     for spec in todo)
                 for result in results:
                     store.save(result, session)

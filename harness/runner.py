@@ -12,6 +12,7 @@ import datetime as _dt
 import math
 import os
 import resource
+import sys
 import time
 import traceback
 from typing import Optional
@@ -111,8 +112,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple = ()) -> RunResult:
-    """Run one spec to the end and return its result; never raises for the run's own failures."""
+def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple = (),
+            log_epochs: bool = False) -> RunResult:
+    """Run one spec to the end and return its result; never raises for the run's own failures.
+    ``log_epochs``: print one line per finished epoch to stderr (the worker's)."""
     import torch
     discover(plugin_paths)
     torch.set_num_threads(max(1, threads))
@@ -144,7 +147,7 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
         state = learner.state_dict()
         result.n_parameters = sum(v.numel() for v in state.values() if hasattr(v, "numel"))
         _train(spec, task, data.info, learner, result, x_train, y_train, (x_val, y_val),
-               (x_test, y_test), device)
+               (x_test, y_test), device, log_epochs)
         result.selection = summarize(result.epochs, task.primary_metric,
                                      task.metrics[task.primary_metric])
     except UserError as exc:
@@ -164,7 +167,8 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
     return result
 
 
-def _train(spec, task, info, learner, result, x_train, y_train, val, test, device) -> None:
+def _train(spec, task, info, learner, result, x_train, y_train, val, test, device,
+           log_epochs: bool = False) -> None:
     import torch
     metric, direction = task.primary_metric, task.metrics[task.primary_metric]
     watch_split = "val" if spec.protocol == "clean" and len(val[1]) else "test"
@@ -195,6 +199,8 @@ def _train(spec, task, info, learner, result, x_train, y_train, val, test, devic
         record = EpochRecord(epoch=epoch, train_time_s=train_time, eval_time_s=eval_time,
                              train_loss=train_loss, metrics=metrics, lr=lr, warmup=epoch == 1)
         result.epochs.append(record)
+        if log_epochs:
+            print(epoch_line(spec, record, metric), file=sys.stderr, flush=True)
         if not math.isfinite(train_loss) or not all(
                 math.isfinite(v) for split in metrics.values() for v in split.values()):
             result.status = "diverged"
@@ -208,6 +214,15 @@ def _train(spec, task, info, learner, result, x_train, y_train, val, test, devic
                 result.reason = f"early stop at epoch {epoch}: no {watch_split} {metric} " \
                                 f"improvement for {spec.patience} epochs"
                 return
+
+
+def epoch_line(spec: RunSpec, record: EpochRecord, metric: str) -> str:
+    """``dll mnist/cnn seed 0: epoch 3/50 loss 0.41 accuracy val 97.1 test 97.0 (12.3 s)``"""
+    scores = " ".join(f"{split} {record.metrics[split][metric]:.4g}"
+                      for split in ("val", "test") if metric in record.metrics.get(split, {}))
+    return (f"{spec.label or spec.algorithm} {spec.task_label or spec.task}/{spec.arch.name} "
+            f"seed {spec.seed}: epoch {record.epoch}/{spec.epochs} loss {record.train_loss:.4g} "
+            f"{metric} {scores} ({record.train_time_s:.1f} s)")
 
 
 def _current_lr(learner) -> Optional[float]:

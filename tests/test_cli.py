@@ -80,3 +80,17 @@ def test_only_algorithm_names_the_row_not_every_row_of_that_plugin(write_suite, 
     """, "only")
     _, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--only", "algorithm=bp")
     assert "1 runs: 1 to run" in out and "bp-sgd" not in out
+
+
+def test_log_epochs_prints_a_line_per_epoch(blob_suite, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = blob_suite("  bp: {lr: 0.01}", epochs=2, name="logged")
+    status, _, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
+                         "--log-epochs")
+    lines = [line for line in err.splitlines() if ": epoch " in line]
+    assert status == 0 and len(lines) == 2
+    assert lines[0].startswith("bp blobs/mlp seed 0: epoch 1/2 loss ")
+    assert " accuracy val " in lines[1] and " test " in lines[1] and lines[1].endswith(" s)")
+    status, _, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
+                         "--rerun")
+    assert ": epoch " not in err
