@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import replace
 
 import numpy as np
+import torch
 import pytest
 
 from harness import data
@@ -158,3 +159,40 @@ def test_cifar10_in_torchvision_format(tmp_path, monkeypatch):
     task = tasks.get("cifar10")
     loaded = task.load(task.Params(), RunContext(validation=0.1, data_dir=str(data_dir)))
     assert tuple(loaded.x_train.shape) == (90, 3, 32, 32) and len(loaded.y_test) == 20
+
+
+def test_svhn_in_torchvision_format(tmp_path, monkeypatch):
+    """A small SVHN written as its real MATLAB files (X: 32×32×3×N uint8, y: N×1 with 10 for
+    the digit 0), md5-checked, then loaded: shapes, channel order, label 10 → 0."""
+    import scipy.io
+    import torchvision
+    from torchvision.datasets.utils import calculate_md5
+
+    folder = tmp_path / "data" / "svhn"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    sizes = {"train_32x32.mat": 30, "test_32x32.mat": 12}
+    written = {}
+    for name, n in sizes.items():
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        y[0, 0] = 10
+        scipy.io.savemat(str(folder / name), {"X": x, "y": y})
+        written[name] = (x, y)
+    data_dir = tmp_path / "data"
+    assert data.status("svhn", data_dir)[0] == "missing"             # md5s differ from the real set
+    cls = torchvision.datasets.SVHN
+    monkeypatch.setattr(cls, "split_list", {
+        split: [url, name, calculate_md5(str(folder / name)) if name in sizes else md5]
+        for split, (url, name, md5) in cls.split_list.items()})
+    assert data.status("svhn", data_dir)[0] == "ready"
+    task = tasks.get("svhn")
+    loaded = task.load(task.Params(), RunContext(validation=0.0, data_dir=str(data_dir)))
+    assert tuple(loaded.x_train.shape) == (30, 3, 32, 32) and tuple(loaded.x_test.shape) == (12, 3, 32, 32)
+    x_test, y_test = written["test_32x32.mat"]
+    assert loaded.y_test[0] == 0 and set(loaded.y_test.tolist()) <= set(range(10))
+    expected = torch.from_numpy(y_test[:, 0].astype(np.int64) % 10)
+    assert torch.equal(loaded.y_test, expected)
+    # image 1, channel 2, row 3, column 4 of the file, after the task's normalisation
+    pixel = x_test[3, 4, 2, 1] / 255.0
+    assert abs(float(loaded.x_test[1, 2, 3, 4]) - (pixel - 0.5) / 0.5) < 1e-5
