@@ -2,7 +2,8 @@
 
 ``reports/<suite>/report.md`` holds, in order: the results table of the suite's protocol
 (mean ± std over seeds, the number of seeds, the best per column in bold, the published
-reference and the difference), both protocols side by side, time per epoch (warm-up excluded)
+reference and the difference), both protocols side by side, what the validation split selects
+in each algorithm's sweep, every test metric, time per epoch (warm-up excluded)
 and peak memory, curves of the metric per epoch and per second of training, the runs that were
 skipped or failed with their reasons, and the environment the runs ran in.
 """
@@ -130,6 +131,39 @@ def protocols_table(suite: Suite, runs) -> Optional[str]:
                           int(group["epochs_run"].max())])
     headers = ["algorithm", "task/arch", "metric", "clean: test at best-val epoch", "epoch",
                "paper: best test epoch", "epoch", "published", "Δ paper", "epochs run"]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def validation_table(suite: Suite, runs) -> Optional[str]:
+    """How a sweep chooses: every run group's best validation metric and its epoch, the test
+    metric at that epoch beside it (for the record), and in bold the group with the best
+    validation mean among those of the same algorithm plugin on the same task/arch."""
+    from tabulate import tabulate
+    ok = runs[runs["status"].isin(["ok", "diverged"]) & runs["clean_val"].notna()]
+    if ok.empty:
+        return None
+    table = []
+    for task, arch in _columns(suite, ok):
+        metric, direction = suite.metrics[task]
+        here = ok[(ok["task_label"] == task) & (ok["arch"] == arch)]
+        stats = {label: (_mean_std(group["clean_val"].tolist()), group)
+                 for label, group in here.groupby("label")}
+        best = {}
+        for label, ((mean, _, _), group) in stats.items():
+            plugin = group["algorithm"].iloc[0]
+            if plugin not in best or (mean > best[plugin][1] if direction == "max"
+                                      else mean < best[plugin][1]):
+                best[plugin] = (label, mean)
+        for label in _rows(suite, here):
+            (mean, std, n), group = stats[label]
+            plugin = group["algorithm"].iloc[0]
+            chosen = best[plugin][0] == label
+            table.append([plugin, f"{task}/{arch}", f"**{label}**" if chosen else label,
+                          _cell(mean, std, n, metric, bold=chosen),
+                          f"{group['clean_epoch'].mean():.1f}",
+                          _cell(*_mean_std(group["clean_test"].tolist()), metric)])
+    headers = ["plugin", "task/arch", "configuration", "best validation", "at epoch",
+               "test at that epoch"]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -291,6 +325,9 @@ def build(suite: Suite, out_root: Path = Path("reports")) -> Path:
     for title, table in ((f"## Results ({protocol} protocol)", results_table(suite, runs, protocol)),
                          (f"## Results ({other} protocol)", results_table(suite, runs, other)),
                          ("## Both protocols, per run group", protocols_table(suite, runs)),
+                         ("## Selection on validation (bold: the best validation mean of each "
+                          "algorithm on each task/arch; test shown for the record only)",
+                          validation_table(suite, runs)),
                          (f"## Every test metric at the {protocol} protocol's epoch",
                           metrics_table(suite, runs, epochs, protocol)),
                          ("## Time per epoch and memory", timing_table(suite, runs, epochs))):

@@ -65,3 +65,31 @@ def test_report_numbers_match_the_store(write_suite, cli, tmp_path, monkeypatch)
     expected = f"{ok.clean_test.mean():.2f} ± {ok.clean_test.std(ddof=1):.2f} (2)"
     table = report.results_table(load_suite(path), runs, "clean")
     assert expected in table
+
+
+def test_validation_table_bolds_each_plugins_best_validation_mean(write_suite, cli, tmp_path,
+                                                                  monkeypatch):
+    from harness import store
+    monkeypatch.chdir(tmp_path)
+    path = write_suite(f"""
+name: sweep
+seeds: 2
+epochs: 2
+batch_size: 32
+store: {tmp_path / 'sweep.sqlite'}
+tasks:
+  blobs: {{archs: [mlp], params: {{n_train: 256, n_test: 128}}}}
+algorithms:
+  bp: {{lr: [0.05, 1.0e-5]}}
+  raises: {{}}
+""", "sweep")
+    cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    runs = store.load(tmp_path / "sweep.sqlite").runs
+    means = runs[runs.status == "ok"].groupby("label").clean_val.mean()
+    assert means.nunique() == 2                       # the two learning rates differ
+    table = report.validation_table(load_suite(path), runs)
+    bold = [line for line in table.splitlines() if "**" in line]
+    assert len(bold) == 1 and f"**{means.idxmax()}**" in bold[0]
+    worse = next(line for line in table.splitlines() if means.idxmin() in line)
+    assert "**" not in worse and f"{means.min():.2f}" in worse
+    assert "raises" not in table                      # failed runs select nothing
