@@ -18,8 +18,16 @@ Protocols (``RunContext.protocol``):
 
 Metrics on the normalised scale (mse, primary; mae), in original units (mse_orig, mae_orig), and
 ``persistence_mse``: the forecast "the value at t predicts t + lag" (lag = horizon; 1 under the
-paper protocol), scored on the window positions where that value is inside the window (all but
-the first ``lag`` of each window).
+paper protocol). Under the clean protocol it is scored on exactly the positions the model is
+(every step of every window: with ``predict: change`` the persistence forecast is the output 0;
+otherwise load() keeps each split's value at t). Under the paper protocol, whose input lacks the
+target column, it is scored where that value is inside the window (all but the first step).
+
+Options of the clean protocol (task params): ``predict: change`` (the network outputs the change
+from the current value), ``inputs: change | both`` (it is fed the step-to-step changes, alone or
+beside the values: changes stay in the training range when the levels drift out of it), and
+``drop_anomalies`` (training windows touching a reading the dataset labels anomalous are left
+out; sensor_network only. Validation and test are never filtered).
 """
 from __future__ import annotations
 
@@ -172,6 +180,24 @@ def read_sensor_network(path: Path):
     return _numeric(wide, path)
 
 
+def sensor_network_anomalies(path: Path):
+    """One bool per reading (the rows of :func:`read_sensor_network`): True where the file's
+    ``label`` column marks any mote's reading anomalous (Suthaharan's labels: a heating
+    experiment on motes 1 and 3, readings 2424–2523)."""
+    import numpy as np
+    frame = _table(path)
+    if "label" not in frame.columns:
+        raise UserError(f"{path}: no label column, so no anomalies to leave out")
+    try:
+        labels = frame.pivot(index="reading", columns="mote_id", values="label")
+        return labels.fillna(0).to_numpy(dtype=np.float64).max(axis=1) > 0
+    except (ValueError, TypeError):
+        raise UserError(f"{path}: the label column is not numeric 0/1") from None
+
+
+LABELS = {"sensor_network": sensor_network_anomalies}
+
+
 def read_taylor(path: Path):
     return _numeric(_table(path), path)
 
@@ -225,6 +251,16 @@ class ForecastParams:
                          "forecast is x_t + output; errors, and so every metric, are the same "
                          "quantity either way, and persistence is the output 0)",
                          choices=("value", "change"))
+    inputs: str = param("value", "clean protocol: what the network is fed at each step: the "
+                        "normalised values, their change from the previous step (the first "
+                        "step of a window gets 0: the row before is outside the window), or "
+                        "both side by side (twice the input width). Changes stay in range when "
+                        "the test levels lie outside the training levels",
+                        choices=("value", "change", "both"))
+    drop_anomalies: bool = param(False, "clean protocol: leave out of the training split every "
+                                 "window (inputs or targets) that touches a reading the dataset "
+                                 "labels anomalous (sensor_network only: its label column). "
+                                 "Validation and test windows are all kept")
 
 
 def target_columns(spec: str, n_columns: int) -> list[int]:
@@ -263,16 +299,25 @@ def _source_path(params: ForecastParams, data_dir: Path) -> Path:
     return Path(params.path).expanduser()
 
 
-def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets, change: bool = False):
+def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets, change: bool = False,
+             inputs: str = "value"):
     """x = z[s : s+T] (masked columns zeroed), y = z[s+shift : s+shift+T, targets]
-    (minus z[s : s+T, targets] when predicting the change)."""
+    (minus z[s : s+T, targets] when predicting the change). ``inputs`` "change" feeds
+    z[t] − z[t−1] instead of z[t] (0 at a window's first step), "both" the two side by side
+    (values first)."""
     import torch
     starts = torch.as_tensor(starts, dtype=torch.long)
     idx = starts[:, None] + torch.arange(seq_len)[None, :]
-    x = z[idx] * in_cols_mask
+    values = z[idx] * in_cols_mask
     y = z[idx + shift][..., targets]
     if change:
         y = y - z[idx][..., targets]
+    if inputs == "value":
+        x = values
+    else:
+        steps = torch.zeros_like(values)
+        steps[:, 1:] = values[:, 1:] - values[:, :-1]
+        x = steps if inputs == "change" else torch.cat([values, steps], dim=-1)
     return x.float(), y.float()
 
 
@@ -288,6 +333,7 @@ class Forecast(Task):
     persistence_lag = 1
     target_std = None
     predicts_change = False
+    _exact_persistence: list = []    # (split targets, their persistence MSE over every step)
 
     def datasets(self, params: ForecastParams) -> list[str]:
         return [params.dataset] if params.path is None else []
@@ -295,7 +341,8 @@ class Forecast(Task):
     def presets(self, params: ForecastParams) -> dict[str, Arch]:
         _, columns, hidden = SERIES[params.dataset]
         out = len(target_columns(params.targets, columns))
-        return {"rnn": Arch("rnn", (params.seq_len, columns),
+        width = 2 * columns if params.inputs == "both" else columns
+        return {"rnn": Arch("rnn", (params.seq_len, width),
                             (Recurrent(hidden), Dense(out, "linear")), out)}
 
     def read(self, params: ForecastParams, data_dir: Path):
@@ -322,6 +369,12 @@ class Forecast(Task):
             if change:
                 raise UserError("the paper protocol predicts the value at the same step: "
                                 "predict: change is for the clean protocol")
+            if params.inputs != "value":
+                raise UserError("the paper protocol feeds the values of the other columns: "
+                                "inputs: change or both is for the clean protocol")
+            if params.drop_anomalies:
+                raise UserError("the paper protocol trains on every window: drop_anomalies is "
+                                "for the clean protocol")
             if columns < 2:
                 raise UserError(f"{path}: the paper protocol predicts the last column from the "
                                 f"others; this series has one column (use protocol: clean)")
@@ -340,6 +393,7 @@ class Forecast(Task):
                             "val": range(n_train_all - n_val, n_train_all),
                             "test": range(n_train_all, n_windows)}
             fitted_on = "whole series (paper protocol)"
+            dropped = "none"
         else:
             shift = lag = params.horizon
             test_start = int(round(rows * (1 - TEST_FRACTION)))
@@ -356,26 +410,51 @@ class Forecast(Task):
                 stride = params.train_stride if split == "train" else T
                 split_starts[split] = range(lo, last + 1, stride) if last >= lo else range(0)
             fitted_on = f"training rows 0..{val_start - 1}"
+            if params.drop_anomalies:
+                if params.dataset not in LABELS:
+                    raise UserError(f"drop_anomalies: {params.dataset} has no anomaly labels "
+                                    f"(only {', '.join(LABELS)})")
+                bad = LABELS[params.dataset](path)[: len(series)]
+                if len(bad) != rows:
+                    raise UserError(f"{path}: {len(bad)} labels for {rows} rows")
+                span = T + shift                # rows s .. s+T+shift-1 feed a window
+                split_starts["train"] = [s for s in split_starts["train"]
+                                         if not bad[s:s + span].any()]
+                dropped = f"training windows touching {int(bad[:val_start].sum())} labelled rows"
+            else:
+                dropped = "none"
         std = torch.where(std > 0, std, torch.ones_like(std))
         z = (series - mean) / std
-        sets = {k: _windows(z, list(s), T, shift, mask, targets, change)
+        sets = {k: _windows(z, list(s), T, shift, mask, targets, change, params.inputs)
                 for k, s in split_starts.items()}
         if len(sets["train"][1]) == 0 or len(sets["test"][1]) == 0:
             raise UserError(f"{path}: {rows} rows are too few for windows of {T} steps "
                             f"(+{shift}) in every split")
         self.persistence_lag = lag
         self.predicts_change = change
+        # clean protocol, value mode: the persistence forecast of y[:, t] = z[t + h] is z[t],
+        # known here for every position (evaluate() sees only outputs and targets)
+        self._exact_persistence = []
+        if ctx.protocol == "clean" and not change:
+            for k, s in split_starts.items():
+                idx = torch.as_tensor(list(s), dtype=torch.long)[:, None] + torch.arange(T)
+                y = sets[k][1]
+                if len(y):
+                    last = z[idx][..., targets].float()
+                    self._exact_persistence.append((y, (y - last).pow(2).mean().item()))
         self.target_std = std[targets].float()
         out = len(targets)
         return TaskData(
             x_train=sets["train"][0], y_train=sets["train"][1],
             x_val=sets["val"][0], y_val=sets["val"][1],
             x_test=sets["test"][0], y_test=sets["test"][1],
-            info=TaskInfo(loss="mse", output_size=out, input_shape=(T, columns), sequence=True),
+            info=TaskInfo(loss="mse", output_size=out,
+                          input_shape=tuple(sets["train"][0].shape[1:]), sequence=True),
             notes={"file": str(path), "rows": rows, "columns": columns, "targets": targets,
                    "windows": {k: len(v[1]) for k, v in sets.items()},
                    "normaliser_fitted_on": fitted_on, "shift": shift,
-                   "persistence_lag": lag, "predict": params.predict})
+                   "persistence_lag": lag, "predict": params.predict, "inputs": params.inputs,
+                   "dropped": dropped})
 
     def evaluate(self, output, target) -> dict[str, float]:
         err = output - target
@@ -385,8 +464,18 @@ class Forecast(Task):
         metrics = {"mse": err.pow(2).mean().item(), "mae": err.abs().mean().item(),
                    "mse_orig": (err * scale).pow(2).mean().item(),
                    "mae_orig": (err * scale).abs().mean().item()}
+        exact = None if self.predicts_change else self._known_persistence(target)
         if self.predicts_change:   # the target is the change: persistence forecasts 0
             metrics["persistence_mse"] = target.pow(2).mean().item()
+        elif exact is not None:
+            metrics["persistence_mse"] = exact
         elif target.dim() == 3 and target.shape[1] > lag:
             metrics["persistence_mse"] = (target[:, lag:] - target[:, :-lag]).pow(2).mean().item()
         return metrics
+
+    def _known_persistence(self, target) -> Optional[float]:
+        """The exact persistence MSE of a split that load() made (every position), or None."""
+        for y, mse in self._exact_persistence:
+            if y.shape == target.shape and bool((y == target.to(y.device)).all()):
+                return mse
+        return None

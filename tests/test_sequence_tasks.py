@@ -226,3 +226,85 @@ def test_predicting_the_change_keeps_every_metric_comparable(tmp_path):
     with pytest.raises(UserError, match="clean protocol"):
         Forecast().load(ForecastParams(**{**common, "targets": "last"}, predict="change"),
                         RunContext(protocol="paper"))
+
+
+def test_change_inputs_are_step_differences_and_widen_the_preset_for_both(tmp_path):
+    """inputs: change feeds z[t] − z[t−1] (0 at a window's first step); both puts the values
+    first and the changes beside them; the targets do not depend on the inputs."""
+    path = _sensor_csv(tmp_path / "data.csv", readings=80)
+    common = dict(dataset="sensor_network", path=str(path), seq_len=6)
+    value = Forecast().load(ForecastParams(**common), RunContext())
+    change = Forecast().load(ForecastParams(**common, inputs="change"), RunContext())
+    params = ForecastParams(**common, inputs="both")
+    both = Forecast().load(params, RunContext())
+    for split in ("train", "val", "test"):
+        xv, xc, xb = (getattr(d, f"x_{split}") for d in (value, change, both))
+        assert (xc[:, 0] == 0).all()
+        assert torch.allclose(xc[:, 1:], xv[:, 1:] - xv[:, :-1], atol=1e-6)
+        assert torch.equal(xb, torch.cat([xv, xc], dim=-1))
+        assert torch.equal(getattr(value, f"y_{split}"), getattr(change, f"y_{split}"))
+    assert Forecast().presets(params)["rnn"].input_shape == (6, 16)
+    assert both.info.input_shape == (6, 16)
+    assert Forecast().presets(ForecastParams(**common, inputs="change"))["rnn"].input_shape == (6, 8)
+    with pytest.raises(UserError, match="clean protocol"):
+        Forecast().load(ForecastParams(**common, targets="last", inputs="change"),
+                        RunContext(protocol="paper"))
+
+
+def test_value_mode_persistence_is_scored_on_every_position(tmp_path):
+    """Clean protocol: persistence_mse is (y − value at t)² over every step of every window —
+    the positions the model is scored on — so it equals the change mode's exact figure and
+    differs from a within-window estimate that skips each window's first step."""
+    import numpy as np
+    rows = np.cumsum(np.random.default_rng(3).normal(size=(400, 321)) ** 3, axis=0)
+    path = tmp_path / "electricity.txt"
+    path.write_text("\n".join(",".join(f"{v:.6f}" for v in row) for row in rows) + "\n")
+    common = dict(dataset="electricity", path=str(path), seq_len=5, horizon=2, targets="0,7")
+    task = Forecast()
+    value = task.load(ForecastParams(**common), RunContext())
+    ctask = Forecast()
+    change = ctask.load(ForecastParams(**common, predict="change"), RunContext())
+    for split in ("val", "test"):
+        y, yc = getattr(value, f"y_{split}"), getattr(change, f"y_{split}")
+        exact = yc.pow(2).mean().item()
+        assert task.evaluate(y, y)["persistence_mse"] == pytest.approx(exact, rel=1e-5)
+        assert ctask.evaluate(yc, yc)["persistence_mse"] == pytest.approx(exact, rel=1e-5)
+        skipping = (y[:, 2:] - y[:, :-2]).pow(2).mean().item()
+        assert skipping != pytest.approx(exact, rel=1e-3)
+
+
+def _labelled_sensor_csv(path, readings, anomalous):
+    lines = ["reading,mote_id,indoor,humidity,temperature,label"]
+    for mote in (1, 2, 3, 4):
+        for r in range(1, readings + 1):
+            bad = int(mote == 3 and r - 1 in anomalous)
+            lines.append(f"{r},{mote},{int(mote > 2)},{40 + mote + 0.1 * r + 50 * bad:.2f},"
+                         f"{20 + mote + 0.01 * r:.2f},{bad}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_drop_anomalies_leaves_out_training_windows_touching_labelled_rows(tmp_path):
+    """Rows 20–22 (training) are labelled: with drop_anomalies no training window's inputs or
+    targets reach them (the +50 jump is gone from x and y), every other training window stays,
+    and validation and test are untouched."""
+    path = _labelled_sensor_csv(tmp_path / "data.csv", readings=100, anomalous={20, 21, 22})
+    common = dict(dataset="sensor_network", path=str(path), seq_len=4)
+    kept = Forecast().load(ForecastParams(**common), RunContext(validation=0.1))
+    dropped = Forecast().load(ForecastParams(**common, drop_anomalies=True),
+                              RunContext(validation=0.1))
+    # stride 1: starts s with rows s..s+4 (4 steps + 1 ahead) touching 20..22 are s = 16..22
+    assert kept.notes["windows"]["train"] - dropped.notes["windows"]["train"] == 7
+    assert kept.x_train[..., 4].max() - dropped.x_train[..., 4].max() > 3    # mote 3 humidity (z)
+    assert dropped.y_train[..., 4].max() < kept.y_train[..., 4].max() - 3
+    for split in ("val", "test"):
+        assert torch.equal(getattr(kept, f"y_{split}"), getattr(dropped, f"y_{split}"))
+    assert dropped.notes["dropped"].endswith("3 labelled rows")
+    taylor = tmp_path / "taylor.csv"
+    taylor.write_text(taylor_csv([float(i % 7) for i in range(200)]))
+    with pytest.raises(UserError, match="no anomaly labels"):
+        Forecast().load(ForecastParams(dataset="uk_electricity", path=str(taylor),
+                                       drop_anomalies=True), RunContext())
+    with pytest.raises(UserError, match="clean protocol"):
+        Forecast().load(ForecastParams(**common, targets="last", drop_anomalies=True),
+                        RunContext(protocol="paper"))
