@@ -157,3 +157,23 @@ def test_dtp_declares_cnn_unsupported_with_a_reason():
     reason = algorithms.get("dtp").unsupported(CNN, DTPParams())
     assert reason and "conv" in reason
     assert algorithms.get("dtp").unsupported(MLP, DTPParams()) is None
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_fixed_prediction_pc_is_bp_up_to_one_scalar_per_layer(name):
+    """Why fixed predictions are not PC's default on feed-forward nets: once T reaches the
+    bottom node, each weight gradient is BP's times one positive scalar per layer (the node
+    dynamics are linear and every error is built from the one above only), which Adam divides
+    out. Standard PC, re-predicting from moved nodes, is not."""
+    torch.manual_seed(2)
+    arch, info, x, y = _case(name, seed=2)
+    net = build_pc_network(arch, 0.3)
+    loss_value(info, net(x), y).backward()
+    bp = [w.grad.clone() for w in net.parameters()]
+
+    def cosines(fixed):
+        grads, _, _ = inference(net, x, y, info, 3, 0.3, fixed_predictions=fixed)
+        return [float(torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0))
+                for g, r in zip(grads, bp)]
+    assert min(cosines(True)) > 1 - 1e-6
+    assert min(cosines(False)) < 0.999
