@@ -24,8 +24,10 @@ def main() -> None:
     db = sqlite3.connect(path)
     groups = defaultdict(list)
     skipped = []
-    for key, label, task, task_label, arch, seed, protocol, status, reason in db.execute(
-            "select key, label, task, task_label, arch, seed, protocol, status, reason from runs"):
+    task_params = {}
+    for key, label, task, task_label, arch, seed, protocol, status, reason, tparams in db.execute(
+            "select key, label, task, task_label, arch, seed, protocol, status, reason, "
+            "task_params from runs"):
         if status != "ok":
             skipped.append((label, task_label, arch, seed, status, reason))
             continue
@@ -35,6 +37,7 @@ def main() -> None:
         watch = "val" if protocol == "clean" and epochs[0][1].get("val") else "test"
         epoch, best = max(epochs, key=lambda em: (sign * em[1][watch][primary], -em[0]))
         groups[(label, task, task_label, arch, protocol)].append((seed, epoch, best["test"]))
+        task_params[(label, task, task_label, arch, protocol)] = tparams
     print(f"# Sequence bars (from `{path}`)\n")
     print("Test metrics at the epoch selected on validation (clean protocol; paper protocol: "
           "best test epoch), mean ± std over seeds.\n")
@@ -42,6 +45,7 @@ def main() -> None:
         names = sorted(runs[0][2])
         print(f"## {label} on {task_label}/{arch} ({protocol}; {len(runs)} seed(s), selected "
               f"epochs {[r[1] for r in runs]})\n")
+        print(f"Task params: `{task_params[(label, task, task_label, arch, protocol)]}`\n")
         print("| metric | test |\n|---|---|")
         mean = {}
         for name in names:
@@ -54,7 +58,8 @@ def main() -> None:
             verdict = "met" if check(mean) else "NOT met"
         except KeyError:
             verdict = "cannot tell"
-        print(f"\nBar ({desc}): **{verdict}**\n")
+        role = " (ablation row: a comparison, not the bar's row)" if "_ablation" in task_label else ""
+        print(f"\nBar ({desc}): **{verdict}**{role}\n")
     if skipped:
         print("## Not run\n\n| row | task | arch | seed | status | reason |\n|---|---|---|---|---|---|")
         for row in skipped:
