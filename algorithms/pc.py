@@ -25,7 +25,8 @@ Jacobians at their forward-pass values during inference; then the hidden errors 
 BP's (BPTT's) errors and ΔW to BP's gradient as T grows (tests/test_pc_dtp.py). On a
 feed-forward net each node error stays an exact multiple of BP's, so once T reaches the bottom
 node the weight gradients are BP's times one scalar per layer — which Adam divides out: there
-it is BP, not a rival (it matched BP's validation accuracy to the digit at every T and step).
+it is BP, not a rival (tune_pc_dtp: BP's validation accuracy to the digit on MNIST at
+every T and step, within 0.12 points on FashionMNIST).
 It is the form to use for the RNN, where credit through time makes it differ from BPTT until
 T is large (suites/paper_table.yaml: 100 steps at 0.1, as the DLL paper compares). T = 1 with
 γ = 1 is the one-step variant: each node gets only the error of the layer (or read-out)
