@@ -135,9 +135,10 @@ def protocols_table(suite: Suite, runs) -> Optional[str]:
 
 
 def validation_table(suite: Suite, runs) -> Optional[str]:
-    """How a sweep chooses: every run group's best validation metric and its epoch, the test
-    metric at that epoch beside it (for the record), and in bold the group with the best
-    validation mean among those of the same algorithm plugin on the same task/arch."""
+    """How a sweep chooses: for every algorithm plugin run in two or more configurations on a
+    task/arch, each configuration's best validation metric and its epoch, the test metric at
+    that epoch beside it (for the record), and in bold the best validation mean. None when the
+    suite sweeps nothing."""
     from tabulate import tabulate
     ok = runs[runs["status"].isin(["ok", "diverged"]) & runs["clean_val"].notna()]
     if ok.empty:
@@ -154,14 +155,19 @@ def validation_table(suite: Suite, runs) -> Optional[str]:
             if plugin not in best or (mean > best[plugin][1] if direction == "max"
                                       else mean < best[plugin][1]):
                 best[plugin] = (label, mean)
+        configurations = here.groupby("algorithm")["label"].nunique()
         for label in _rows(suite, here):
             (mean, std, n), group = stats[label]
             plugin = group["algorithm"].iloc[0]
+            if configurations[plugin] < 2:
+                continue
             chosen = best[plugin][0] == label
             table.append([plugin, f"{task}/{arch}", f"**{label}**" if chosen else label,
                           _cell(mean, std, n, metric, bold=chosen),
                           f"{group['clean_epoch'].mean():.1f}",
                           _cell(*_mean_std(group["clean_test"].tolist()), metric)])
+    if not table:
+        return None
     headers = ["plugin", "task/arch", "configuration", "best validation", "at epoch",
                "test at that epoch"]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)

@@ -93,3 +93,5 @@ algorithms:
     worse = next(line for line in table.splitlines() if means.idxmin() in line)
     assert "**" not in worse and f"{means.min():.2f}" in worse
     assert "raises" not in table                      # failed runs select nothing
+    single = runs[runs.label != means.idxmin()]       # one configuration left: nothing chosen
+    assert report.validation_table(load_suite(path), single) is None
