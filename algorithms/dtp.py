@@ -146,7 +146,7 @@ class DTPLearner(ModuleLearner):
 class DifferenceTargetPropagation(Algorithm):
     """Difference target propagation: learned inverses carry targets down; local losses (MLP)."""
 
-    supports = frozenset({"mlp", "cnn"})
+    supports = frozenset({"mlp"})     # the CNN gets its own reason below
     Params = DTPParams
 
     def unsupported(self, arch: Arch, params) -> Optional[str]:
