@@ -282,21 +282,37 @@ def _source_path(params: ForecastParams, data_dir: Path) -> Path:
     if params.path is None:
         return data.get(params.dataset).folder(data_dir) / SERIES[params.dataset][0]
     if params.path.startswith(("http://", "https://")):
-        target = Path(data_dir) / "_downloads" / params.path.rstrip("/").rsplit("/", 1)[-1]
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with urllib.request.urlopen(params.path, timeout=60) as response:
-                    raw = response.read()
-            except OSError as exc:
-                raise UserError(f"{params.path}: cannot download ({exc})") from None
-            if params.path.endswith(".gz"):
-                import gzip
-                raw = gzip.decompress(raw)
-                target = target.with_suffix("")
-            target.write_bytes(raw)
-        return target
+        return _download(params.path, Path(data_dir) / "_downloads")
     return Path(params.path).expanduser()
+
+
+def _download(url: str, downloads: Path) -> Path:
+    """The file at ``url`` (gunzipped when it ends in .gz), fetched once: cached under a folder
+    named by the URL's hash (two URLs with the same file name never collide), written to a
+    temporary name first so that an interrupted download leaves nothing behind."""
+    import hashlib
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "download"
+    gzipped = name.endswith(".gz")
+    target = downloads / hashlib.sha256(url.encode()).hexdigest()[:16] / (
+        name[:-3] if gzipped else name)
+    if target.exists():
+        return target
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            raw = response.read()
+    except OSError as exc:
+        raise UserError(f"{url}: cannot download ({exc})") from None
+    if gzipped:
+        import gzip
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise UserError(f"{url}: not a gzip file ({exc})") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    partial.write_bytes(raw)
+    partial.replace(target)
+    return target
 
 
 def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets, change: bool = False,

@@ -308,3 +308,47 @@ def test_drop_anomalies_leaves_out_training_windows_touching_labelled_rows(tmp_p
     with pytest.raises(UserError, match="clean protocol"):
         Forecast().load(ForecastParams(**common, targets="last", drop_anomalies=True),
                         RunContext(protocol="paper"))
+
+
+def test_url_downloads_are_cached_per_url_and_gunzipped(tmp_path):
+    """A series given by URL is fetched once (the second load reads the cache), two URLs with
+    the same file name do not collide, and a .gz is stored decompressed."""
+    import gzip
+    import http.server
+    import threading
+    from functools import partial
+
+    from tasks.forecast import _download
+
+    served = tmp_path / "served"
+    for folder, value in (("a", "1,2\n3,4\n"), ("b", "5,6\n7,8\n")):
+        (served / folder).mkdir(parents=True)
+        (served / folder / "series.txt").write_text(value)
+        (served / folder / "series.txt.gz").write_bytes(gzip.compress(value.encode()))
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        downloads = tmp_path / "data" / "_downloads"
+        first = _download(f"{base}/a/series.txt", downloads)
+        again = _download(f"{base}/a/series.txt", downloads)
+        other = _download(f"{base}/b/series.txt", downloads)
+        zipped = _download(f"{base}/b/series.txt.gz", downloads)
+        zipped_again = _download(f"{base}/b/series.txt.gz", downloads)
+        assert first == again and first.read_text() == "1,2\n3,4\n"
+        assert other != first and other.read_text() == "5,6\n7,8\n"
+        assert zipped == zipped_again and zipped.name == "series.txt"
+        assert zipped.read_text() == "5,6\n7,8\n"
+        assert len(requests) == 3                      # one request per distinct URL
+        assert not list(downloads.rglob("*.part"))
+        with pytest.raises(UserError, match="cannot download"):
+            _download(f"{base}/missing.txt", downloads)
+    finally:
+        server.shutdown()
