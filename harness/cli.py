@@ -154,7 +154,8 @@ def cmd_run(args) -> int:
         specs, suite.store_path, jobs=args.jobs, backend=args.backend,
         scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
-        progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv), suite_name=suite.name)
+        progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv),
+        suite_name=suite.name)
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
           f"skipped {c['skipped']}, already stored {summary.already_stored} → {suite.store_path}")

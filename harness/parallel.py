@@ -119,7 +119,8 @@ def _executor(backend: str, jobs: int, scheduler: Optional[str]):
 def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str = "loky",
         scheduler: Optional[str] = None, threads: Optional[int] = None, data_dir: Path,
         plugin_paths: tuple = (), rerun: bool = False, retry_errors: bool = False,
-        progress: bool = True, log_epochs: bool = False, command: str = "", suite_name: str = "",
+        progress: bool = True, log_epochs: bool = False, command: str = "",
+        suite_name: str = "",
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Summary:
     import joblib
     from tqdm import tqdm

@@ -38,6 +38,35 @@ def test_optimizers_by_name():
         assert isinstance(opt, cls) and scheds == []
 
 
+def test_every_algorithm_steps_the_same_fused_optimiser():
+    """Fairness and speed: the fused kernel for every learner on CPU (DLL's Θ group included),
+    torch's default for tensors it cannot fuse, and the fused step equals the plain one."""
+    from harness.api import RunContext
+    from harness.registry import algorithms, discover
+    discover()
+    arch = Arch("mlp", (1, 4, 4), (Flatten(), Dense(6), Dense(3, "linear")), 3)
+    info = TaskInfo(loss="cross_entropy", output_size=3, input_shape=(1, 4, 4))
+    ctx = RunContext(epochs=2)
+    for name in ("bp", "dll", "fa", "dfa", "pc"):
+        alg = algorithms.get(name)
+        learner = alg.build(arch, info, alg.Params(), ctx)
+        assert learner.optimizer.defaults["fused"] is True, name
+    opt, _ = make_optimizer([torch.ones(2, dtype=torch.int64)], TrainParams(), 2)
+    assert not opt.defaults["fused"]                       # integers: torch's default step
+    torch.manual_seed(0)
+    start, grads = torch.randn(5, 4), [torch.randn(5, 4) for _ in range(3)]
+    finals = []
+    for build in (lambda w: make_optimizer([w], TrainParams(lr=1e-2, lr_decay="none"), 2)[0],
+                  lambda w: torch.optim.Adam([w], lr=1e-2)):
+        w = torch.nn.Parameter(start.clone())
+        opt = build(w)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        finals.append(w.detach())
+    assert torch.allclose(finals[0], finals[1], atol=1e-6)
+
+
 def test_paper_cnn_shapes():
     arch = Arch("cnn", (1, 28, 28), (Conv(32, 5), Pool("max", 2), Conv(64, 3), Pool("max", 2),
                                      Conv(16, 3), Flatten(), Dense(200), Dense(10, "linear")), 10)
