@@ -113,7 +113,17 @@ def _executor(backend: str, jobs: int, scheduler: Optional[str]):
         return client, joblib.parallel_config(backend="dask")
     if scheduler:
         raise UserError("--scheduler is for --backend dask only")
+    if backend == "loky":   # Ctrl-C is the main process's to handle: it stops the workers
+        return None, joblib.parallel_config(backend=backend, initializer=_ignore_interrupts)
     return None, joblib.parallel_config(backend=backend)
+
+
+def _ignore_interrupts() -> None:
+    """Loky workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a
+    worker caught outside a run printed loky's traceback. The main process catches it, keeps
+    every finished run and terminates the workers."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str = "loky",
