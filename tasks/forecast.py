@@ -381,6 +381,7 @@ class Forecast(Task):
         T = params.seq_len
         mask = torch.ones(columns, dtype=torch.float64)
         change = params.predict == "change"
+        dropped = "none"                                        # training windows left out
         if ctx.protocol == "paper":
             if change:
                 raise UserError("the paper protocol predicts the value at the same step: "
@@ -409,7 +410,6 @@ class Forecast(Task):
                             "val": range(n_train_all - n_val, n_train_all),
                             "test": range(n_train_all, n_windows)}
             fitted_on = "whole series (paper protocol)"
-            dropped = "none"
         else:
             shift = lag = params.horizon
             test_start = int(round(rows * (1 - TEST_FRACTION)))
@@ -437,8 +437,6 @@ class Forecast(Task):
                 split_starts["train"] = [s for s in split_starts["train"]
                                          if not bad[s:s + span].any()]
                 dropped = f"training windows touching {int(bad[:val_start].sum())} labelled rows"
-            else:
-                dropped = "none"
         std = torch.where(std > 0, std, torch.ones_like(std))
         z = (series - mean) / std
         sets = {k: _windows(z, list(s), T, shift, mask, targets, change, params.inputs)
@@ -480,10 +478,9 @@ class Forecast(Task):
         metrics = {"mse": err.pow(2).mean().item(), "mae": err.abs().mean().item(),
                    "mse_orig": (err * scale).pow(2).mean().item(),
                    "mae_orig": (err * scale).abs().mean().item()}
-        exact = None if self.predicts_change else self._known_persistence(target)
         if self.predicts_change:   # the target is the change: persistence forecasts 0
             metrics["persistence_mse"] = target.pow(2).mean().item()
-        elif exact is not None:
+        elif (exact := self._known_persistence(target)) is not None:
             metrics["persistence_mse"] = exact
         elif target.dim() == 3 and target.shape[1] > lag:
             metrics["persistence_mse"] = (target[:, lag:] - target[:, :-lag]).pow(2).mean().item()
