@@ -28,8 +28,8 @@ from torch import nn
 
 from harness.api import Algorithm, Arch, Dense, Flatten, Learner, RunContext, TaskInfo, param
 from harness.registry import algorithms
-from harness.toolkit import (ModuleLearner, TrainParams, activation, init_weight, layer_shapes, loss_and_grad,
-                             make_optimizer)
+from harness.toolkit import (ModuleLearner, TrainParams, activation, fast_step_options,
+                             init_weight, layer_shapes, loss_and_grad, make_optimizer)
 
 
 class DTPNetwork(nn.Module):
@@ -121,8 +121,9 @@ class DTPLearner(ModuleLearner):
         self.p = params
         self.optimizer, self.schedulers = make_optimizer(network.weights.parameters(), params,
                                                          epochs)
-        self.inverse_optimizer = torch.optim.Adam(network.inverses.parameters(),
-                                                  lr=params.inverse_lr)
+        inverses = list(network.inverses.parameters())
+        self.inverse_optimizer = torch.optim.Adam(inverses, lr=params.inverse_lr,
+                                                  **fast_step_options(inverses))
 
     def train_step(self, x, y):
         net, p = self.network, self.p

@@ -51,6 +51,10 @@ def test_every_algorithm_steps_the_same_fused_optimiser():
         alg = algorithms.get(name)
         learner = alg.build(arch, info, alg.Params(), ctx)
         assert learner.optimizer.defaults["fused"] is True, name
+    dtp = algorithms.get("dtp")
+    learner = dtp.build(arch, info, dtp.Params(), ctx)
+    assert learner.optimizer.defaults["fused"] is True
+    assert learner.inverse_optimizer.defaults["fused"] is True   # its own Adam, same kernel
     opt, _ = make_optimizer([torch.ones(2, dtype=torch.int64)], TrainParams(), 2)
     assert not opt.defaults["fused"]                       # integers: torch's default step
     torch.manual_seed(0)
