@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Union
 
 if TYPE_CHECKING:  # torch is imported only where a run needs it
@@ -41,6 +42,7 @@ ACTIVATIONS = ("tanh", "relu", "sigmoid", "linear")
 class Dense:
     units: int
     act: str = "tanh"
+    bias: bool = False              # the DLL paper's networks have none
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Conv:
     kernel: int
     padding: int = 0
     act: str = "tanh"
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,13 @@ class Algorithm:
     """Base of learning-algorithm plugins. The class docstring's first line is its description.
 
     Subclasses set ``name`` (through the ``@algorithms.register`` decorator), ``supports`` (the
-    architecture kinds), ``Params`` (a frozen dataclass of :func:`param` fields) and ``build``.
+    architecture kinds), ``Params`` (a frozen dataclass of :func:`param` fields) and ``build``,
+    and ``version``: an integer that enters every run's key, bumped whenever a change makes the
+    same spec give other numbers (so stored runs of the old rule are never reused as the new).
     """
 
     name: ClassVar[str] = ""
+    version: ClassVar[int] = 1      # bump when the same spec gives other numbers: it is in the key
     supports: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type] = NoParams
 
@@ -229,6 +235,7 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    version: ClassVar[int] = 1      # bump when the same params give other data or metrics
     Params: ClassVar[type] = NoParams
     loss: ClassVar[str] = "cross_entropy"
     metrics: ClassVar[dict[str, str]] = {"accuracy": "max"}
@@ -257,7 +264,22 @@ class Task:
 # Runs
 # --------------------------------------------------------------------------------------------
 
-STATUSES = ("ok", "diverged", "error", "skipped")
+class Status(str, Enum):
+    """What became of a run. ``diverged``: its training loss or primary metric went non-finite;
+    ``error``: it raised, its worker died, or it ran past ``--run-timeout``; ``skipped``: it
+    could not start (an unsupported architecture, a dataset not present)."""
+
+    OK = "ok"
+    DIVERGED = "diverged"
+    ERROR = "error"
+    SKIPPED = "skipped"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+STATUSES = tuple(s.value for s in Status)
+DONE_STATUSES = (Status.OK, Status.DIVERGED, Status.ERROR)  # a re-run skips these
 PROTOCOLS = ("clean", "paper")
 
 
@@ -273,8 +295,11 @@ def _canonical(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid. Its :meth:`key` (a hash of what determines the numbers) is its
-    identity in the store; the label, suite and skip reason are not part of it."""
+    """One run of the grid. Its :meth:`key` (a hash of what determines the numbers: the
+    plugins' names, versions and parameters, the architecture, seed, budget, device and
+    protocol) is its identity in the store; the labels, suite and skip reason are not part of
+    it. The plugins' *source* is not in the key either: it is recorded beside each run as a
+    fingerprint, so runs made with other code are reported as stale, not silently reused."""
 
     algorithm: str
     params: tuple[tuple[str, Any], ...]
@@ -288,26 +313,34 @@ class RunSpec:
     protocol: str = "clean"
     validation: float = 0.1
     patience: Optional[int] = None
+    algorithm_version: int = 1
+    task_version: int = 1
     label: str = ""                 # the suite's row label (entry name and grid values)
     task_label: str = ""            # the suite's task entry name (column of the report)
     suite: str = ""
     skip_reason: Optional[str] = field(default=None, compare=False)
 
     def identity(self) -> dict:
-        return {"algorithm": self.algorithm, "params": dict(self.params), "task": self.task,
-                "task_params": dict(self.task_params), "arch": self.arch.to_json(),
-                "seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size,
-                "device": self.device, "protocol": self.protocol,
-                "validation": self.validation, "patience": self.patience}
+        return {"algorithm": self.algorithm, "algorithm_version": self.algorithm_version,
+                "params": dict(self.params), "task": self.task,
+                "task_version": self.task_version, "task_params": dict(self.task_params),
+                "arch": self.arch.to_json(), "seed": self.seed, "epochs": self.epochs,
+                "batch_size": self.batch_size, "device": device_kind(self.device),
+                "protocol": self.protocol, "validation": self.validation,
+                "patience": self.patience}
 
     def key(self) -> str:
-        text = json.dumps(_canonical(self.identity()), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            text = json.dumps(_canonical(self.identity()), sort_keys=True, default=str)
+            cached = hashlib.sha256(text.encode()).hexdigest()[:20]
+            object.__setattr__(self, "_key", cached)
+        return cached
 
     def to_json(self) -> dict:
         data = self.identity()
-        data.update(label=self.label, task_label=self.task_label, suite=self.suite,
-                    skip_reason=self.skip_reason)
+        data.update(device=self.device, label=self.label, task_label=self.task_label,
+                    suite=self.suite, skip_reason=self.skip_reason)
         return data
 
     def context(self, data_dir: str, threads: int) -> RunContext:
@@ -316,13 +349,19 @@ class RunSpec:
                           validation=self.validation, data_dir=data_dir, threads=threads)
 
 
+def device_kind(device: str) -> str:
+    """``cuda:3`` → ``cuda``: which GPU of a node a run lands on does not change its numbers,
+    so it is recorded with the run but kept out of its key."""
+    return device.split(":", 1)[0]
+
+
 @dataclass
 class EpochRecord:
     epoch: int                      # 1-based
     train_time_s: float
     eval_time_s: float
     train_loss: float
-    metrics: dict[str, dict[str, float]]   # split (train_stats|val|test) -> metric -> value
+    metrics: dict[str, dict[str, Optional[float]]]   # split (val|test|…) -> metric -> value
     lr: Optional[float] = None
     warmup: bool = False            # the first epoch (allocations, lazy init) is flagged
 
@@ -330,7 +369,7 @@ class EpochRecord:
 @dataclass
 class RunResult:
     spec: RunSpec
-    status: str                     # ok | diverged | error | skipped
+    status: str                     # a Status
     reason: str = ""
     traceback: str = ""
     epochs: list[EpochRecord] = field(default_factory=list)
@@ -342,3 +381,4 @@ class RunResult:
     n_parameters: Optional[int] = None
     notes: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)  # what each protocol selects (see runner)
+    fingerprint: dict = field(default_factory=dict)  # source digests of the code that ran it

@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("suite", type=Path)
     run.add_argument("--jobs", "-j", type=int, default=1, help="parallel runs (default 1)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    run.add_argument("--backend", default="loky", help="joblib backend: loky (default), "
-                     "threading, or dask (with --scheduler ADDRESS for a cluster)")
+    run.add_argument("--backend", default="local", help="local (default: joblib threads, "
+                     "each supervising one run process) or dask (with --scheduler ADDRESS for a "
+                     "cluster)")
     run.add_argument("--scheduler", default=None, metavar="ADDRESS",
                      help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
     run.add_argument("--threads", type=int, default=None,
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: the suite's store, or results/<suite>.sqlite)")
     run.add_argument("--rerun", action="store_true", help="run again even runs already stored")
     run.add_argument("--retry-errors", action="store_true", help="run again runs stored as error")
+    run.add_argument("--rerun-stale", action="store_true",
+                     help="run again stored runs made with source other than the current code")
+    run.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
+                     help="a run still going after SECONDS is killed and stored as error")
     run.add_argument("--only", action="append", default=[], metavar="KEY=V[,V]",
                      help="run only part of the grid: algorithm=, task=, arch= or seed= "
                      "(repeatable; e.g. --only algorithm=bp --only task=mnist,fashion_mnist)")
@@ -57,18 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("suite", type=Path)
     common(val)
 
-    rep = sub.add_parser("report", help="regenerate a suite's report from its store")
-    rep.add_argument("suite", type=Path)
-    rep.add_argument("--store", default=None, help="result store path")
+    rep = sub.add_parser("report", help="rebuild a report: from a suite's store, a store, "
+                         "or a committed runs.jsonl")
+    rep.add_argument("suite", type=Path, metavar="SUITE_OR_STORE",
+                     help="a suite file (its store), a .sqlite store or a runs.jsonl")
+    rep.add_argument("--store", default=None, help="result store path (with a suite file)")
     rep.add_argument("--out", default="reports", help="reports folder (default reports/)")
     common(rep)
 
-    mrg = sub.add_parser("merge", help="copy the runs of other stores (e.g. from other "
-                         "machines) into a suite's store")
+    mrg = sub.add_parser("merge", help="add the runs of other stores or runs.jsonl files (e.g. "
+                         "from other machines, or committed) to a suite's store")
     mrg.add_argument("suite", type=Path, help="the suite whose store receives the runs")
-    mrg.add_argument("sources", nargs="+", type=Path, help="stores to copy from")
+    mrg.add_argument("sources", nargs="+", type=Path, help=".sqlite stores or runs.jsonl files")
     mrg.add_argument("--store", default=None, help="the receiving store (default: the suite's)")
     mrg.add_argument("--replace", action="store_true", help="replace runs already present")
+    mrg.add_argument("--force", action="store_true", help="accept runs of another suite")
     common(mrg)
 
     dat = sub.add_parser("data", help="each dataset: ready? from where? how to get it?")
@@ -139,79 +147,109 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _current_sources(specs) -> dict[str, str]:
+    """Run key → the source digest the current code gives it (see harness.fingerprint)."""
+    from harness import fingerprint
+    from harness.registry import algorithms, tasks
+    by_pair: dict[tuple[str, str], str] = {}
+    out = {}
+    for spec in specs:
+        pair = (spec.algorithm, spec.task)
+        if pair not in by_pair:
+            by_pair[pair] = fingerprint.of_plugins(type(algorithms.get(spec.algorithm)),
+                                                   type(tasks.get(spec.task)))["source"]
+        out[spec.key()] = by_pair[pair]
+    return out
+
+
 def cmd_run(args) -> int:
     from harness import parallel
     if args.jobs < 1:
         raise UserError(f"--jobs: must be ≥ 1, not {args.jobs}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: must be ≥ 1, not {args.threads}")
+    if args.run_timeout is not None and not args.run_timeout > 0:
+        raise UserError(f"--run-timeout: a number of seconds > 0, not {args.run_timeout}")
     device = parallel.resolve_device(args.device)
     suite = _load_suite(args, device=device)
-    specs = _only(suite.specs, args.only)
+    specs = _only(suite, args.only)
+    sources = _current_sources(suite.specs)
     if args.dry_run:
-        return _dry_run(suite, specs, args)
+        return _dry_run(suite, specs, args, sources)
     summary = parallel.run(
         specs, suite.store_path, jobs=args.jobs, backend=args.backend,
         scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
+        rerun_stale=args.rerun_stale, sources=sources, run_timeout=args.run_timeout,
         progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv),
-        suite_name=suite.name)
+        suite_name=suite.name, structure=suite.structure())
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
-          f"skipped {c['skipped']}, already stored {summary.already_stored} → {suite.store_path}")
+          f"skipped {c['skipped']}, already stored {summary.already_stored}"
+          + (f", done by another process {summary.elsewhere}" if summary.elsewhere else "")
+          + f" → {suite.store_path}")
+    if summary.stale and not args.rerun_stale:
+        print(f"{summary.stale} stored run(s) were made with other source (stale); "
+              f"--rerun-stale runs them again")
     if not args.no_report:   # the whole suite's report, not only the slice that just ran
         from harness import report
-        print(f"report: {report.build(suite)}")
+        from harness.store import Store
+        with Store(suite.store_path, readonly=True) as store:
+            print(f"report: {report.build(store, regenerate=_regenerate(suite))}")
     return 130 if summary.interrupted else 0
 
 
-ONLY_KEYS = ("algorithm", "task", "arch", "seed")
+def _regenerate(suite) -> str:
+    return f"python bench.py report {suite.path}"
 
 
-def _only(specs, rules: list[str]):
-    """The specs that match every ``KEY=V[,V]`` rule (algorithm matches name or row label)."""
-    for rule in rules:
-        key, _, values = rule.partition("=")
-        if key not in ONLY_KEYS or not values:
-            raise UserError(f"--only {rule!r}: KEY=VALUE[,VALUE] with KEY one of {', '.join(ONLY_KEYS)}")
-        wanted = set(values.split(","))
-        entries = {s.label.split(" (")[0] for s in specs} | {s.task_label for s in specs}
-
-        def named(label: str, name: str) -> bool:   # as in suite rules: a label names its row
-            return label in wanted or (name in wanted and name not in entries)
-
-        def keep(spec) -> bool:
-            if key == "algorithm":
-                return spec.label in wanted or named(spec.label.split(" (")[0], spec.algorithm)
-            if key == "task":
-                return named(spec.task_label or spec.task, spec.task)
-            if key == "arch":
-                return spec.arch.name in wanted
-            return str(spec.seed) in wanted
-        kept = [s for s in specs if keep(s)]
-        if not kept:
-            raise UserError(f"--only {rule!r} matches no run of the suite")
-        specs = kept
+def _only(suite, rules: list[str]):
+    """The suite's specs that every ``--only KEY=V[,V]`` rule matches (algorithm matches a row
+    label, an entry label, or a plugin name that is not itself an entry label). A value that
+    names no run is an error, so a typo never silently runs less."""
+    from harness.grid import Coordinates, Selector, select
+    names = suite.names()
+    specs = list(suite.specs)
+    for rule, selector in zip(rules, Selector.parse_only(rules)):
+        for key in ("algorithm", "task", "arch", "seed"):
+            for value in getattr(selector, key):
+                single = Selector(**{key: (value,)})
+                if not any(single.matches(Coordinates.of(s, names)) for s in suite.specs):
+                    valid = sorted({str(getattr(Coordinates.of(s, names), attr))
+                                    for s in suite.specs for attr in
+                                    {"algorithm": ("row", "entry", "algorithm"),
+                                     "task": ("task_entry", "task"), "arch": ("arch",),
+                                     "seed": ("seed",)}[key]})
+                    raise UserError(f"--only {rule!r}: {value!r} names no run of the suite; "
+                                    f"valid {key} values: {', '.join(valid)}")
+        specs = select(specs, [selector], names)
+        if not specs:
+            raise UserError(f"--only {rule!r} matches no run of the suite (with the rules "
+                            "before it)")
     return specs
 
 
-def _dry_run(suite, specs, args) -> int:
+def _dry_run(suite, specs, args, sources) -> int:
     from tabulate import tabulate
     from harness import parallel
-    the_plan = parallel.plan(specs, suite.store_path, args.rerun, args.retry_errors)
+    the_plan = parallel.plan(specs, suite.store_path, args.rerun, args.retry_errors,
+                             args.rerun_stale, sources)
     reasons = parallel.prepare_data(the_plan.todo, _data_dir(args), lambda m: None, fetch=False)
     not_ready = {name: f"to run if {name} can be fetched (bench.py data)"
                  for name, reason in reasons.items() if reason}
     todo = parallel.with_data_reasons(the_plan.todo, not_ready)
     done = {s.key() for s in the_plan.done}
+    stale = {s.key() for s in the_plan.stale}
     rows = []
     for spec in the_plan.done + the_plan.skipped + todo:
-        if spec.key() in done:
-            state = "stored"
+        key = spec.key()
+        if key in done:
+            state = "stored" + (" (stale)" if key in stale else "")
         elif spec.skip_reason and spec.skip_reason in not_ready.values():
             state = spec.skip_reason
         else:
-            state = "skip: " + spec.skip_reason if spec.skip_reason else "to run"
+            state = "skip: " + spec.skip_reason if spec.skip_reason else (
+                "to run" + (" (stale)" if key in stale else ""))
         rows.append([spec.label, spec.task_label or spec.task, spec.arch.name, spec.seed,
                      spec.epochs, spec.batch_size, spec.device, state[:100]])
     print(tabulate(rows, headers=["algorithm", "task", "arch", "seed", "epochs", "batch",
@@ -219,23 +257,61 @@ def _dry_run(suite, specs, args) -> int:
     to_run = sum(1 for r in rows if r[-1].startswith("to run"))
     print(f"{len(rows)} runs: {to_run} to run, {len(done)} stored, "
           f"{len(rows) - to_run - len(done)} skipped (dry run: nothing was run)")
+    if stale:
+        print(f"{len(stale)} stored run(s) were made with source other than the current code "
+              f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
+                              else "they are to run again (--rerun-stale)"))
     return 0
 
 
 def cmd_report(args) -> int:
     from harness import report
-    suite = _load_suite(args)
-    print(report.build(suite, Path(args.out)))
+    from harness.store import Store, open_results
+    target = Path(args.suite)
+    if target.suffix in (".yaml", ".yml"):
+        suite = _load_suite(args)
+        with Store(suite.store_path, readonly=True) as store:
+            layout = report.Layout.of(suite.structure())
+            print(report.build(store, Path(args.out), layout=layout,
+                               regenerate=_regenerate(suite)))
+            stale = report.stale_runs(store, layout, _current_sources(suite.specs))
+        if stale:
+            print(f"{stale} stored run(s) were made with source other than the current code "
+                  f"(stale): python bench.py run {args.suite} --rerun-stale runs them again")
+        return 0
+    if args.store:
+        raise UserError("--store is for a suite file; give the store itself instead")
+    if target.is_dir():
+        raise UserError(f"{target}: a folder; give a suite .yaml, a .sqlite store or a runs.jsonl")
+    with open_results(target) as store:
+        rewrites_itself = target.suffix == ".jsonl" and target.resolve() == (
+            Path(args.out) / (store.meta("suite") or "") / "runs.jsonl").resolve()
+        print(report.build(store, Path(args.out), write_data=not rewrites_itself,
+                           regenerate=f"python bench.py report {target}"))
     return 0
 
 
 def cmd_merge(args) -> int:
+    from harness.exchange import read_jsonl
     from harness.store import Store
     suite = _load_suite(args)
     keys = {s.key() for s in suite.specs}
+    for source in args.sources:
+        if not source.exists():
+            raise UserError(f"{source}: no result store there")
     with Store(suite.store_path) as store:
+        if not store.meta("suite"):
+            store.record_suite(suite.name, suite.structure())
         for source in args.sources:
-            copied, present = store.merge_from(source, replace=args.replace)
+            if source.resolve() == suite.store_path.resolve():
+                raise UserError(f"{source}: cannot merge a store into itself")
+            if source.suffix == ".jsonl":
+                records = read_jsonl(source)
+            else:
+                with Store(source, readonly=True) as other:
+                    records = other.export_records()
+            copied, present = store.import_records(records, replace=args.replace,
+                                                   force=args.force, source=str(source))
             print(f"{source}: {copied} runs copied, {present} already in {suite.store_path}")
         matching = len(keys & set(store.statuses()))
     print(f"{suite.store_path}: {matching} of the suite's {len(keys)} runs are stored "

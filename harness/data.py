@@ -18,8 +18,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -57,6 +57,8 @@ class Source:
     what: str                 # the package spec, folder or URL
     members: tuple[tuple[str, str], ...] = ()
     fetch: Optional[Callable[[Path], None]] = field(default=None, compare=False)
+    # the file's bytes from the member's (decompressed) bytes, e.g. a table read out of code
+    transform: Optional[Callable[[bytes], bytes]] = field(default=None, compare=False)
 
     def describe(self) -> str:
         return {"installed": f"installed files in {self.what}",
@@ -77,6 +79,8 @@ class Dataset:
     description: str = ""
     # for sets whose files a library knows (torchvision): data folder -> problems (empty = ready)
     check: Optional[Callable[[Path], list[str]]] = field(default=None, compare=False)
+    # hosts a suite may name in a URL for this dataset's files (https only); none: paths only
+    hosts: tuple[str, ...] = ()
 
     def folder(self, data_dir: Path) -> Path:
         return Path(data_dir) / self.name
@@ -138,57 +142,46 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stamp(path: Path) -> str:
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def verify(dataset: Dataset, data_dir: Path) -> tuple[bool, list[str]]:
-    """(all files present and verified, problems). Verified files are remembered by size and
-    mtime in ``.verified.json`` so the 47 MB hashes are not recomputed each time."""
+    """(all files present and verified, problems). Every pinned file is hashed every time (a
+    47 MB file takes a tenth of a second): a file changed in place, whatever its size and time
+    stamps say, is caught before use. Nothing is written, so a read-only data folder works."""
     if dataset.check is not None:
         problems = dataset.check(dataset.folder(data_dir))
         return not problems, problems
     folder = dataset.folder(data_dir)
-    stamp_file = folder / ".verified.json"
-    try:
-        stamps = json.loads(stamp_file.read_text())
-    except (OSError, ValueError):
-        stamps = {}
-    problems, changed = [], False
+    problems = []
     for spec in dataset.files:
         path = folder / spec.name
-        if not path.exists():
-            problems.append(f"{path} is missing")
+        shown = f"{dataset.name}/{spec.name}"      # relative to the data folder: no machine path
+        if not path.is_file():
+            problems.append(f"{shown} is missing from the data folder")
             continue
-        if spec.sha256 is None or stamps.get(spec.name) == _stamp(path):
+        if spec.sha256 is None:
             continue
         actual = sha256_of(path)
         if actual != spec.sha256:
-            problems.append(f"{path} fails its checksum (sha256 {actual[:12]}…, "
+            problems.append(f"{shown} fails its checksum (sha256 {actual[:12]}…, "
                             f"expected {spec.sha256[:12]}…)")
-            continue
-        stamps[spec.name] = _stamp(path)
-        changed = True
-    if changed:
-        stamp_file.write_text(json.dumps(stamps))
     return not problems, problems
-
-
-def _decompress_into(raw: bytes, member: str, target: Path) -> None:
-    if member.endswith(".gz"):
-        raw = gzip.decompress(raw)
-    tmp = target.with_suffix(target.suffix + ".part")
-    tmp.write_bytes(raw)
-    tmp.replace(target)
 
 
 def _install(dataset: Dataset, source: Source, read_member: Callable[[str], bytes],
              data_dir: Path) -> None:
+    """Each member of the source into data/<dataset>/: decompressed (.gz), transformed,
+    written under a temporary name and renamed, so a file is either whole or absent."""
     folder = dataset.folder(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for name, member in source.members:
-        _decompress_into(read_member(member), member, folder / name)
+        raw = read_member(member)
+        if member.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        if source.transform is not None:
+            raw = source.transform(raw)
+        target = folder / name
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+        tmp.write_bytes(raw)
+        tmp.replace(target)
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -233,10 +226,7 @@ def _fetch_from(dataset: Dataset, source: Source, data_dir: Path) -> None:
                 _install(dataset, source,
                          lambda m: archive.extractfile(m).read(), data_dir)  # type: ignore[union-attr]
     elif source.kind == "url":
-        def read(member: str) -> bytes:
-            with urllib.request.urlopen(source.what + member, timeout=20) as response:
-                return response.read()
-        _install(dataset, source, read, data_dir)
+        _install(dataset, source, lambda member: _fetch_bytes(source.what + member), data_dir)
     elif source.fetch is not None:
         source.fetch(Path(data_dir))
     else:
@@ -289,10 +279,111 @@ def get(name: str) -> Dataset:
 # Decoded-tensor cache
 # --------------------------------------------------------------------------------------------
 
+def cache_folder(data_dir: Path) -> Path:
+    """Where decoded tensors are cached: ``data/cache/``, or — when the data folder is
+    read-only — the user's cache folder (``$XDG_CACHE_HOME/plausible-bench``)."""
+    preferred = Path(data_dir) / "cache"
+    target = preferred if preferred.is_dir() else Path(data_dir)
+    if os.access(target, os.W_OK):
+        return preferred
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "plausible-bench" / hashlib.sha256(
+        str(Path(data_dir).resolve()).encode()).hexdigest()[:10]
+
+
 def cache_path(dataset: Dataset, data_dir: Path, tag: str = "") -> Path:
     """A cache file keyed by the files' checksums: new files, new cache."""
     key = hashlib.sha256("".join(f.sha256 or f.name for f in dataset.files).encode()).hexdigest()
-    return Path(data_dir) / "cache" / f"{dataset.name}{tag}-{key[:10]}.pt"
+    return cache_folder(data_dir) / f"{dataset.name}{tag}-{key[:10]}.pt"
+
+
+def cached_tensors(dataset: Dataset, data_dir: Path, build: Callable[[], dict]) -> dict:
+    """The decoded tensors of a dataset, from a cache file that carries its own sha256 (in
+    ``<file>.sha256``): a cache that does not match its hash — corrupted, truncated, half
+    written — is rebuilt from the verified files with ``build()``. Tensors only: the cache is
+    read with ``weights_only``, nothing in it can run code."""
+    import torch
+    path = cache_path(dataset, data_dir)
+    stamp = path.with_name(path.name + ".sha256")
+    try:
+        raw = path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() == stamp.read_text().strip():
+            return torch.load(io.BytesIO(raw), weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        pass
+    tensors = build()
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    raw = buffer.getvalue()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = f".{os.getpid()}.part"          # workers may race to write it
+        tmp, tmp_stamp = path.with_name(path.name + suffix), stamp.with_name(stamp.name + suffix)
+        tmp.write_bytes(raw)
+        tmp_stamp.write_text(hashlib.sha256(raw).hexdigest())
+        tmp.replace(path)
+        tmp_stamp.replace(stamp)
+    except OSError:
+        pass                                      # no cache: decoded again next time
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Downloads
+# --------------------------------------------------------------------------------------------
+
+MAX_DOWNLOAD_BYTES = 2 << 30
+
+
+def _fetch_bytes(url: str, timeout: float = 60.0) -> bytes:
+    """The body at ``url``; errors name the URL and the failure, never the content."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            raw = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except OSError as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "code", None) or type(exc).__name__
+        raise UserError(f"{url}: cannot download ({reason})") from None
+    if len(raw) > MAX_DOWNLOAD_BYTES:
+        raise UserError(f"{url}: larger than {MAX_DOWNLOAD_BYTES >> 30} GB; download it yourself "
+                        "and give its path")
+    return raw
+
+
+def download(url: str, downloads: Path, hosts: tuple[str, ...],
+             schemes: tuple[str, ...] = ("https",)) -> Path:
+    """The file a suite names by URL, fetched once into ``downloads`` (a folder named by the
+    URL's hash, so two URLs with one file name never collide; written under a temporary name
+    first, so an interrupted download leaves nothing; a ``.gz`` stored decompressed).
+    Only ``schemes`` and ``hosts`` (the dataset's registration declares them) are fetched from;
+    ``file://`` URLs are plain paths."""
+    from urllib.parse import unquote, urlparse
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme not in schemes or (parsed.hostname or "") not in hosts:
+        allowed = ", ".join(f"{s}://{h}/…" for s in schemes for h in hosts) or "none"
+        raise UserError(f"{url}: not a source this dataset may be fetched from (allowed: "
+                        f"{allowed}); download the file yourself and give its path")
+    name = parsed.path.rstrip("/").rsplit("/", 1)[-1] or "download"
+    gzipped = name.endswith(".gz")
+    target = Path(downloads) / hashlib.sha256(url.encode()).hexdigest()[:16] / (
+        name[:-3] if gzipped else name)
+    if target.exists():
+        return target
+    raw = _fetch_bytes(url)
+    if gzipped:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            raise UserError(f"{url}: not a gzip file") from None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+        partial.write_bytes(raw)
+        partial.replace(target)
+    except OSError as exc:
+        raise UserError(f"{target}: cannot store the download ({exc.strerror})") from None
+    return target
 
 
 def read_idx(path: Path):

@@ -1,24 +1,32 @@
-"""Run a suite's grid: data first (in this process), then the runs through joblib — loky on
-this machine, or a Dask cluster — each result entering the store as soon as it arrives.
+"""Run a suite's grid: data first (in this process), then the runs through joblib — threads that
+each supervise one run process on this machine (:mod:`harness.worker`), or a Dask cluster —
+each result entering the store as soon as it arrives.
 
-Ctrl-C stops the suite; every run that finished is already in the store, and a run cut off
-leaves nothing, so running the suite again picks up where it stopped.
+Every run is *claimed* in the store just before it starts, so two processes on one store never
+compute the same run; a claim whose process is gone is taken over. A run whose process dies or
+outlives ``--run-timeout`` is stored as ``error`` with its cause and the suite goes on. Ctrl-C
+and SIGTERM stop the suite: the run processes are killed, every finished run is already in the
+store, a run cut off leaves nothing, and running the suite again picks up where it stopped.
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from harness import data as data_mod
 from harness import params as params_mod
-from harness.api import RunResult, RunSpec, UserError
-from harness.registry import tasks
-from harness.runner import execute, now, threads_for
-from harness.store import DONE_STATUSES, Store, environment
+from harness import worker
+from harness.api import DONE_STATUSES, RunResult, RunSpec, Status, UserError
+from harness.registry import plugin_folders, tasks
+from harness.runner import epoch_line, now, threads_for
+from harness.store import Owner, Store, environment
 
-BACKENDS = ("loky", "threading", "dask")
+BACKENDS = ("local", "dask")
+HEARTBEAT_S = 60.0
 
 
 @dataclass
@@ -26,12 +34,15 @@ class Plan:
     todo: list[RunSpec]
     done: list[RunSpec]
     skipped: list[RunSpec]
+    stale: list[RunSpec] = field(default_factory=list)   # stored, made with other source
 
 
 @dataclass
 class Summary:
-    counts: dict = field(default_factory=lambda: {"ok": 0, "diverged": 0, "error": 0, "skipped": 0})
+    counts: dict = field(default_factory=lambda: {s.value: 0 for s in Status})
     already_stored: int = 0
+    stale: int = 0
+    elsewhere: int = 0               # claimed by another process, or stored by one meanwhile
     interrupted: bool = False
 
 
@@ -48,22 +59,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def plan(specs: list[RunSpec], store_path: Path, rerun: bool, retry_errors: bool) -> Plan:
-    """Which runs are still to do (stored ok/diverged/error runs are done unless told)."""
+def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
+         retry_errors: bool = False, rerun_stale: bool = False,
+         sources: Optional[dict[str, str]] = None) -> Plan:
+    """Which runs are still to do. Stored ok/diverged/error runs are done unless told
+    (``rerun``, ``retry_errors``); ``sources`` (key → the current source digest) marks stored
+    runs made with other source as stale, to do again with ``rerun_stale``."""
     stored: dict[str, str] = {}
-    if store_path.exists() and not rerun:
-        with Store(store_path) as store:
-            stored = store.statuses([s.key() for s in specs])
-    done_statuses = tuple(s for s in DONE_STATUSES if not (retry_errors and s == "error"))
-    todo, done, skipped = [], [], []
+    stored_sources: dict[str, Optional[str]] = {}
+    if Path(store_path).exists() and Path(store_path).stat().st_size > 0:
+        with Store(store_path, readonly=True) as store:
+            stored, stored_sources = store.statuses(), store.sources()
+    done_statuses = [s for s in DONE_STATUSES if not (retry_errors and s == Status.ERROR)]
+    the_plan = Plan([], [], [])
     for spec in specs:
-        if stored.get(spec.key()) in done_statuses:
-            done.append(spec)
+        key = spec.key()
+        status = stored.get(key)
+        is_stale = (status is not None and status != Status.SKIPPED and sources is not None
+                    and stored_sources.get(key) != sources.get(key))
+        if is_stale:
+            the_plan.stale.append(spec)
+        if not rerun and status in done_statuses and not (is_stale and rerun_stale):
+            the_plan.done.append(spec)
         elif spec.skip_reason:
-            skipped.append(spec)
+            the_plan.skipped.append(spec)
         else:
-            todo.append(spec)
-    return Plan(todo, done, skipped)
+            the_plan.todo.append(spec)
+    return the_plan
 
 
 def prepare_data(specs: list[RunSpec], data_dir: Path, log: Callable[[str], None],
@@ -113,73 +135,131 @@ def _executor(backend: str, jobs: int, scheduler: Optional[str]):
         return client, joblib.parallel_config(backend="dask")
     if scheduler:
         raise UserError("--scheduler is for --backend dask only")
-    if backend == "loky":   # Ctrl-C is the main process's to handle: it stops the workers
-        return None, joblib.parallel_config(backend=backend, initializer=_ignore_interrupts)
-    return None, joblib.parallel_config(backend=backend)
+    # threads that each start one run process and wait for it: the runs are processes
+    return None, joblib.parallel_config(backend="threading")
 
 
-def _ignore_interrupts() -> None:
-    """Loky workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a
-    worker caught outside a run printed loky's traceback. The main process catches it, keeps
-    every finished run and terminates the workers."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class _Heartbeat(threading.Thread):
+    """Renews this process's claims while its runs go on, so nobody takes them over."""
+
+    def __init__(self, store: Store, owner: Owner, lock: threading.Lock):
+        super().__init__(name="claims-heartbeat", daemon=True)
+        self.store, self.owner, self.lock, self.done = store, owner, lock, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(HEARTBEAT_S):
+            try:
+                with self.lock:
+                    self.store.renew(self.owner)
+            except UserError:
+                pass   # a busy store: renewed next time (a claim lives CLAIM_TTL_S)
 
 
-def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str = "loky",
+class _Stop(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP), handled as Ctrl-C is."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
+
+
+def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str = "local",
         scheduler: Optional[str] = None, threads: Optional[int] = None, data_dir: Path,
         plugin_paths: tuple = (), rerun: bool = False, retry_errors: bool = False,
-        progress: bool = True, log_epochs: bool = False, command: str = "",
-        suite_name: str = "",
+        rerun_stale: bool = False, sources: Optional[dict[str, str]] = None,
+        run_timeout: Optional[float] = None, progress: bool = True, log_epochs: bool = False,
+        command: str = "", suite_name: str = "", structure: Optional[dict] = None,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Summary:
     import joblib
     from tqdm import tqdm
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     summary = Summary()
-    the_plan = plan(specs, store_path, rerun, retry_errors)
-    summary.already_stored = len(the_plan.done)
-    reasons = prepare_data(the_plan.todo, data_dir, log)
-    todo = with_data_reasons(the_plan.todo, reasons)
-    skipped = the_plan.skipped + [s for s in todo if s.skip_reason]
-    todo = [s for s in todo if not s.skip_reason]
+    the_plan = plan(specs, store_path, rerun, retry_errors, rerun_stale, sources)
+    summary.already_stored, summary.stale = len(the_plan.done), len(the_plan.stale)
     threads = threads or threads_for(jobs)
     device = specs[0].device if specs else "cpu"
-    with Store(store_path) as store:
-        session = store.start_session(command, suite_name, environment(jobs, threads, backend, device))
+    plugin_paths = tuple(dict.fromkeys([*map(str, plugin_paths), *plugin_folders()]))
+    with Store(store_path) as store:       # a store that cannot be written fails here, first
+        reasons = prepare_data(the_plan.todo, data_dir, log)
+        todo = with_data_reasons(the_plan.todo, reasons)
+        skipped = the_plan.skipped + [s for s in todo if s.skip_reason]
+        todo = [s for s in todo if not s.skip_reason]
+        if structure is not None:
+            store.record_suite(suite_name, structure)
+        session = store.start_session(command, suite_name,
+                                      environment(jobs, threads, backend, device))
         for spec in skipped:
-            result = RunResult(spec=spec, status="skipped", reason=spec.skip_reason or "",
-                               started_at=now(), finished_at=now())
-            store.save(result, session)
-            summary.counts["skipped"] += 1
+            store.save(RunResult(spec=spec, status=Status.SKIPPED, reason=spec.skip_reason or "",
+                                 started_at=now(), finished_at=now()), session)
+            summary.counts[Status.SKIPPED] += 1
         if not todo:
             return summary
+        owner, lock = Owner(), threading.Lock()
+        claims = Store(store_path, shared=True)   # the dispatching threads' connection
+        heartbeat = _Heartbeat(claims, owner, lock)
+        heartbeat.start()
+
+        def claimed():
+            for spec in todo:
+                if worker.stopping.is_set():
+                    return
+                with lock:
+                    answer = claims.claim(spec.key(), owner, rerun=rerun or (
+                        spec in the_plan.stale) or retry_errors)
+                if answer == "claimed":
+                    yield spec
+                else:
+                    summary.elsewhere += 1
+
         bar = tqdm(total=len(todo), unit="run", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, desc=suite_name or "runs")
         client, config = _executor(backend, jobs, scheduler)
+        metric_of = {s.task: tasks.get(s.task).primary_metric for s in todo}
+
+        def on_epoch(spec: RunSpec, record) -> None:   # called in the supervising threads
+            if log_epochs:
+                bar.write(epoch_line(spec, record, metric_of[spec.task]), file=sys.stderr)
+        handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             with config:
-                results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(
-                    joblib.delayed(execute)(spec, str(data_dir), threads, tuple(plugin_paths),
-                                            log_epochs)
-                    for spec in todo)
+                results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
+                                          pre_dispatch="n_jobs")(
+                    joblib.delayed(worker.supervise)(
+                        spec, str(data_dir), threads, plugin_paths,
+                        on_epoch if backend == "local" else None, run_timeout)
+                    for spec in claimed())
                 for result in results:
-                    store.save(result, session)
+                    if result is None:
+                        continue
+                    store.save(result, session, owner)
                     summary.counts[result.status] = summary.counts.get(result.status, 0) + 1
-                    if result.status == "error":
-                        bar.write(f"error in {result.spec.label} on {result.spec.task}/"
-                                  f"{result.spec.arch.name} seed {result.spec.seed}: {result.reason}",
-                                  file=sys.stderr)
+                    if result.status in (Status.ERROR, Status.DIVERGED):
+                        bar.write(f"{result.status} in {result.spec.label} on "
+                                  f"{result.spec.task_label}/{result.spec.arch.name} seed "
+                                  f"{result.spec.seed}: {result.reason}", file=sys.stderr)
                     bar.update(1)
                     bar.set_postfix_str(_postfix(summary, len(todo)))
         except KeyboardInterrupt:
             summary.interrupted = True
+            worker.stop_all()
             bar.write("interrupted: every finished run is in the store; run the suite again "
                       "to continue", file=sys.stderr)
         finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            worker.stop_all()
+            heartbeat.done.set()
+            with lock:
+                try:
+                    claims.release(owner)
+                except UserError:
+                    pass
+                claims.close()
             bar.close()
             if client is not None:
                 client.close()
+            worker.reset()
     return summary
 
 
@@ -187,4 +267,4 @@ def _postfix(summary: Summary, total: int) -> str:
     c = summary.counts
     finished = c["ok"] + c["diverged"] + c["error"]
     return f"ok {c['ok']} diverged {c['diverged']} failed {c['error']} " \
-           f"skipped {c['skipped']} left {total - finished}"
+           f"skipped {c['skipped']} left {total - finished - summary.elsewhere}"

@@ -38,10 +38,16 @@ class Registry(Generic[T]):
         def decorate(cls: type) -> type:
             if not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise TypeError(f"@register({name!r}) needs a subclass of {self.base.__name__}")
-            existing = self._classes.get(name)
-            if existing is not None and existing.__qualname__ != cls.__qualname__:
-                raise TypeError(f"{self.kind} {name!r} is registered twice "
-                                f"({existing.__module__} and {cls.__module__})")
+            existing = self._classes.get(name) or self._classes.get(self._aliases.get(name, ""))
+            if existing is not None and existing is not cls:
+                raise UserError(f"{self.kind} {name!r} is registered twice: by "
+                                f"{_where(existing)} and by {_where(cls)}; rename one (a plugin "
+                                f"never replaces another, whatever its class is called)")
+            for alias in aliases:
+                taken = self._classes.get(alias) or self._classes.get(self._aliases.get(alias, ""))
+                if taken is not None and taken is not cls:
+                    raise UserError(f"{self.kind} alias {alias!r} of {name!r} ({_where(cls)}) is "
+                                    f"already a name of {_where(taken)}")
             cls.name = name
             self._classes[name] = cls
             self.origin[name] = cls.__module__
@@ -83,6 +89,24 @@ algorithms: Registry[Algorithm] = Registry("algorithm", Algorithm)
 tasks: Registry[Task] = Registry("task", Task)
 
 _discovered: set[str] = set()
+_extra_folders: list[str] = []      # plugin folders discovered besides the project's own
+
+
+def plugin_folders() -> list[str]:
+    """Every extra plugin folder this process discovered: a run process discovers the same."""
+    return list(_extra_folders)
+
+
+def _where(cls: type) -> str:
+    """The file that defines a plugin class (relative to the project where it lies in it)."""
+    module = sys.modules.get(cls.__module__)
+    source = getattr(module, "__file__", None)
+    if not source:
+        return cls.__module__
+    try:
+        return str(Path(source).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return source
 
 
 def _one_line(exc: BaseException) -> str:
@@ -107,6 +131,10 @@ def _import_folder(folder: Path, package: str | None, registry: Registry) -> Non
                 loaded = importlib.util.module_from_spec(spec)
                 sys.modules[module] = loaded
                 spec.loader.exec_module(loaded)
+        except UserError:        # a name registered twice: an error, not a broken plugin
+            sys.modules.pop(module, None)
+            _discovered.discard(module)
+            raise
         except Exception as exc:  # a broken plugin is listed, never silently absent
             registry.broken[module if package else str(path)] = _one_line(exc)
 
@@ -120,6 +148,8 @@ def _entry_points(group: str, registry: Registry) -> None:
         _discovered.add(key)
         try:
             entry.load()
+        except UserError:
+            raise
         except Exception as exc:
             registry.broken[f"{entry.value} (entry point {entry.name})"] = _one_line(exc)
 
@@ -145,6 +175,8 @@ def discover(extra_paths: Iterable[str | os.PathLike] = ()) -> None:
                     _import_folder(sub, None, registry)
         else:  # a flat folder: files register into whichever registry they use
             _import_folder(folder, None, algorithms)
+        if str(folder.resolve()) not in _extra_folders:
+            _extra_folders.append(str(folder.resolve()))
 
 
 # --------------------------------------------------------------------------------------------

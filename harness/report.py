@@ -10,11 +10,52 @@ skipped or failed with their reasons, and the environment the runs ran in.
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from harness import store as store_mod
-from harness.suite import Suite
+
+
+@dataclass
+class Layout:
+    """What a report needs besides the runs: the suite's structure as the store recorded it
+    (see ``Suite.structure``), so that a report is built without the YAML or the plugins."""
+
+    name: str
+    description: str
+    protocol: str
+    baseline: Optional[str]
+    row_order: list
+    column_order: list
+    metrics: dict          # task label -> (primary metric, direction)
+    references: dict       # (row, task label, arch) -> (mean, std or None)
+    reference_source: str
+    plan: list             # one dict per planned run: key, label, task, arch, seed, …
+    raw: dict
+
+    @classmethod
+    def of(cls, structure: dict) -> "Layout":
+        return cls(
+            name=structure["name"], description=structure.get("description") or "",
+            protocol=structure.get("protocol", "clean"), baseline=structure.get("baseline"),
+            row_order=[r["label"] for r in structure.get("rows", [])],
+            column_order=[(c["task"], c["arch"]) for c in structure.get("columns", [])],
+            metrics={t: tuple(v["metrics"][0]) for t, v in structure.get("tasks", {}).items()},
+            references={(r["row"], r["task"], r["arch"]): (r["mean"], r.get("std"))
+                        for r in structure.get("references", [])},
+            reference_source=structure.get("reference_source") or "",
+            plan=structure.get("plan", []), raw=structure)
+
+    def keys(self) -> list[str]:
+        return [p["key"] for p in self.plan]
+
+
+def md(text) -> str:
+    """A value as it may stand in a markdown table cell: no pipe, newline or HTML of its own."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|").replace("\r", " ").replace("\n", " "))
 
 ARROW = {"max": "↑", "min": "↓"}
 
@@ -42,7 +83,7 @@ def _cell(mean: float, std: float, n: int, metric: str, bold: bool = False) -> s
     return f"**{text}**" if bold else text
 
 
-def _reference(suite: Suite, label: str, algorithm: str, task: str, arch: str):
+def _reference(suite: Layout, label: str, algorithm: str, task: str, arch: str):
     entry = label.split(" (")[0]
     for key in ((label, task, arch), (entry, task, arch), (algorithm, task, arch)):
         if key in suite.references:
@@ -50,18 +91,19 @@ def _reference(suite: Suite, label: str, algorithm: str, task: str, arch: str):
     return None
 
 
-def _columns(suite: Suite, runs) -> list[tuple[str, str]]:
+def _columns(suite: Layout, runs) -> list[tuple[str, str]]:
     present = set(zip(runs["task_label"], runs["arch"]))
     return [c for c in suite.column_order if c in present]
 
 
-def _rows(suite: Suite, runs) -> list[str]:
+def _rows(suite: Layout, runs) -> list[str]:
     present = set(runs["label"])
     return [r for r in suite.row_order if r in present]
 
 
-def results_table(suite: Suite, runs, protocol: str) -> Optional[str]:
-    """Rows × task/arch columns of ``protocol``'s selected test metric, with references."""
+def results_table(suite: Layout, runs, protocol: str) -> Optional[str]:
+    """Rows × task/arch columns of ``protocol``'s selected test metric, with references. A cell
+    with a diverged run is marked † and is never the column's best."""
     from tabulate import tabulate
     ok = runs[runs["status"].isin(["ok", "diverged"])]
     if ok.empty:
@@ -71,27 +113,30 @@ def results_table(suite: Suite, runs, protocol: str) -> Optional[str]:
     stats = {}
     for (label, task, arch), group in ok.groupby(["label", "task_label", "arch"]):
         stats[(label, task, arch)] = (_mean_std(group[column_name].tolist()),
-                                      group["algorithm"].iloc[0])
+                                      group["algorithm"].iloc[0],
+                                      bool((group["status"] == "ok").all()))
     headers = ["algorithm"]
     for task, arch in columns:
         metric, direction = suite.metrics[task]
-        headers.append(f"{task}/{arch} {metric} {ARROW[direction]}")
+        headers.append(md(f"{task}/{arch} {metric} {ARROW[direction]}"))
         if any(_reference(suite, r, stats.get((r, task, arch), (None, r))[1], task, arch)
                for r in rows):
             headers += ["published", "Δ"]
     table = []
     for label in rows:
-        line = [label]
+        line = [md(label)]
         for task, arch in columns:
             metric, direction = suite.metrics[task]
-            cells = [stats[(r, task, arch)][0] for r in rows if (r, task, arch) in stats]
-            means = [m for m, _, n in cells if n]
+            means = [m for (m, _, n), _, all_ok in (stats[(r, task, arch)] for r in rows
+                                                     if (r, task, arch) in stats)
+                     if n and all_ok]
             best = (max if direction == "max" else min)(means) if means else None
             has_refs = any(_reference(suite, r, stats.get((r, task, arch), (None, r))[1], task, arch)
                            for r in rows)
             if (label, task, arch) in stats:
-                (mean, std, n), algorithm = stats[(label, task, arch)]
-                line.append(_cell(mean, std, n, metric, bold=n > 0 and mean == best))
+                (mean, std, n), algorithm, all_ok = stats[(label, task, arch)]
+                cell = _cell(mean, std, n, metric, bold=n > 0 and all_ok and mean == best)
+                line.append(cell if all_ok else cell + " †")
             else:
                 mean, n, algorithm = math.nan, 0, label
                 line.append("–")
@@ -107,7 +152,7 @@ def results_table(suite: Suite, runs, protocol: str) -> Optional[str]:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def protocols_table(suite: Suite, runs) -> Optional[str]:
+def protocols_table(suite: Layout, runs) -> Optional[str]:
     """Both selections side by side, per row and column, with the selected epochs."""
     from tabulate import tabulate
     ok = runs[runs["status"].isin(["ok", "diverged"])]
@@ -123,7 +168,7 @@ def protocols_table(suite: Suite, runs) -> Optional[str]:
             clean = _mean_std(group["clean_test"].tolist())
             paper = _mean_std(group["paper_test"].tolist())
             ref = _reference(suite, label, group["algorithm"].iloc[0], task, arch)
-            table.append([label, f"{task}/{arch}", metric,
+            table.append([md(label), md(f"{task}/{arch}"), md(metric),
                           _cell(*clean, metric), f"{group['clean_epoch'].mean():.1f}",
                           _cell(*paper, metric), f"{group['paper_epoch'].mean():.1f}",
                           _fmt(ref[0], metric) if ref else "",
@@ -134,7 +179,7 @@ def protocols_table(suite: Suite, runs) -> Optional[str]:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def validation_table(suite: Suite, runs) -> Optional[str]:
+def validation_table(suite: Layout, runs) -> Optional[str]:
     """How a sweep chooses: for every algorithm plugin run in two or more configurations on a
     task/arch, each configuration's best validation metric and its epoch, the test metric at
     that epoch beside it (for the record), and in bold the best validation mean. None when the
@@ -162,7 +207,7 @@ def validation_table(suite: Suite, runs) -> Optional[str]:
             if configurations[plugin] < 2:
                 continue
             chosen = best[plugin][0] == label
-            table.append([plugin, f"{task}/{arch}", f"**{label}**" if chosen else label,
+            table.append([md(plugin), md(f"{task}/{arch}"), f"**{md(label)}**" if chosen else md(label),
                           _cell(mean, std, n, metric, bold=chosen),
                           f"{group['clean_epoch'].mean():.1f}",
                           _cell(*_mean_std(group["clean_test"].tolist()), metric)])
@@ -173,7 +218,7 @@ def validation_table(suite: Suite, runs) -> Optional[str]:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def metrics_table(suite: Suite, runs, epochs, protocol: str) -> Optional[str]:
+def metrics_table(suite: Layout, runs, epochs, protocol: str) -> Optional[str]:
     """Every test metric the task records (not only the primary one: baselines such as the
     persistence forecast, bits per character, loss) at the epoch the protocol selects; one
     table per task/arch, since tasks record different metrics."""
@@ -194,13 +239,14 @@ def metrics_table(suite: Suite, runs, epochs, protocol: str) -> Optional[str]:
         rows = []
         for label in _rows(suite, here):
             group = here[here["label"] == label]
-            rows.append([label] + [_cell(*_mean_std(group[f"test_{m}"].tolist()), m) for m in names])
-        tables.append(f"**{task}/{arch}**\n\n" + tabulate(
-            rows, headers=["algorithm"] + names, tablefmt="github", disable_numparse=True))
+            rows.append([md(label)] + [_cell(*_mean_std(group[f"test_{m}"].tolist()), m) for m in names])
+        tables.append(f"**{md(task)}/{md(arch)}**\n\n" + tabulate(
+            rows, headers=["algorithm"] + [md(n) for n in names], tablefmt="github",
+            disable_numparse=True))
     return "\n\n".join(tables) or None
 
 
-def timing_table(suite: Suite, runs, epochs) -> Optional[str]:
+def timing_table(suite: Layout, runs, epochs) -> Optional[str]:
     """Seconds per training epoch (warm-up excluded; mean ± std over seeds' epochs) and peak
     memory, with the ratio to BP where BP ran the same column."""
     from tabulate import tabulate
@@ -225,7 +271,7 @@ def timing_table(suite: Suite, runs, epochs) -> Optional[str]:
             memory = runs[(runs["label"] == label) & (runs["task_label"] == task)
                           & (runs["arch"] == arch)]["peak_memory_mb"].max()
             ratio = bp_time.get((task, arch))
-            table.append([label, f"{task}/{arch}", f"{mean:.3f} ± {std:.3f}", n,
+            table.append([md(label), md(f"{task}/{arch}"), f"{mean:.3f} ± {std:.3f}", n,
                           f"{mean / ratio:.2f}×" if ratio else "", f"{eval_mean:.3f}",
                           f"{memory:.0f}" if memory == memory else "–"])
     headers = ["algorithm", "task/arch", "train s/epoch", "epochs timed", "vs BP",
@@ -233,7 +279,7 @@ def timing_table(suite: Suite, runs, epochs) -> Optional[str]:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def _plots(suite: Suite, epochs, out_dir: Path) -> list[tuple[str, str]]:
+def _plots(suite: Layout, epochs, out_dir: Path) -> list[tuple[str, str]]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -302,31 +348,88 @@ def environment_table(sessions, runs) -> Optional[str]:
                     disable_numparse=True)
 
 
-def build(suite: Suite, out_root: Path = Path("reports")) -> Path:
-    """Write ``<out_root>/<suite>/report.md`` and its PNGs from the store; returns the path."""
+def fingerprint_table(runs) -> Optional[str]:
+    """The source each run was made with: one row per (algorithm, task, digests)."""
+    import json
+
     from tabulate import tabulate
-    frames = store_mod.load(suite.store_path, keys=[s.key() for s in suite.specs])
+    done = runs[runs["status"] != "skipped"]
+    if done.empty:
+        return None
+    rows: dict[tuple, int] = {}
+    for algorithm, task, text in zip(done["algorithm"], done["task"], done["fingerprint"]):
+        parts = json.loads(text) if isinstance(text, str) and text else {}
+        line = (algorithm, task, parts.get("algorithm", "?"), parts.get("task", "?"),
+                parts.get("engine", "?"))
+        rows[line] = rows.get(line, 0) + 1
+    table = [[md(a), md(t), f"`{alg}`", f"`{tsk}`", f"`{eng}`", n]
+             for (a, t, alg, tsk, eng), n in sorted(rows.items())]
+    return tabulate(table, headers=["algorithm", "task", "algorithm source", "task source",
+                                    "engine source", "runs"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def stale_runs(store, layout: "Layout", current: dict) -> int:
+    """How many of the layout's stored runs were made with source other than ``current``
+    (key → the current source digest)."""
+    wanted = set(layout.keys())
+    return sum(1 for key, source, status in store.query("SELECT key, source, status FROM runs")
+               if key in wanted and status != "skipped" and current.get(key) != source)
+
+
+def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = None,
+          regenerate: str = "", write_data: bool = True) -> Path:
+    """Write ``<out_root>/<suite>/report.md``, its PNGs and ``runs.jsonl`` (the data behind
+    it) from a store alone; returns the report's path. ``layout``: the suite's structure (by
+    default the one the store recorded). The report is a function of the runs alone: built
+    again from its ``runs.jsonl`` it is the same (timestamps aside)."""
+    from harness.api import UserError
+    from harness.exchange import write_jsonl
+    if layout is None:
+        structure = store.structure()
+        if structure is None:
+            raise UserError(f"{store.path}: the store has no suite structure recorded (run "
+                            "the suite, or report it with its YAML file)")
+        layout = Layout.of(structure)
+    frames = store_mod.frames(store, keys=layout.keys())
+    out_dir = Path(out_root) / layout.name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot write the report there ({exc.strerror}); give a "
+                        "writable --out folder") from None
+    if write_data:
+        records = store.export_records(layout.keys())
+        records["structure"], records["suite"] = layout.raw, layout.name
+        write_jsonl(records, out_dir / "runs.jsonl")
+    return _write(layout, frames, out_dir,
+                  regenerate or f"python bench.py report {out_dir / 'runs.jsonl'}")
+
+
+def _write(suite: Layout, frames, out_dir: Path, regenerate: str) -> Path:
+    from tabulate import tabulate
     runs, epochs, sessions = frames
-    out_dir = Path(out_root) / suite.name
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = runs["status"].value_counts().to_dict()
-    total = len(suite.specs)
-    protocol = suite.specs[0].protocol if suite.specs else "clean"
+    total = len(suite.plan)
+    protocol = suite.protocol
     other = "paper" if protocol == "clean" else "clean"
     lines = [f"# Report: {suite.name}", ""]
     if suite.description:
         lines += [suite.description.strip(), ""]
-    lines += [f"Suite `{suite.path}`, store `{suite.store_path}`: {len(runs)} of {total} runs "
-              f"stored (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "). "
-              "Every number below comes from the store; regenerate with "
-              f"`python bench.py report {suite.path}`.", ""]
+    lines += [f"Suite `{suite.name}`: {len(runs)} of {total} runs stored (" + ", ".join(
+        f"{k} {v}" for k, v in sorted(counts.items())) + "). Every number below comes from "
+              f"the runs in `runs.jsonl` beside this file; regenerate with `{regenerate}`.", ""]
     lines += [f"Protocol of this suite: **{protocol}** — "
               + ("test metric at the epoch best on the validation split."
                  if protocol == "clean" else "best test metric over epochs (as the DLL paper "
                  "reports)."),
-              "Cells: mean ± std over seeds (number of seeds); best per column in bold."]
+              "Cells: mean ± std over seeds (number of seeds); best per column in bold; † a "
+              "cell with a diverged run (never marked best)."]
     if suite.reference_source:
-        lines += [f"Published values: {suite.reference_source}; Δ = measured − published."]
+        lines += [f"Published values: {md(suite.reference_source)}; Δ = measured − published."]
     lines.append("")
     for title, table in ((f"## Results ({protocol} protocol)", results_table(suite, runs, protocol)),
                          (f"## Results ({other} protocol)", results_table(suite, runs, other)),
@@ -343,7 +446,7 @@ def build(suite: Suite, out_root: Path = Path("reports")) -> Path:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     problems = runs[runs["status"].isin(["skipped", "error", "diverged"])]
     if not problems.empty:
-        rows = [[r.status, r.label, f"{r.task_label}/{r.arch}", r.seed, r.reason]
+        rows = [[r.status, md(r.label), md(f"{r.task_label}/{r.arch}"), r.seed, md(r.reason)]
                 for r in problems.sort_values(["status", "label", "seed"]).itertuples()]
         lines += ["## Skipped, failed and diverged runs", "",
                   tabulate(rows, headers=["status", "algorithm", "task/arch", "seed", "reason"],
@@ -351,9 +454,20 @@ def build(suite: Suite, out_root: Path = Path("reports")) -> Path:
     missing = total - len(runs)
     if missing:
         lines += [f"{missing} run(s) of the suite are not in the store yet.", ""]
+    sources = fingerprint_table(runs)
+    if sources:
+        lines += ["## Source of the runs", "", "Digests of the code each run was made with "
+                  "(docstrings and comments aside): its algorithm plugin, its task plugin and "
+                  "the engine's numeric parts (harness/fingerprint.py). `python bench.py run "
+                  "SUITE --dry-run` says which stored runs the current code would make "
+                  "differently (stale); `--rerun-stale` runs them again.", "", sources, ""]
     env = environment_table(sessions, runs)
     if env:
         lines += ["## Environment", "", env, ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
+    try:
+        path.write_text("\n".join(lines))
+    except OSError as exc:
+        from harness.api import UserError
+        raise UserError(f"{path}: cannot write the report ({exc.strerror})") from None
     return path

@@ -15,10 +15,11 @@ import resource
 import sys
 import time
 import traceback
-from typing import Optional
+from typing import Callable, Optional
 
+from harness import fingerprint
 from harness import params as params_mod
-from harness.api import EpochRecord, RunResult, RunSpec, UserError
+from harness.api import EpochRecord, RunResult, RunSpec, Status, UserError
 from harness.registry import algorithms, discover, tasks
 
 EVAL_BATCH = 1024
@@ -69,10 +70,13 @@ def evaluate(learner, task, info, x, y) -> dict[str, float]:
     return metrics
 
 
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def select_epoch(epochs: list[EpochRecord], split: str, metric: str, direction: str) -> Optional[EpochRecord]:
     """The epoch whose ``split`` metric is best (earliest on ties); None without that split."""
-    scored = [e for e in epochs if metric in e.metrics.get(split, {})
-              and math.isfinite(e.metrics[split][metric])]
+    scored = [e for e in epochs if _finite(e.metrics.get(split, {}).get(metric))]
     if not scored:
         return None
     sign = 1.0 if direction == "max" else -1.0
@@ -113,22 +117,28 @@ def _sync(device: str) -> None:
 
 
 def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple = (),
-            log_epochs: bool = False) -> RunResult:
+            on_epoch: Optional[Callable[[RunSpec, EpochRecord], None]] = None) -> RunResult:
     """Run one spec to the end and return its result; never raises for the run's own failures.
-    ``log_epochs``: print one line per finished epoch to stderr (the worker's)."""
+    ``on_epoch(spec, record)`` is called after every finished epoch (progress, logging)."""
     import torch
-    discover(plugin_paths)
     torch.set_num_threads(max(1, threads))
-    result = RunResult(spec=spec, status="ok", threads=threads, started_at=now())
+    result = RunResult(spec=spec, status=Status.OK, threads=threads, started_at=now())
     cuda = spec.device.startswith("cuda")
     try:
+        discover(plugin_paths)
         algorithm = algorithms.get(spec.algorithm)
         task = tasks.get(spec.task)
+        result.fingerprint = fingerprint.of_plugins(type(algorithm), type(task))
+        for kind, plugin, wanted in (("algorithm", algorithm, spec.algorithm_version),
+                                     ("task", task, spec.task_version)):
+            if plugin.version != wanted:
+                raise UserError(f"{kind} {plugin.name} is at version {plugin.version}, but the "
+                                f"run was planned for version {wanted}")
         alg_params = params_mod.build(algorithm.Params, spec.params)
         task_params = params_mod.build(task.Params, spec.task_params)
         reason = algorithm.unsupported(spec.arch, alg_params)
         if reason:
-            result.status, result.reason = "skipped", reason
+            result.status, result.reason = Status.SKIPPED, reason
             return result
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -147,13 +157,17 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
         state = learner.state_dict()
         result.n_parameters = sum(v.numel() for v in state.values() if hasattr(v, "numel"))
         _train(spec, task, data.info, learner, result, x_train, y_train, (x_val, y_val),
-               (x_test, y_test), device, log_epochs)
+               (x_test, y_test), device, on_epoch)
         result.selection = summarize(result.epochs, task.primary_metric,
                                      task.metrics[task.primary_metric])
     except UserError as exc:
-        result.status, result.reason = "error", str(exc)
+        result.status, result.reason = Status.ERROR, str(exc)
+    except SystemExit as exc:   # a plugin called sys.exit(): the run failed, not the worker
+        result.status = Status.ERROR
+        result.reason = f"the run called sys.exit({exc.code!r})"
+        result.traceback = traceback.format_exc()
     except Exception as exc:  # the run failed; the suite goes on
-        result.status = "error"
+        result.status = Status.ERROR
         result.reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         result.traceback = traceback.format_exc()
     finally:
@@ -168,7 +182,7 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
 
 
 def _train(spec, task, info, learner, result, x_train, y_train, val, test, device,
-           log_epochs: bool = False) -> None:
+           on_epoch=None) -> None:
     import torch
     metric, direction = task.primary_metric, task.metrics[task.primary_metric]
     watch_split = "val" if spec.protocol == "clean" and len(val[1]) else "test"
@@ -196,15 +210,21 @@ def _train(spec, task, info, learner, result, x_train, y_train, val, test, devic
         metrics = {"val": evaluate(learner, task, info, *val), "test": evaluate(learner, task, info, *test)}
         _sync(spec.device)
         eval_time = time.perf_counter() - start
+        non_finite = [split for split, values in metrics.items()
+                      if metric in values and not _finite(values[metric])]
+        metrics = {split: {name: (value if _finite(value) else None)   # a secondary metric
+                           for name, value in values.items()}           # that is not finite
+                   for split, values in metrics.items()}                # is stored as null
         record = EpochRecord(epoch=epoch, train_time_s=train_time, eval_time_s=eval_time,
                              train_loss=train_loss, metrics=metrics, lr=lr, warmup=epoch == 1)
         result.epochs.append(record)
-        if log_epochs:
-            print(epoch_line(spec, record, metric), file=sys.stderr, flush=True)
-        if not math.isfinite(train_loss) or not all(
-                math.isfinite(v) for split in metrics.values() for v in split.values()):
-            result.status = "diverged"
-            result.reason = f"non-finite loss at epoch {epoch} (train loss {train_loss})"
+        if on_epoch is not None:
+            on_epoch(spec, record)
+        if not math.isfinite(train_loss) or non_finite:
+            result.status = Status.DIVERGED
+            what = (f"training loss {train_loss}" if not math.isfinite(train_loss) else
+                    " and ".join(f"{split} {metric}" for split in non_finite))
+            result.reason = f"non-finite {what} at epoch {epoch}"
             return
         score = metrics[watch_split].get(metric)
         if score is not None:
@@ -219,7 +239,8 @@ def _train(spec, task, info, learner, result, x_train, y_train, val, test, devic
 def epoch_line(spec: RunSpec, record: EpochRecord, metric: str) -> str:
     """``dll mnist/cnn seed 0: epoch 3/50 loss 0.41 accuracy val 97.1 test 97.0 (12.3 s)``"""
     scores = " ".join(f"{split} {record.metrics[split][metric]:.4g}"
-                      for split in ("val", "test") if metric in record.metrics.get(split, {}))
+                      for split in ("val", "test")
+                      if _finite(record.metrics.get(split, {}).get(metric)))
     return (f"{spec.label or spec.algorithm} {spec.task_label or spec.task}/{spec.arch.name} "
             f"seed {spec.seed}: epoch {record.epoch}/{spec.epochs} loss {record.train_loss:.4g} "
             f"{metric} {scores} ({record.train_time_s:.1f} s)")

@@ -1,17 +1,20 @@
-"""YAML suite → checked :class:`Suite` → list of :class:`RunSpec`.
+"""YAML suite → typed, checked :class:`Suite` → list of :class:`RunSpec`.
 
-Every mistake raises :class:`UserError` with one line naming the file, the key and what is
-valid. See the README ("Writing a suite") for the format; in short::
+The file is parsed once into frozen dataclasses, in one place that validates; every mistake
+raises :class:`UserError` with one line naming the file, the key and what is valid. One
+:class:`Selector` serves ``overrides[].match``, ``exclude`` and ``--only``; :func:`expand` is the
+one pure expansion of the grid. See the README ("Writing a suite") for the format; in short::
 
     name: quick                 # default: the file's stem
     seeds: 2                    # or a list [0, 1]
     epochs: 5
     batch_size: 128
     protocol: clean             # clean | paper
+    baseline: bp                # the row every other row is compared with (default: bp)
     tasks:
       mnist: {archs: [mlp], params: {train_subset: 5000}}
     algorithms:
-      bp: {lr: [1e-3, 5e-4]}    # a list is a grid
+      bp: {lr: [1e-3, 5e-4]}    # a list is a grid: rows "bp (lr=0.001)", "bp (lr=0.0005)"
       bp-sgd: {algorithm: bp, optimizer: sgd}
     overrides:
       - {match: {task: mnist}, params: {lr: 1e-3}, batch_size: 64}
@@ -20,55 +23,190 @@ valid. See the README ("Writing a suite") for the format; in short::
     reference:
       source: "Lv et al. 2025, Table 1"
       values: {bp: {mnist: {mlp: [98.62, 0.17]}}}
+
+A suite is data: nothing in it is executed or unpickled. The YAML is read with a safe loader
+that also refuses duplicate keys, anchors and aliases, non-string keys, and files that are not
+UTF-8 text or larger than :data:`MAX_SUITE_BYTES`.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from harness import params as P
-from harness.api import (ACTIVATIONS, LAYER_KINDS, PROTOCOLS, Arch, Conv, Dense, Flatten, Pool,
-                         Recurrent, RunSpec, UserError)
+from harness.api import PROTOCOLS, Arch, RunSpec, UserError
+from harness.archspec import parse_archs
+from harness.grid import Names, Override, Selector, expand
 from harness.registry import algorithms, tasks
 
+MAX_SUITE_BYTES = 256 * 1024
 TOP_KEYS = ("name", "description", "store", "seeds", "epochs", "batch_size", "protocol",
-            "validation", "patience", "tasks", "algorithms", "overrides", "exclude", "reference")
+            "validation", "patience", "baseline", "tasks", "algorithms", "overrides", "exclude",
+            "reference")
 TASK_KEYS = ("task", "archs", "params")
 OVERRIDE_KEYS = ("match", "params", "batch_size", "epochs", "patience")
 MATCH_KEYS = ("task", "algorithm", "arch")
 EXCLUDE_KEYS = ("task", "algorithm", "arch", "seed")
 
 
-@dataclass
-class Suite:
-    name: str
-    path: Path
-    description: str
-    store_path: Path
-    specs: list[RunSpec]
-    references: dict[tuple[str, str, str], tuple[float, Optional[float]]] = field(default_factory=dict)
-    reference_source: str = ""
-    row_order: list[str] = field(default_factory=list)
-    column_order: list[tuple[str, str]] = field(default_factory=list)
-    metrics: dict[str, tuple[str, str]] = field(default_factory=dict)   # task -> (metric, direction)
+# --------------------------------------------------------------------------------------------
+# Reading the file: safe, bounded, strict
+# --------------------------------------------------------------------------------------------
 
-
-def _load_yaml(path: Path) -> dict:
+def _loader_class():
     import yaml
-    if not path.exists():
-        raise UserError(f"{path}: no such suite file")
+
+    class SuiteLoader(yaml.SafeLoader):
+        """PyYAML's safe loader, stricter: no aliases (no "billion laughs"), no duplicate keys,
+        only string keys."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.MarkedYAMLError(problem="anchors and aliases (*name) are not allowed "
+                                           "in a suite: write each value out", problem_mark=mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[str, None] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.MarkedYAMLError(problem="merge keys (<<) are not allowed in a "
+                                               "suite", problem_mark=key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise yaml.MarkedYAMLError(problem=f"the key {key!r} is not a name (keys "
+                                               "are strings; quote it)",
+                                               problem_mark=key_node.start_mark)
+                if key in seen:
+                    raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r} (a second value "
+                                               "would silently replace the first)",
+                                               problem_mark=key_node.start_mark)
+                seen[key] = None
+            return super().construct_mapping(node, deep=deep)
+
+    return SuiteLoader
+
+
+def read_yaml(path: Path) -> dict:
+    """The suite file as a mapping, or a one-line UserError naming the file."""
+    import yaml
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a suite file")
     try:
-        data = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_SUITE_BYTES:
+            raise UserError(f"{path}: {size:,} bytes; a suite file is at most "
+                            f"{MAX_SUITE_BYTES // 1024} KB of YAML")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such suite file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if b"\x00" in raw:
+        raise UserError(f"{path}: a binary file, not YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=_loader_class())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}:{where} is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a suite") from None
+    if data is None:
+        raise UserError(f"{path}: the file is empty; a suite is a mapping of keys "
+                        f"({', '.join(TOP_KEYS)})")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a suite is a mapping of keys ({', '.join(TOP_KEYS)})")
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# The typed suite
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskEntry:
+    label: str                      # the column's name in the report
+    task: str                       # the registered task
+    version: int
+    params: tuple                   # resolved task params (every field, sorted)
+    archs: tuple[Arch, ...]
+    metrics: tuple[tuple[str, str], ...]   # (metric, direction), the primary first
+
+
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    label: str                      # the row's name (before grid coordinates)
+    algorithm: str                  # the registered algorithm
+    version: int
+    values: tuple                   # checked values as written; a tuple value is a grid axis
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    store_path: Path
+    seeds: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    protocol: str
+    validation: float
+    patience: Optional[int]
+    baseline: Optional[str]
+    tasks: tuple[TaskEntry, ...]
+    algorithms: tuple[AlgorithmEntry, ...]
+    overrides: tuple[Override, ...]
+    excludes: tuple[Selector, ...]
+    specs: tuple[RunSpec, ...]
+    row_order: tuple[str, ...]
+    column_order: tuple[tuple[str, str], ...]
+    references: dict = field(default_factory=dict)   # (row, task label, arch) -> (mean, std)
+    reference_source: str = ""
+
+    def names(self) -> Names:
+        return Names(frozenset(e.label for e in self.algorithms),
+                     frozenset(t.label for t in self.tasks))
+
+    @property
+    def metrics(self) -> dict[str, tuple[str, str]]:
+        """Task label → (primary metric, direction)."""
+        return {t.label: t.metrics[0] for t in self.tasks}
+
+    def structure(self) -> dict:
+        """What a report needs besides the runs, as plain data: recorded in the store when the
+        suite runs, so that reports are rebuilt without the YAML, the plugins or torch."""
+        from harness.api import _canonical
+        rows = []
+        for spec in self.specs:
+            if spec.label not in [r["label"] for r in rows]:
+                rows.append({"label": spec.label, "algorithm": spec.algorithm})
+        rows.sort(key=lambda r: self.row_order.index(r["label"]))
+        return _canonical({
+            "name": self.name, "description": self.description, "protocol": self.protocol,
+            "baseline": self.baseline, "seeds": list(self.seeds), "epochs": self.epochs,
+            "batch_size": self.batch_size, "validation": self.validation,
+            "patience": self.patience, "rows": rows,
+            "columns": [{"task": task, "arch": arch} for task, arch in self.column_order],
+            "tasks": {t.label: {"task": t.task, "metrics": [list(m) for m in t.metrics],
+                                "params": dict(t.params)} for t in self.tasks},
+            "references": [{"row": r, "task": t, "arch": a, "mean": m, "std": s}
+                           for (r, t, a), (m, s) in self.references.items()],
+            "reference_source": self.reference_source,
+            "plan": [{"key": s.key(), "label": s.label, "algorithm": s.algorithm,
+                      "task": s.task_label, "arch": s.arch.name, "seed": s.seed,
+                      "epochs": s.epochs, "batch_size": s.batch_size,
+                      "params": dict(s.params), "skip_reason": s.skip_reason}
+                     for s in self.specs]})
 
 
 def _check_keys(value: Any, valid: tuple, where: str) -> dict:
@@ -90,133 +228,165 @@ def _int(value: Any, where: str, low: int = 0, allow_none: bool = False) -> Opti
     return value
 
 
-def _parse_layer(item: Any, where: str):
-    if item == "flatten":
-        return Flatten()
-    if not isinstance(item, dict) or len(item) != 1:
-        raise UserError(f"{where}: a layer is 'flatten' or one of "
-                        f"{', '.join(k + ': …' for k in LAYER_KINDS if k != 'flatten')}")
-    (kind, spec), = item.items()
-    if kind not in LAYER_KINDS:
-        raise P.unknown_key(str(kind), list(LAYER_KINDS), where, "layer kind")
-    cls = LAYER_KINDS[kind]
-    first = {Dense: "units", Conv: "filters", Recurrent: "hidden", Pool: "kind"}.get(cls)
-    if not isinstance(spec, dict):
-        spec = {first: spec} if first else {}
-    valid = tuple(cls.__dataclass_fields__)
-    _check_keys(spec, valid, f"{where}.{kind}")
-    try:
-        layer = cls(**spec)
-    except TypeError as exc:
-        raise UserError(f"{where}.{kind}: {exc}") from None
-    for name in ("units", "filters", "kernel", "size", "hidden"):
-        if hasattr(layer, name):
-            _int(getattr(layer, name), f"{where}.{kind}.{name}", low=1)
-    if hasattr(layer, "act") and layer.act not in ACTIVATIONS:
-        raise UserError(f"{where}.{kind}.act: {layer.act!r} is not one of {', '.join(ACTIVATIONS)}")
-    if isinstance(layer, Pool) and layer.kind not in ("max", "avg"):
-        raise UserError(f"{where}.pool.kind: {layer.kind!r} is not one of max, avg")
-    return layer
+def _frozen(values: dict) -> tuple:
+    """Checked values with lists as tuples (grid axes), sorted by name: hashable."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
 
 
-def _archs(task, task_params, spec: Any, where: str) -> list[Arch]:
-    presets = task.presets(task_params)
-    if spec is None:
-        return list(presets.values())
-    if isinstance(spec, str):
-        spec = [spec]
-    out: list[Arch] = []
-    if isinstance(spec, list):
-        for i, name in enumerate(spec):
-            if not isinstance(name, str) or name not in presets:
-                raise P.unknown_key(str(name), list(presets), f"{where}[{i}]", "architecture")
-            out.append(presets[name])
-        return out
-    if not isinstance(spec, dict):
-        raise UserError(f"{where}: a list of preset names ({', '.join(presets)}) or a mapping "
-                        "name → {layers: [...]} / preset name")
-    reference = next(iter(presets.values()))
-    for name, body in spec.items():
-        if isinstance(body, str) or body is None:
-            key = body or name
-            if key not in presets:
-                raise P.unknown_key(str(key), list(presets), f"{where}.{name}", "architecture")
-            out.append(Arch(name, presets[key].input_shape, presets[key].layers,
-                            presets[key].output_size))
-            continue
-        body = _check_keys(body, ("layers",), f"{where}.{name}")
-        layers = body.get("layers")
-        if not isinstance(layers, list) or not layers:
-            raise UserError(f"{where}.{name}.layers: a non-empty list of layers")
-        parsed = tuple(_parse_layer(item, f"{where}.{name}.layers[{i}]")
-                       for i, item in enumerate(layers))
-        last = parsed[-1]
-        if not isinstance(last, Dense):
-            raise UserError(f"{where}.{name}.layers: the last layer must be the dense output "
-                            f"layer with {reference.output_size} units")
-        if last.units != reference.output_size:
-            raise UserError(f"{where}.{name}.layers: the output layer has {last.units} units; "
-                            f"the task needs {reference.output_size}")
-        arch = Arch(name, reference.input_shape, parsed, reference.output_size)
-        try:
-            from harness.toolkit import layer_shapes  # shape check needs no data
-            layer_shapes(arch)
-        except ValueError as exc:
-            raise UserError(f"{where}.{name}: {exc}") from None
-        out.append(arch)
-    return out
+def _seeds(raw: Any, where: str) -> tuple[int, ...]:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return tuple(range(_int(raw, f"{where}: seeds", low=1)))  # type: ignore[arg-type]
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{where}: seeds: a count (e.g. 3) or a non-empty list of integers")
+    seeds = tuple(_int(s, f"{where}: seeds[{i}]") for i, s in enumerate(raw))
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds: {list(seeds)} repeats a seed")
+    return seeds  # type: ignore[return-value]
 
 
-def _names(values: list, label: str, name: str, labels: frozenset) -> bool:
-    """A value names an entry by its label; a plugin name that is not itself an entry label
-    names every entry of that plugin (so `fa` means the `fa` row alone when there is one)."""
-    return label in values or (name in values and name not in labels)
+def _task_entries(raw: Any, where: str) -> tuple[TaskEntry, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: tasks: a mapping of task names, e.g. "
+                        f"tasks: {{mnist: {{archs: [mlp]}}}}; valid: {', '.join(tasks.names())}")
+    out = []
+    for label, body in raw.items():
+        at = f"{where}: tasks.{label}"
+        body = _check_keys(body, TASK_KEYS, at)
+        name = tasks.canonical(str(body.get("task", label)), at)
+        task = tasks.get(name)
+        names = tuple(f.name for f in P.fields(task.Params))
+        values = P.check_values(task.Params, _check_keys(body.get("params"), names,
+                                                          f"{at}.params"), f"{at}.params")
+        resolved = P.resolve(task.Params, values)
+        archs = parse_archs(task, P.build(task.Params, resolved), body.get("archs"),
+                            f"{at}.archs")
+        metrics = tuple(task.metrics.items())
+        out.append(TaskEntry(str(label), name, int(task.version), resolved, tuple(archs),
+                             metrics))
+    return tuple(out)
 
 
-def _matches(rule: dict, label: str, algorithm: str, task_label: str, task: str, arch: str,
-             seed: Optional[int] = None, labels: frozenset = frozenset()) -> bool:
+def _algorithm_entries(raw: Any, where: str) -> tuple[AlgorithmEntry, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: algorithms: a mapping of algorithm names to their "
+                        f"parameters; valid: {', '.join(algorithms.names())}")
+    out = []
+    for label, body in raw.items():
+        at = f"{where}: algorithms.{label}"
+        if body is not None and not isinstance(body, dict):
+            raise UserError(f"{at}: a mapping of parameter names to values, not {body!r}")
+        body = dict(body or {})
+        name = algorithms.canonical(str(body.pop("algorithm", label)), at)
+        algorithm = algorithms.get(name)
+        values = P.check_values(algorithm.Params, body, at, grid=True)
+        out.append(AlgorithmEntry(str(label), name, int(algorithm.version), _frozen(values)))
+    return tuple(out)
+
+
+def _selector(rule: Any, valid_keys: tuple, at: str, names: dict[str, list]) -> Selector:
+    rule = _check_keys(rule, valid_keys, at)
+    parts: dict[str, tuple] = {}
     for key, value in rule.items():
         values = value if isinstance(value, list) else [value]
-        if key == "algorithm" and not _names(values, label, algorithm, labels):
-            return False
-        if key == "task" and not _names(values, task_label, task, labels):
-            return False
-        if key == "arch" and arch not in values:
-            return False
-        if key == "seed" and seed not in values:
-            return False
-    return True
+        if key == "seed":
+            parts[key] = tuple(_int(v, f"{at}.seed") for v in values)
+            continue
+        for v in values:
+            if not isinstance(v, str) or v not in names[key]:
+                raise P.unknown_key(str(v), sorted(set(names[key])), f"{at}.{key}", key)
+        parts[key] = tuple(values)
+    return Selector(**parts)
 
 
-def _grid(values: dict) -> list[dict]:
-    names = [k for k, v in values.items() if isinstance(v, list)]
-    if not names:
-        return [dict(values)]
-    combos = []
-    for combo in itertools.product(*(values[k] for k in names)):
-        point = dict(values)
-        point.update(zip(names, combo))
-        combos.append(point)
-    return combos
+def _overrides(raw: Any, where: str, entries: tuple[AlgorithmEntry, ...],
+               names: dict[str, list], labels: Names) -> tuple[Override, ...]:
+    raw = raw or []
+    if not isinstance(raw, list):
+        raise UserError(f"{where}: overrides: a list of {{match: …, params: …}} rules")
+    out = []
+    for i, rule in enumerate(raw):
+        at = f"{where}: overrides[{i}]"
+        rule = _check_keys(rule, OVERRIDE_KEYS, at)
+        match = _selector(rule.get("match"), MATCH_KEYS, f"{at}.match", names)
+        for key in ("batch_size", "epochs"):
+            if key in rule:
+                _int(rule[key], f"{at}.{key}", low=1)
+        if "patience" in rule:
+            _int(rule["patience"], f"{at}.patience", low=1, allow_none=True)
+        per_entry = []
+        params = rule.get("params")
+        if params is not None:
+            targets = [e for e in entries
+                       if match.names_entry(e.label, e.algorithm, labels.entries)]
+            for entry in targets:
+                algorithm = algorithms.get(entry.algorithm)
+                spot = f"{at}.params ({entry.label})"
+                checked = P.check_values(algorithm.Params, _check_keys(params, tuple(
+                    f.name for f in P.fields(algorithm.Params)), spot), spot, grid=True)
+                per_entry.append((entry.label, _frozen(checked)))
+        out.append(Override(match=match, params=tuple(per_entry),
+                            batch_size=rule.get("batch_size"), epochs=rule.get("epochs"),
+                            patience=rule.get("patience", Override.UNSET)))
+    return tuple(out)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _references(raw: Any, where: str, names: dict[str, list]):
+    if raw is None:
+        return {}, ""
+    at = f"{where}: reference"
+    raw = _check_keys(raw, ("source", "values"), at)
+    values = raw.get("values") or {}
+    out: dict[tuple[str, str, str], tuple[float, Optional[float]]] = {}
+    if not isinstance(values, dict):
+        raise UserError(f"{at}.values: algorithm → task → arch → value or [mean, std]")
+    for alg, per_task in values.items():
+        if alg not in names["algorithm"]:
+            raise P.unknown_key(str(alg), sorted(set(names["algorithm"])), f"{at}.values",
+                                "algorithm")
+        if not isinstance(per_task, dict):
+            raise UserError(f"{at}.values.{alg}: a mapping task → arch → value, not {per_task!r}")
+        for task, per_arch in per_task.items():
+            if task not in names["task"]:
+                raise P.unknown_key(str(task), sorted(set(names["task"])),
+                                    f"{at}.values.{alg}", "task")
+            if not isinstance(per_arch, dict):
+                raise UserError(f"{at}.values.{alg}.{task}: a mapping arch → value, "
+                                f"not {per_arch!r}")
+            for arch, value in per_arch.items():
+                if arch not in names["arch"]:
+                    raise P.unknown_key(str(arch), names["arch"], f"{at}.values.{alg}.{task}",
+                                        "arch")
+                spot = f"{at}.values.{alg}.{task}.{arch}"
+                if _number(value):
+                    out[(str(alg), str(task), str(arch))] = (float(value), None)
+                elif isinstance(value, list) and len(value) == 2 and _number(value[0]) and (
+                        value[1] is None or _number(value[1])):
+                    std = None if value[1] is None else float(value[1])
+                    out[(str(alg), str(task), str(arch))] = (float(value[0]), std)
+                else:
+                    raise UserError(f"{spot}: a number, [mean, std] or [mean, null] (std not "
+                                    f"published), not {value!r}")
+    return out, str(raw.get("source", ""))
 
 
 def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> Suite:
     """Read, check and expand a suite file."""
     path = Path(path)
-    raw = _load_yaml(path)
+    raw = read_yaml(path)
     where = str(path)
     _check_keys(raw, TOP_KEYS, where)
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+    if not isinstance(name, str) or not name or \
+            not name.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"{where}: name: letters, digits, - and _ only, not {name!r}")
-    seeds = raw.get("seeds", 1)
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(_int(seeds, f"{where}: seeds", low=1)))  # type: ignore[arg-type]
-    if not isinstance(seeds, list) or not seeds:
-        raise UserError(f"{where}: seeds: a count (e.g. 3) or a non-empty list of integers")
-    seeds = [_int(s, f"{where}: seeds[{i}]") for i, s in enumerate(seeds)]
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"{where}: seeds: {seeds} repeats a seed")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise UserError(f"{where}: description: a text, not {description!r}")
+    seeds = _seeds(raw.get("seeds", 1), where)
     epochs = _int(raw.get("epochs", 10), f"{where}: epochs", low=1)
     batch_size = _int(raw.get("batch_size", 128), f"{where}: batch_size", low=1)
     patience = _int(raw.get("patience"), f"{where}: patience", low=1, allow_none=True)
@@ -232,169 +402,38 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
         raise UserError(f"{where}: validation: the clean protocol selects epochs on a "
                         "validation split; give a fraction > 0 or use protocol: paper")
 
-    # tasks -------------------------------------------------------------------------------
-    task_entries = raw.get("tasks")
-    if not isinstance(task_entries, dict) or not task_entries:
-        raise UserError(f"{where}: tasks: a mapping of task names, e.g. "
-                        f"tasks: {{mnist: {{archs: [mlp]}}}}; valid: {', '.join(tasks.names())}")
-    task_rows = []   # (task label, task name, task obj, resolved params, archs)
-    metrics: dict[str, tuple[str, str]] = {}
-    for label, body in task_entries.items():
-        at = f"{where}: tasks.{label}"
-        body = _check_keys(body, TASK_KEYS, at)
-        task_name = tasks.canonical(str(body.get("task", label)), at)
-        task = tasks.get(task_name)
-        values = P.check_values(task.Params, _check_keys(body.get("params"), tuple(
-            f.name for f in P.fields(task.Params)), f"{at}.params"), f"{at}.params")
-        resolved = P.resolve(task.Params, values)
-        archs = _archs(task, P.build(task.Params, resolved), body.get("archs"), f"{at}.archs")
-        task_rows.append((str(label), task_name, task, resolved, archs))
-        metrics[str(label)] = (task.primary_metric, task.metrics[task.primary_metric])
-
-    # algorithms --------------------------------------------------------------------------
-    alg_entries = raw.get("algorithms")
-    if not isinstance(alg_entries, dict) or not alg_entries:
-        raise UserError(f"{where}: algorithms: a mapping of algorithm names to their "
-                        f"parameters; valid: {', '.join(algorithms.names())}")
-    alg_rows = []   # (label, algorithm name, algorithm obj, checked values)
-    for label, body in alg_entries.items():
-        at = f"{where}: algorithms.{label}"
-        if body is not None and not isinstance(body, dict):
-            raise UserError(f"{at}: a mapping of parameter names to values, not {body!r}")
-        body = dict(body or {})
-        alg_name = algorithms.canonical(str(body.pop("algorithm", label)), at)
-        algorithm = algorithms.get(alg_name)
-        alg_rows.append((str(label), alg_name, algorithm,
-                         P.check_values(algorithm.Params, body, at, grid=True)))
-    alg_labels = [r[0] for r in alg_rows] + [r[1] for r in alg_rows]
-    task_labels = [r[0] for r in task_rows] + [r[1] for r in task_rows]
-    entry_labels = frozenset(r[0] for r in alg_rows) | frozenset(r[0] for r in task_rows)
-    arch_names = sorted({a.name for r in task_rows for a in r[4]})
-
-    def check_rule(rule: Any, valid_keys: tuple, at: str) -> dict:
-        rule = _check_keys(rule, valid_keys, at)
-        for key, value in rule.items():
-            values = value if isinstance(value, list) else [value]
-            pool = {"algorithm": alg_labels, "task": task_labels, "arch": arch_names}.get(key)
-            for v in values:
-                if pool is not None and v not in pool:
-                    raise P.unknown_key(str(v), sorted(set(pool)), f"{at}.{key}", key)
-        return rule
-
-    overrides = raw.get("overrides") or []
-    if not isinstance(overrides, list):
-        raise UserError(f"{where}: overrides: a list of {{match: …, params: …}} rules")
-    checked_overrides = []
-    for i, rule in enumerate(overrides):
-        at = f"{where}: overrides[{i}]"
-        rule = _check_keys(rule, OVERRIDE_KEYS, at)
-        match = check_rule(rule.get("match"), MATCH_KEYS, f"{at}.match")
-        checked_overrides.append((match, rule))
-        for key in ("batch_size", "epochs"):
-            if key in rule:
-                _int(rule[key], f"{at}.{key}", low=1)
-        if "patience" in rule:
-            _int(rule["patience"], f"{at}.patience", low=1, allow_none=True)
-        if "params" in rule:
-            targets = [r for r in alg_rows if _matches({k: v for k, v in match.items()
-                                                        if k == "algorithm"}, r[0], r[1], "", "", "",
-                                                       labels=entry_labels)]
-            for label, _, algorithm, _ in targets:
-                P.check_values(algorithm.Params, _check_keys(rule["params"], tuple(
-                    f.name for f in P.fields(algorithm.Params)), f"{at}.params ({label})"),
-                    f"{at}.params ({label})", grid=True)
-    excludes = raw.get("exclude") or []
-    if not isinstance(excludes, list):
+    task_entries = _task_entries(raw.get("tasks"), where)
+    alg_entries = _algorithm_entries(raw.get("algorithms"), where)
+    names = {"algorithm": [e.label for e in alg_entries] + [e.algorithm for e in alg_entries],
+             "task": [t.label for t in task_entries] + [t.task for t in task_entries],
+             "arch": sorted({a.name for t in task_entries for a in t.archs})}
+    labels = Names(frozenset(e.label for e in alg_entries), frozenset(t.label for t in task_entries))
+    overrides = _overrides(raw.get("overrides"), where, alg_entries, names, labels)
+    excludes_raw = raw.get("exclude") or []
+    if not isinstance(excludes_raw, list):
         raise UserError(f"{where}: exclude: a list of rules like {{algorithm: bp, arch: cnn}}")
-    checked_excludes = [check_rule(rule, EXCLUDE_KEYS, f"{where}: exclude[{i}]")
-                        for i, rule in enumerate(excludes)]
+    excludes = tuple(_selector(rule, EXCLUDE_KEYS, f"{where}: exclude[{i}]", names)
+                     for i, rule in enumerate(excludes_raw))
+    baseline = raw.get("baseline")
+    entry_labels = [e.label for e in alg_entries]
+    if baseline is None:
+        baseline = "bp" if "bp" in entry_labels else None
+    elif not isinstance(baseline, str) or baseline not in entry_labels:
+        raise P.unknown_key(str(baseline), entry_labels, f"{where}: baseline",
+                            "algorithm entry")
 
-    # expansion ---------------------------------------------------------------------------
-    specs: list[RunSpec] = []
-    row_order: list[str] = []
-    columns: list[tuple[str, str]] = []
-    for task_label, task_name, task, task_params, archs in task_rows:
-        for arch in archs:
-            columns.append((task_label, arch.name))
-            for label, alg_name, algorithm, values in alg_rows:
-                merged, run_batch, run_epochs, run_patience = dict(values), batch_size, epochs, patience
-                for match, rule in checked_overrides:
-                    if _matches(match, label, alg_name, task_label, task_name, arch.name,
-                                labels=entry_labels):
-                        merged.update(P.check_values(algorithm.Params, rule.get("params") or {},
-                                                     f"{where}: overrides", grid=True))
-                        run_batch = rule.get("batch_size", run_batch)
-                        run_epochs = rule.get("epochs", run_epochs)
-                        run_patience = rule.get("patience", run_patience)
-                grid_names = [k for k, v in values.items() if isinstance(v, list)]
-                for point in _grid(merged):
-                    row = label + (" (" + ", ".join(f"{k}={point[k]}" for k in grid_names) + ")"
-                                   if grid_names else "")
-                    if row not in row_order:
-                        row_order.append(row)
-                    resolved = P.resolve(algorithm.Params, point)
-                    reason = algorithm.unsupported(arch, P.build(algorithm.Params, resolved))
-                    for seed in seeds:
-                        if any(_matches(rule, label, alg_name, task_label, task_name, arch.name,
-                                        seed, entry_labels) for rule in checked_excludes):
-                            continue
-                        specs.append(RunSpec(
-                            algorithm=alg_name, params=resolved, task=task_name,
-                            task_params=task_params, arch=arch, seed=seed, epochs=run_epochs,
-                            batch_size=run_batch, device=device, protocol=protocol,
-                            validation=float(validation), patience=run_patience, label=row,
-                            task_label=task_label, suite=name, skip_reason=reason))
-    seen: dict[str, RunSpec] = {}
-    for spec in specs:
-        other = seen.setdefault(spec.key(), spec)
-        if other is not spec:
-            raise UserError(f"{where}: {spec.label} and {other.label} on {spec.task}/"
-                            f"{spec.arch.name} seed {spec.seed} are the same run; "
-                            "give them different parameters or drop one")
-
-    references, source = _references(raw.get("reference"), where, alg_labels, task_labels,
-                                     arch_names)
-    store_path = Path(store or raw.get("store") or Path("results") / f"{name}.sqlite")
-    return Suite(name=name, path=path, description=str(raw.get("description", "")),
-                 store_path=store_path, specs=specs, references=references,
-                 reference_source=source, row_order=row_order, column_order=columns,
-                 metrics=metrics)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _references(raw: Any, where: str, alg_labels, task_labels, arch_names):
-    if raw is None:
-        return {}, ""
-    at = f"{where}: reference"
-    raw = _check_keys(raw, ("source", "values"), at)
-    values = raw.get("values") or {}
-    out: dict[tuple[str, str, str], tuple[float, Optional[float]]] = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{at}.values: algorithm → task → arch → value or [mean, std]")
-    for alg, per_task in values.items():
-        if alg not in alg_labels:
-            raise P.unknown_key(str(alg), sorted(set(alg_labels)), f"{at}.values", "algorithm")
-        if not isinstance(per_task, dict):
-            raise UserError(f"{at}.values.{alg}: a mapping task → arch → value, not {per_task!r}")
-        for task, per_arch in per_task.items():
-            if task not in task_labels:
-                raise P.unknown_key(str(task), sorted(set(task_labels)), f"{at}.values.{alg}", "task")
-            if not isinstance(per_arch, dict):
-                raise UserError(f"{at}.values.{alg}.{task}: a mapping arch → value, not {per_arch!r}")
-            for arch, value in per_arch.items():
-                if arch not in arch_names:
-                    raise P.unknown_key(str(arch), arch_names, f"{at}.values.{alg}.{task}", "arch")
-                spot = f"{at}.values.{alg}.{task}.{arch}"
-                if _number(value):
-                    out[(str(alg), str(task), str(arch))] = (float(value), None)
-                elif isinstance(value, list) and len(value) == 2 and _number(value[0]) and (
-                        value[1] is None or _number(value[1])):
-                    std = None if value[1] is None else float(value[1])
-                    out[(str(alg), str(task), str(arch))] = (float(value[0]), std)
-                else:
-                    raise UserError(f"{spot}: a number, [mean, std] or [mean, null] (std not "
-                                    f"published), not {value!r}")
-    return out, str(raw.get("source", ""))
+    specs, rows, columns = expand(
+        task_entries, alg_entries, overrides, excludes, seeds=seeds, epochs=epochs,
+        batch_size=batch_size, patience=patience, protocol=protocol,
+        validation=float(validation), device=device, suite=name, where=where)
+    references, source = _references(raw.get("reference"), where, names)
+    store_raw = store or raw.get("store")
+    if store_raw is not None and not isinstance(store_raw, str):
+        raise UserError(f"{where}: store: a file path, not {store_raw!r}")
+    store_path = Path(store_raw) if store_raw else Path("results") / f"{name}.sqlite"
+    return Suite(name=name, path=path, description=description, store_path=store_path,
+                 seeds=seeds, epochs=epochs, batch_size=batch_size, protocol=protocol,
+                 validation=float(validation), patience=patience, baseline=baseline,
+                 tasks=task_entries, algorithms=alg_entries, overrides=overrides,
+                 excludes=excludes, specs=tuple(specs), row_order=tuple(rows),
+                 column_order=tuple(columns), references=references, reference_source=source)

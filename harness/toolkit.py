@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.api import Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent, TaskInfo, param
+from harness.archspec import layer_shapes, weight_shape  # noqa: F401  (plugins import them from here)
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 DECAYS = ("none", "linear", "cosine")
@@ -163,42 +164,6 @@ def activation(name: str):
 def activation_module(name: str) -> nn.Module:
     return {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,
             "linear": nn.Identity}[name]()
-
-
-def layer_shapes(arch: Arch) -> list[tuple[object, tuple[int, ...], tuple[int, ...]]]:
-    """(layer, input shape, output shape) for each layer, per sample (no batch axis)."""
-    shape = tuple(arch.input_shape)
-    out = []
-    for layer in arch.layers:
-        if isinstance(layer, Flatten):
-            new = (math.prod(shape),)
-        elif isinstance(layer, Dense):
-            new = (*shape[:-1], layer.units) if len(shape) == 2 else (layer.units,)
-        elif isinstance(layer, Conv):
-            c, h, w = shape
-            k, p = layer.kernel, layer.padding
-            new = (layer.filters, h + 2 * p - k + 1, w + 2 * p - k + 1)
-        elif isinstance(layer, Pool):
-            c, h, w = shape
-            new = (c, h // layer.size, w // layer.size)
-        elif isinstance(layer, Recurrent):
-            new = (shape[0], layer.hidden)  # (time, hidden)
-        else:
-            raise TypeError(f"unknown layer {layer!r}")
-        if any(d <= 0 for d in new):
-            raise ValueError(f"{arch.name}: layer {layer} gives an empty output from {shape}")
-        out.append((layer, shape, new))
-        shape = new
-    return out
-
-
-def weight_shape(layer, in_shape: tuple[int, ...]) -> Optional[tuple[int, ...]]:
-    """The torch-layout weight shape of a layer (None for weightless layers)."""
-    if isinstance(layer, Dense):
-        return (layer.units, in_shape[-1])
-    if isinstance(layer, Conv):
-        return (layer.filters, in_shape[0], layer.kernel, layer.kernel)
-    return None
 
 
 def init_weight(shape: tuple[int, ...], std: float, generator: Optional[torch.Generator] = None,

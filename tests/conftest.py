@@ -34,13 +34,15 @@ def write_suite(tmp_path):
 
 
 @pytest.fixture
-def cli(capsys):
-    """cli(*args) -> (exit status, stdout, stderr) of bench.py, in-process."""
+def cli(capfd):
+    """cli(*args) -> (exit status, stdout, stderr) of bench.py, in-process (the output of the
+    run processes it starts included)."""
     from harness.cli import main
 
     def run(*args: str):
+        capfd.readouterr()
         status = main([str(a) for a in args] + [])
-        out = capsys.readouterr()
+        out = capfd.readouterr()
         return status, out.out, out.err
     return run
 
@@ -66,3 +68,42 @@ def blob_suite(write_suite, tmp_path):
                                  store=tmp_path / f"{name}.sqlite", algorithms=algorithms)
         return write_suite(text, name)
     return make
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """read_only(folder) -> a read-only view of ``folder``: a read-only bind mount where this
+    process may mount (root: permissions alone would not stop it), else the folder itself
+    with its write permissions removed. Skips where neither makes it read-only."""
+    import contextlib
+    import os
+    import shutil
+    import stat
+    import subprocess
+    mounts, chmodded = [], []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() == 0 and shutil.which("mount"):
+            view = tmp_path / f"ro-{len(mounts)}"
+            view.mkdir()
+            done = subprocess.run(["mount", "--bind", str(folder), str(view)],
+                                  capture_output=True)
+            if done.returncode == 0:
+                mounts.append(view)
+                done = subprocess.run(["mount", "-o", "remount,bind,ro", str(view)],
+                                      capture_output=True)
+                if done.returncode == 0:
+                    return view
+        for path in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+            path.chmod(stat.S_IRUSR | stat.S_IXUSR)
+            chmodded.append(path)
+        if os.access(folder, os.W_OK):
+            pytest.skip("cannot make a folder read-only here (no mount, permissions ignored)")
+        return folder
+
+    yield make
+    for view in reversed(mounts):
+        subprocess.run(["umount", str(view)], capture_output=True)
+    for path in chmodded:
+        with contextlib.suppress(OSError):
+            path.chmod(stat.S_IRWXU)

@@ -42,7 +42,7 @@ def test_only_filters_the_grid(blob_suite, cli):
     status, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--only", "seed=1")
     assert "2 runs: 2 to run" in out
     status, _, err = cli("run", path, "--dry-run", "--device", "cpu", "--only", "arch=rnn")
-    assert status == 2 and "matches no run" in err
+    assert status == 2 and "'rnn' names no run" in err and "valid arch values: mlp" in err
     status, _, err = cli("run", path, "--dry-run", "--only", "colour=red")
     assert status == 2 and "KEY=VALUE" in err
 

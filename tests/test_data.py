@@ -91,14 +91,73 @@ def test_image_task_loads_splits_and_caches(tiny_mnist):
     task = tasks.get("mnist")
     params = task.Params(train_subset=100)
     loaded = task.load(params, RunContext(validation=0.1, data_dir=str(data_dir)))
-    assert tuple(loaded.x_train.shape) == (100, 1, 28, 28)
-    assert len(loaded.y_val) == 20 and len(loaded.y_test) == 50
-    assert loaded.notes["n_val"] == 20
+    # the validation fraction is of the 100 images in use, not of the whole training set
+    assert tuple(loaded.x_train.shape) == (90, 1, 28, 28)
+    assert len(loaded.y_val) == 10 and len(loaded.y_test) == 50
+    assert loaded.notes["n_val"] == 10 and loaded.notes["validation_of"] == 100
     assert abs(float(loaded.x_test.mean()) - (127.5 / 255 - 0.1307) / 0.3081) < 0.1
     cache = data.cache_path(data.DATASETS["mnist"], data_dir)
     assert cache.exists()
     again = task.load(params, RunContext(validation=0.1, data_dir=str(data_dir)))
     assert (again.x_train == loaded.x_train).all()  # the same split every time
+    full = task.load(task.Params(), RunContext(validation=0.1, data_dir=str(data_dir)))
+    assert len(full.y_train) == 180 and len(full.y_val) == 20
+
+
+def test_a_corrupted_cache_is_rebuilt(tiny_mnist):
+    data_dir, _ = tiny_mnist
+    data.fetch("mnist", data_dir)
+    task = tasks.get("mnist")
+    context = RunContext(validation=0.1, data_dir=str(data_dir))
+    good = task.load(task.Params(), context)
+    cache = data.cache_path(data.DATASETS["mnist"], data_dir)
+    raw = bytearray(cache.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF             # a flipped byte inside the pixel data
+    cache.write_bytes(bytes(raw))
+    again = task.load(task.Params(), context)
+    assert torch.equal(again.x_train, good.x_train) and torch.equal(again.y_test, good.y_test)
+    assert cache.read_bytes() != bytes(raw)              # rebuilt from the verified files
+    cache.write_bytes(b"truncated")
+    assert torch.equal(task.load(task.Params(), context).x_val, good.x_val)
+
+
+def test_a_file_changed_in_place_is_caught_whatever_its_timestamps(tiny_mnist):
+    import os
+    data_dir, _ = tiny_mnist
+    data.fetch("mnist", data_dir)
+    target = data_dir / "mnist" / "t10k-labels-idx1-ubyte"
+    before = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0x01
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))   # same size, same mtime
+    state, detail = data.status("mnist", data_dir)
+    assert state == "corrupt" and "t10k-labels-idx1-ubyte fails its checksum" in detail
+
+
+def test_a_read_only_data_folder_with_good_data_works(tiny_mnist, tmp_path, monkeypatch,
+                                                     read_only):
+    import os
+    data_dir, _ = tiny_mnist
+    data.fetch("mnist", data_dir)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    frozen = read_only(data_dir)
+    assert not os.access(frozen, os.W_OK) or not _writable(frozen)
+    ok, where = data.fetch("mnist", frozen)
+    assert ok and where == "data directory"
+    task = tasks.get("mnist")
+    loaded = task.load(task.Params(), RunContext(validation=0.1, data_dir=str(frozen)))
+    assert len(loaded.y_train) == 180
+    assert list((tmp_path / "user-cache" / "plausible-bench").rglob("mnist-*.pt"))
+
+
+def _writable(folder) -> bool:
+    try:
+        (folder / ".probe").write_text("")
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
 
 
 def test_suite_on_tiny_mnist_end_to_end(tiny_mnist, write_suite, cli, tmp_path):

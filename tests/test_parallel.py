@@ -12,7 +12,7 @@ from harness.suite import load as load_suite
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
-def test_two_loky_workers(blob_suite, cli):
+def test_two_local_workers(blob_suite, cli):
     path = blob_suite("  bp: {lr: 0.01}", seeds=3, epochs=2, name="par")
     status, out, err = cli("run", path, "--jobs", "2", "--device", "cpu", "--no-progress",
                            "--no-report", "--plugins", TEST_PLUGINS)
@@ -37,7 +37,7 @@ def test_local_dask_cluster(blob_suite, cli):
 
 def test_bad_backend_is_a_user_error(blob_suite, cli):
     status, _, err = cli("run", blob_suite(), "--backend", "mpi", "--device", "cpu")
-    assert status == 2 and "--backend" in err and "loky" in err
+    assert status == 2 and "--backend" in err and "local, dask" in err
 
 
 def test_unreachable_scheduler_is_a_user_error(blob_suite, cli):

@@ -78,7 +78,8 @@ def test_chars_missing_and_malformed_files_are_one_line_errors(tmp_path):
 # forecast
 # --------------------------------------------------------------------------------------------
 
-from tasks.forecast import Forecast, ForecastParams, taylor_csv, taylor_values  # noqa: E402
+from tasks._series import SERIES, taylor_csv, taylor_values  # noqa: E402
+from tasks.forecast import Forecast, ForecastParams  # noqa: E402
 
 
 def _sensor_csv(path, readings=60):
@@ -108,7 +109,6 @@ def test_sensor_network_loader_pivots_to_eight_channels(tmp_path):
 
 def test_lstnet_text_loader_and_horizon(tmp_path):
     import numpy as np
-    from tasks import forecast
     rows = np.arange(200 * 321, dtype=float).reshape(200, 321) % 97
     path = tmp_path / "electricity.txt"
     path.write_text("\n".join(",".join(f"{v:g}" for v in row) for row in rows) + "\n")
@@ -118,32 +118,91 @@ def test_lstnet_text_loader_and_horizon(tmp_path):
     assert data.x_train.shape[1:] == (8, 321) and data.y_train.shape[1:] == (8, 2)
     assert torch.allclose(data.x_train[:, 3:, [0, 320]], data.y_train[:, :-3])
     assert Forecast().presets(params)["rnn"].output_size == 2
-    assert forecast.SERIES["electricity"][1] == 321
+    assert SERIES["electricity"][1] == 321
 
 
-def test_h5_loader(tmp_path):
+def test_h5_loader_reads_pandas_frames_without_pickle(tmp_path):
+    """METR-LA-style frames written by pandas itself (fixed and table format, a datetime index
+    whose attributes pandas pickles), read with h5py: the values, in column order."""
     pd = pytest.importorskip("pandas")
-    path = tmp_path / "metr-la.h5"
-    try:
-        import tables  # noqa: F401
-    except ImportError:
-        path.write_bytes(b"\x89HDF\r\n")
-        with pytest.raises(UserError, match=r"metr-la.h5.*pip install tables") as err:
-            Forecast().load(ForecastParams(dataset="metr_la", path=str(path)), RunContext())
-        assert "\n" not in str(err.value)
-        return
+    pytest.importorskip("tables")            # pandas needs PyTables to *write* the fixtures
     import numpy as np
-    frame = pd.DataFrame(np.random.default_rng(0).normal(size=(120, 207)),
-                         columns=[f"s{i}" for i in range(207)])
-    frame.to_hdf(path, key="df")
-    data = Forecast().load(ForecastParams(dataset="metr_la", path=str(path), seq_len=6),
-                           RunContext())
-    assert data.x_train.shape[1:] == (6, 207) and data.y_test.shape[1:] == (6, 207)
+    values = np.random.default_rng(0).normal(size=(120, 207))
+    index = pd.date_range("2012-03-01", periods=120, freq="5min")
+    frame = pd.DataFrame(values, columns=[f"{773869 + i}" for i in range(207)], index=index)
+    for fmt in ("fixed", "table"):
+        path = tmp_path / f"metr-la-{fmt}.h5"
+        frame.to_hdf(path, key="df", format=fmt)
+        data = Forecast().load(ForecastParams(dataset="metr_la", path=str(path), seq_len=6),
+                               RunContext())
+        assert data.x_train.shape[1:] == (6, 207) and data.y_test.shape[1:] == (6, 207)
+        from tasks._series import read_h5
+        assert np.array_equal(read_h5(path), values)
+    mixed = pd.DataFrame({"b": np.arange(5.0), "a": np.arange(5), "c": np.arange(5.0) * 2})
+    mixed.to_hdf(tmp_path / "mixed.h5", key="df")      # two blocks: float and int columns
+    from tasks._series import read_h5
+    assert np.array_equal(read_h5(tmp_path / "mixed.h5"), mixed.to_numpy(dtype=float))
     bad = tmp_path / "pems-bay.h5"
     bad.write_text("not hdf5")
-    with pytest.raises(UserError, match="pems-bay.h5") as err:
+    with pytest.raises(UserError, match="pems-bay.h5: not an HDF5 file") as err:
         Forecast().load(ForecastParams(dataset="pems_bay", path=str(bad)), RunContext())
     assert "\n" not in str(err.value)
+
+
+class _Trap:
+    """Unpickling one of these writes a file: the proof that something was unpickled."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_pickled_h5_is_refused_and_nothing_is_unpickled(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("tables")
+    import warnings
+    trap = tmp_path / "unpickled"
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [_Trap(str(trap))] * 3})
+    path = tmp_path / "metr-la.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # pandas warns that it pickles the object column
+        frame.to_hdf(path, key="df")
+    assert not trap.exists()
+    with pytest.raises(UserError, match="pickled Python objects") as err:
+        Forecast().load(ForecastParams(dataset="metr_la", path=str(path)), RunContext())
+    assert "\n" not in str(err.value) and not trap.exists()
+
+
+def test_urls_only_from_the_hosts_a_dataset_declares(tmp_path):
+    for url in ("https://evil.example.com/metr-la.h5", "http://zenodo.org/metr-la.h5",
+                "ftp://zenodo.org/x.h5"):
+        with pytest.raises(UserError, match="not a source this dataset may be fetched from"):
+            Forecast().load(ForecastParams(dataset="metr_la", path=url),
+                            RunContext(data_dir=str(tmp_path)))
+    assert not (tmp_path / "_downloads").exists()
+    with pytest.raises(UserError, match="not a source"):   # sensor_network names no host
+        Forecast().load(ForecastParams(dataset="sensor_network", path="https://zenodo.org/x"),
+                        RunContext(data_dir=str(tmp_path)))
+    local = _sensor_csv(tmp_path / "data.csv")
+    data = Forecast().load(ForecastParams(dataset="sensor_network", path=local.as_uri(),
+                                          seq_len=5), RunContext(validation=0.2))
+    assert data.x_train.shape[1:] == (5, 8)
+
+
+def test_errors_never_quote_the_file(tmp_path):
+    """A fetched file's first line (here: a secret) never reaches a message, so never the
+    store."""
+    secret = "TOKEN-1234-secret"
+    for dataset, name, body in (("sensor_network", "data.csv", f"{secret},x\n1,2\n"),
+                                ("uk_electricity", "taylor.csv", f"demand\n{secret}\n1\n"),
+                                ("electricity", "electricity.txt", f"{secret}\n1,2\n")):
+        path = tmp_path / name
+        path.write_text(body)
+        with pytest.raises(UserError) as err:
+            Forecast().load(ForecastParams(dataset=dataset, path=str(path)), RunContext())
+        assert secret not in str(err.value), str(err.value)
 
 
 def test_clean_normaliser_never_sees_validation_or_test_rows(tmp_path):
@@ -318,7 +377,7 @@ def test_url_downloads_are_cached_per_url_and_gunzipped(tmp_path):
     import threading
     from functools import partial
 
-    from tasks.forecast import _download
+    from harness.data import download
 
     served = tmp_path / "served"
     for folder, value in (("a", "1,2\n3,4\n"), ("b", "5,6\n7,8\n")):
@@ -337,6 +396,8 @@ def test_url_downloads_are_cached_per_url_and_gunzipped(tmp_path):
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         downloads = tmp_path / "data" / "_downloads"
+        def _download(url, folder):     # the test server: plain http on the loopback
+            return download(url, folder, hosts=("127.0.0.1",), schemes=("http",))
         first = _download(f"{base}/a/series.txt", downloads)
         again = _download(f"{base}/a/series.txt", downloads)
         other = _download(f"{base}/b/series.txt", downloads)

@@ -77,3 +77,44 @@ class SlowBP(Algorithm):
             return step(x, y)
         learner.train_step = slow
         return learner
+
+
+@dataclass(frozen=True)
+class ExitParams(TrainParams):
+    how: str = param("os_exit", "how the training step ends its process",
+                     choices=("os_exit", "sys_exit", "sigkill", "segfault", "hang"))
+    after: int = param(2, "training steps before it does", min=0)
+
+
+@algorithms.register("dies")
+class Dies(Algorithm):
+    """BP whose training step ends its own process (os._exit, sys.exit, SIGKILL, a segfault)
+    or hangs, after a few steps (tests the supervisor)."""
+
+    supports = frozenset({"mlp"})
+    Params = ExitParams
+
+    def build(self, arch, info, params, ctx):
+        import os
+        import signal
+        import sys
+        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        step = learner.train_step
+        calls = [0]
+
+        def dying(x, y):
+            calls[0] += 1
+            if calls[0] > params.after:
+                if params.how == "os_exit":
+                    os._exit(3)
+                if params.how == "sys_exit":
+                    sys.exit(4)
+                if params.how == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if params.how == "segfault":
+                    import ctypes
+                    ctypes.string_at(0)
+                time.sleep(3600)
+            return step(x, y)
+        learner.train_step = dying
+        return learner

@@ -1,0 +1,142 @@
+"""Fingerprints of the code that shapes a run's numbers, recorded beside every run.
+
+A run's key (:meth:`harness.api.RunSpec.key`) holds each plugin's declared ``version``, not its
+source: a version is bumped on purpose when a change moves the numbers. To catch the changes
+nobody declared, every run also records digests of
+
+* its algorithm plugin's module and the project-local plugin modules it imports
+  (``algorithms/_rnn.py`` for ``bp``, say),
+* its task plugin's module, likewise,
+* the engine files that shape numbers: the epoch loop and evaluation (``harness/runner.py``),
+  the shared network and optimiser pieces (``harness/toolkit.py``, ``harness/nets.py``).
+
+A digest is taken of the file's syntax tree without docstrings, so comments, docstrings and
+formatting do not count as a change; any change to code does. A stored run whose digests differ
+from the current code's is *stale*: ``run``, ``--dry-run`` and ``report`` say how many there are
+and ``--rerun-stale`` runs them again.
+
+The engine digest is taken once, when this module is first imported — in the process that
+imported the engine, so a worker forked from a server that imported it earlier reports the code
+it runs, not what the files say now.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENGINE_FILES = ("harness/runner.py", "harness/toolkit.py", "harness/nets.py")
+PLUGIN_PACKAGES = ("algorithms", "tasks")
+SHORT = 12   # hex digits shown and stored
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(
+                    getattr(body[0], "value", None), ast.Constant) and isinstance(
+                    body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _parse(path: Path) -> Optional[ast.AST]:
+    try:
+        return ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def file_digest(path: Path) -> str:
+    """The digest of one file's code (its syntax tree without docstrings); of its raw bytes
+    where it does not parse; ``missing`` where it cannot be read."""
+    path = Path(path)
+    tree = _parse(path)
+    if tree is not None:
+        text = ast.dump(_without_docstrings(tree), include_attributes=False).encode()
+    else:
+        try:
+            text = path.read_bytes()
+        except OSError:
+            return "missing"
+    return hashlib.sha256(text).hexdigest()
+
+
+def _local_imports(path: Path, tree: ast.AST) -> list[Path]:
+    """Project plugin modules (``algorithms.x``, ``tasks.y``, relative imports) ``path`` imports."""
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                target = base.joinpath(*node.module.split(".")) if node.module else base
+                candidates = [target.with_suffix(".py")] + [
+                    target / f"{alias.name}.py" for alias in node.names]
+                found += [c for c in candidates if c.is_file()]
+                continue
+            if node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".", 1)[0] in PLUGIN_PACKAGES:
+                candidate = PROJECT_ROOT.joinpath(*name.split(".")).with_suffix(".py")
+                if candidate.is_file():
+                    found.append(candidate)
+    return found
+
+
+def module_files(path: Path) -> list[Path]:
+    """``path`` and, transitively, the project's plugin modules it imports (sorted)."""
+    seen: dict[Path, None] = {}
+    todo = [Path(path).resolve()]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen[current] = None
+        tree = _parse(current)
+        if tree is not None:
+            todo += [p.resolve() for p in _local_imports(current, tree)]
+    return sorted(seen)
+
+
+def digest(files: Iterable[Path]) -> str:
+    """One digest over several files (named relative to the project where they lie in it)."""
+    combined = hashlib.sha256()
+    for path in sorted(Path(f).resolve() for f in files):
+        try:
+            name = str(path.relative_to(PROJECT_ROOT))
+        except ValueError:
+            name = path.name
+        combined.update(f"{name}:{file_digest(path)}\n".encode())
+    return combined.hexdigest()[:SHORT]
+
+
+ENGINE_DIGEST = digest(PROJECT_ROOT / f for f in ENGINE_FILES if (PROJECT_ROOT / f).exists())
+
+
+def plugin_digest(cls: type) -> str:
+    """The digest of the module that defines a plugin class, with its local imports."""
+    module = sys.modules.get(cls.__module__)
+    source = getattr(module, "__file__", None)
+    if not source:
+        return "unknown"
+    return digest(module_files(Path(source)))
+
+
+def of_plugins(algorithm_cls: type, task_cls: type) -> dict[str, str]:
+    """``{algorithm, task, engine, source}``: ``source`` combines the three; it is what the
+    stale check compares."""
+    parts = {"algorithm": plugin_digest(algorithm_cls), "task": plugin_digest(task_cls),
+             "engine": ENGINE_DIGEST}
+    combined = hashlib.sha256("|".join(parts[k] for k in ("algorithm", "task", "engine")).encode())
+    parts["source"] = combined.hexdigest()[:SHORT]
+    return parts
