@@ -55,17 +55,18 @@ def test_a_hanging_run_times_out(blob_suite, cli):
     assert reason.startswith("timed out: still running after 6 s (--run-timeout 6)")
 
 
-def _bench(*args, **kwargs):
+def _bench(*args, cwd):
+    """bench.py in a session of its own, run from ``cwd`` (where its report goes)."""
     return subprocess.Popen([sys.executable, str(ROOT / "bench.py"), *map(str, args)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **kwargs)
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
 
 def test_two_concurrent_runs_of_one_suite_train_each_run_once(blob_suite):
     path = blob_suite("  slow_bp: {lr: 0.01, sleep_s: 0.03}", seeds=6, epochs=2, name="twice")
     args = ["run", path, "--device", "cpu", "--no-progress", "--no-report", "--plugins",
             TEST_PLUGINS]
-    first, second = _bench(*args), _bench(*args)
+    first, second = _bench(*args, cwd=path.parent), _bench(*args, cwd=path.parent)
     outs = [p.communicate(timeout=300) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outs
     trained = 0
@@ -111,7 +112,7 @@ def test_the_suite_leaves_no_process_behind(blob_suite, sig):
     path = blob_suite("  slow_bp: {lr: 0.01, sleep_s: 0.05}", seeds=8, epochs=4,
                       name=f"term{int(sig)}")
     proc = _bench("run", path, "--device", "cpu", "--jobs", "2", "--no-progress", "--plugins",
-                  TEST_PLUGINS)
+                  TEST_PLUGINS, cwd=path.parent)
     children = _wait_for_a_run_process(proc.pid)
     assert children, "the suite never started a run process"
     os.kill(proc.pid, sig)
