@@ -5,9 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.api import Algorithm, Arch, Learner, RunContext, TaskInfo
+from harness.api import Algorithm, Arch, Learner, RunContext, TaskInfo, TrainParams
+from harness.nets import RNNNet, build_sequential
 from harness.registry import algorithms
-from harness.toolkit import ModuleLearner, TrainParams, build_sequential
+from harness.toolkit import ModuleLearner
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,8 @@ class Backprop(Algorithm):
     Params = BPParams
 
     def build(self, arch: Arch, info: TaskInfo, params: BPParams, ctx: RunContext) -> Learner:
-        if arch.kind == "rnn":  # BP through time: autograd on the unrolled recurrence
-            from algorithms._rnn import RNNNet
-            network: torch.nn.Module = RNNNet(arch, params.init_std).to(ctx.device)
+        if arch.kind == "rnn":  # BP through time (harness.nets.Recurrence)
+            network: torch.nn.Module = RNNNet(arch, params.init_std)
         else:
-            network = build_sequential(arch, params.init_std).to(ctx.device)
-        return ModuleLearner(network, info, params, ctx.epochs)
+            network = build_sequential(arch, params.init_std)
+        return ModuleLearner(network.to(ctx.device), info, params)

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from algorithms.fa import DISTRIBUTIONS, draw_feedback, feedback_generator
-from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
-                         RunContext, TaskInfo, param)
+from harness.api import (Algorithm, Arch, Conv, Dense, Learner, RunContext, TaskInfo,
+                         TrainParams, param)
+from harness.nets import (DISTRIBUTIONS, RNNNet, draw_feedback, feedback_generator,
+                          layer_modules, rnn_layers)
 from harness.registry import algorithms
-from harness.toolkit import (ModuleLearner, TrainParams, activation_module, init_weight,
-                             layer_shapes, loss_and_grad)
+from harness.toolkit import ModuleLearner, layer_shapes, loss_and_grad
 
 
 class DFANetwork(nn.Module):
@@ -67,36 +68,17 @@ class DFANetwork(nn.Module):
         torch.autograd.backward([output] + hidden, [error] + grads)
 
 
-class DFARNN(nn.Module):
-    """h_t = f(x_t W_xᵀ + h_{t−1} W_hᵀ), y_t = h_t W_yᵀ, trained by per-step direct feedback."""
+class DFARNN(RNNNet):
+    """The RNN trained by direct feedback at every time step: δ_t = (e_t B) ⊙ f′(a_t), no error
+    through time (the recurrence's backward carries nothing back), the read-out its true
+    gradient from the detached states."""
 
-    def __init__(self, input_size: int, hidden: int, output: int, act: str, init_std: float,
-                 feedback: torch.Tensor):
-        super().__init__()
-        self.input = nn.Linear(input_size, hidden, bias=False)
-        self.recurrent = nn.Linear(hidden, hidden, bias=False)
-        self.readout = nn.Linear(hidden, output, bias=False)
-        with torch.no_grad():
-            for module in (self.input, self.recurrent, self.readout):
-                module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
-        self.act = activation_module(act)
-        self.hidden = hidden
+    def __init__(self, arch: Arch, init_std: float, feedback: torch.Tensor):
+        super().__init__(arch, init_std, back=None)
         self.register_buffer("feedback0", feedback)  # output × hidden
 
-    def states(self, x, local: bool):
-        drive = self.input(x)
-        h = drive.new_zeros(x.shape[0], self.hidden)
-        states = []
-        for t in range(x.shape[1]):
-            h = self.act(drive[:, t] + self.recurrent(h.detach() if local else h))
-            states.append(h)
-        return torch.stack(states, dim=1)
-
-    def forward(self, x):
-        return self.readout(self.states(x, local=False))
-
     def forward_local(self, x):
-        states = self.states(x, local=True)
+        states = self.hidden_states(x)
         return self.readout(states.detach()), [states]
 
     def backward_direct(self, output, hidden, error) -> None:
@@ -107,38 +89,18 @@ def build_dfa_network(arch: Arch, init_std: float, distribution: str, scale: flo
                       shared: bool, generator: torch.Generator) -> nn.Module:
     out = arch.output_size
     if arch.kind == "rnn":
-        layers = arch.layers
-        if len(layers) != 2 or not isinstance(layers[0], Recurrent) \
-                or not isinstance(layers[1], Dense):
-            raise ValueError(f"{arch.name}: DFA's RNN is (Recurrent(h), Dense(out, linear)), "
-                             f"got {arch.describe()}")
-        hidden = layers[0].hidden
-        return DFARNN(arch.input_shape[-1], hidden, layers[1].units, layers[0].act, init_std,
-                      draw_feedback((layers[1].units, hidden), distribution, scale, generator))
+        recurrent, readout = rnn_layers(arch)
+        return DFARNN(arch, init_std, draw_feedback((readout.units, recurrent.hidden),
+                                                    distribution, scale, generator))
     blocks, out_shapes, pending = [], [], []
-    for layer, in_shape, out_shape in layer_shapes(arch):
-        if isinstance(layer, Pool):
-            pending.append(nn.MaxPool2d(layer.size) if layer.kind == "max"
-                           else nn.AvgPool2d(layer.size))
+    shapes = [out_shape for _, _, out_shape in layer_shapes(arch)]
+    for (layer, module, act), out_shape in zip(layer_modules(arch, init_std), shapes):
+        if not isinstance(layer, (Dense, Conv)):
+            pending.append(module)              # pools and flatten lead into the next block
             continue
-        if isinstance(layer, Flatten):
-            pending.append(nn.Flatten())
-            continue
-        if isinstance(layer, Dense):
-            module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
-        elif isinstance(layer, Conv):
-            module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel, padding=layer.padding,
-                               bias=False)
-        else:
-            raise TypeError(f"DFA cannot build {layer!r}")
-        with torch.no_grad():
-            module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
-        parts = pending + [module]
-        if layer.act != "linear":
-            parts.append(activation_module(layer.act))
-        pending = []
-        blocks.append(nn.Sequential(*parts))
+        blocks.append(nn.Sequential(*pending, module, *([act] if act is not None else [])))
         out_shapes.append(tuple(out_shape))
+        pending = []
     if pending:
         raise ValueError(f"{arch.name}: the last layer must be the dense output layer")
     hidden_shapes = out_shapes[:-1]
@@ -167,11 +129,9 @@ class DFALearner(ModuleLearner):
     """The network's own backward is replaced by the direct projections of the output error."""
 
     def train_step(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
         output, hidden = self.network.forward_local(x)
         loss, error = loss_and_grad(self.info, output.detach(), y, self.label_smoothing)
         self.network.backward_direct(output, hidden, error)
-        self.optimizer.step()
         return {"loss": loss}
 
 
@@ -186,4 +146,4 @@ class DirectFeedbackAlignment(Algorithm):
         network = build_dfa_network(arch, params.init_std, params.feedback_init,
                                     params.feedback_scale, params.shared,
                                     feedback_generator(ctx.seed))
-        return DFALearner(network.to(ctx.device), info, params, ctx.epochs)
+        return DFALearner(network.to(ctx.device), info, params)

@@ -17,12 +17,15 @@ single-layer tanh RNN runs the sweep backwards through time (DLL.md §3). Update
 parameters' ``.grad`` (= −Δ) and the shared torch optimiser applies them; Θ learns at
 ``lr · theta_lr_ratio`` (η/10 in the paper).
 
-``variant: released`` reproduces the authors' code (DLL.md §5): the MLP in its outer form
-(tanh on each layer's input, softmax on the last hidden layer, linear output, MSE-type error,
-Θ never trained), Θ updated with a + sign in the CNN, errors clipped to ±clip, updates summed
-over the batch, doubled and clipped before an Adam ascent step, and the RNN with tanh′ taken
-at step t, plain SGD and no schedule. The released conv ΔΘ (a reshape without a permute) is not
-copied: the intended contraction is used. DLL-FA (paper Table 3) is ``theta: frozen``,
+A layer's bias (``bias: true`` in its spec; the paper has none) learns Δb_i = ⟨g_i⟩.
+
+``variant: released`` reproduces the authors' code (DLL.md §5), each rule in a class of its own
+beside the paper's: :class:`ReleasedMLP` (the outer form: tanh on each layer's input, softmax
+on the last hidden layer, linear output, MSE-type error, Θ never trained), :class:`ReleasedCNN`
+(Θ updated with a + sign, errors clipped to ±clip, updates summed over the batch, doubled and
+clipped before the Adam step) and :class:`ReleasedRNN` (tanh′ taken at step t − 1, the same
+sum-and-clip, plain SGD and no schedule). The released conv ΔΘ (a reshape without a permute)
+is not copied: the intended contraction is used. DLL-FA (paper Table 3) is ``theta: frozen``,
 registered as ``dll_fa``.
 """
 from __future__ import annotations
@@ -34,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
-                         RunContext, TaskInfo, param)
+from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, RunContext,
+                         TaskInfo, TrainParams, param)
+from harness.nets import rnn_layers, unroll
 from harness.registry import algorithms
-from harness.toolkit import (TrainParams, activation, init_weight, layer_shapes, loss_and_grad,
-                             loss_value, make_optimizer, weight_shape)
+from harness.toolkit import (activation, init_weight, layer_shapes, loss_and_grad, loss_value,
+                             weight_shape)
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,25 @@ def _contract(spec, shape, g: torch.Tensor, below: torch.Tensor) -> torch.Tensor
     return conv2d_weight(below, shape, g, padding=spec.padding)
 
 
+def _sum_over_units(spec, g: torch.Tensor) -> torch.Tensor:
+    """Σ_n g_n, per output unit (conv: over positions too): the bias's contraction."""
+    return g.sum(0) if isinstance(spec, Dense) else g.sum(dim=(0, 2, 3))
+
+
 class FeedForwardDLL(Learner):
-    """DLL on a stack of dense/conv/pool/flatten layers (the last dense is the output)."""
+    """DLL on a stack of dense/conv/pool/flatten layers (the last dense is the output), with
+    the paper's rules; :class:`ReleasedCNN` and :class:`ReleasedMLP` change what they must."""
 
     def __init__(self, arch: Arch, info: TaskInfo, p: DLLParams, ctx: RunContext):
-        self.info, self.p, self.released = info, p, p.variant == "released"
+        self.info, self.p = info, p
         device = torch.device(ctx.device)
-        self.layers = []          # (spec, W or None, Θ or None)
-        weights, thetas = [], []
+        self.layers = []          # (spec, W or None, Θ or None, b or None)
+        weights, thetas, biases = [], [], []
         first_weighted = True
         for spec, in_shape, _ in layer_shapes(arch):
             shape = weight_shape(spec, in_shape)
             if shape is None:
-                self.layers.append((spec, None, None))
+                self.layers.append((spec, None, None, None))
                 continue
             w = torch.nn.Parameter(init_weight(shape, p.init_std, device=device))
             theta = None
@@ -102,25 +112,31 @@ class FeedForwardDLL(Learner):
                 std = p.theta_init_std if isinstance(spec, Dense) else p.theta_init_std_conv
                 theta = torch.nn.Parameter(init_weight(shape, std, device=device))
                 thetas.append(theta)
+            bias = torch.nn.Parameter(torch.zeros(shape[0], device=device)) if spec.bias else None
+            if bias is not None:
+                biases.append(bias)
             weights.append(w)
-            self.layers.append((spec, w, theta))
+            self.layers.append((spec, w, theta, bias))
             first_weighted = False
-        self.weights, self.thetas = weights, thetas
+        self.weights, self.thetas, self.biases = weights, thetas, biases
         self.learn_theta = p.theta == "learn" and bool(thetas)
-        groups = [{"params": weights}]
-        if self.learn_theta:
-            groups.append({"params": thetas, "lr": p.lr * p.theta_lr_ratio})
-        self.optimizer, self.schedulers = make_optimizer(groups, p, ctx.epochs)
+
+    def parameter_groups(self) -> list[dict]:
+        groups = [{"params": self.weights + self.biases}]
+        if self.learn_theta:      # Θ at lr · theta_lr_ratio (the paper's η/10)
+            groups.append({"params": self.thetas, "lr": self.p.lr * self.p.theta_lr_ratio})
+        return groups
 
     def _forward(self, x: torch.Tensor, keep: bool):
         cache = []
         h = x
-        for spec, w, _ in self.layers:
+        for spec, w, _, b in self.layers:
             extra = None
             if isinstance(spec, Dense):
-                out = activation(spec.act)[0](h.matmul(w.t()))
+                a = h.matmul(w.t())
+                out = activation(spec.act)[0](a if b is None else a + b)
             elif isinstance(spec, Conv):
-                out = activation(spec.act)[0](F.conv2d(h, w, padding=spec.padding))
+                out = activation(spec.act)[0](F.conv2d(h, w, b, padding=spec.padding))
             elif isinstance(spec, Pool) and spec.kind == "max":
                 out, extra = F.max_pool2d(h, spec.size, return_indices=True)
             elif isinstance(spec, Pool):
@@ -142,15 +158,28 @@ class FeedForwardDLL(Learner):
         loss, grad = loss_and_grad(self.info, output, y, self.p.label_smoothing)
         n = output.shape[0]
         self.updates(cache, -n * grad, n)
-        self.optimizer.step()
         return {"loss": loss}
+
+    # the rules of one weighted layer: .grad = −Δ --------------------------------------------
+    def weight_grad(self, spec, shape, g: torch.Tensor, below: torch.Tensor, n: int):
+        """ΔW = ⟨gᵀu⟩ (Δb = ⟨g⟩ with ``shape`` None), the batch mean folded into the small error
+        tensor before the contraction (no extra pass over the weights)."""
+        if shape is None:
+            return _sum_over_units(spec, g) * (-1.0 / n)
+        return _contract(spec, shape, g * (-1.0 / n), below)
+
+    def feedback_error(self, error: torch.Tensor) -> torch.Tensor:
+        """ξ one layer down, as propagated (the paper keeps it as it is)."""
+        return error
+
+    def theta_grad(self, spec, shape, g: torch.Tensor, xi_below: torch.Tensor, n: int):
+        """ΔΘ = −⟨gᵀξ⟩: it shrinks ‖ξ‖² (the paper's sign)."""
+        return _contract(spec, shape, g * (1.0 / n), xi_below)
 
     def updates(self, cache, err: torch.Tensor, n: int) -> None:
         """The top-down sweep from the output error ``err`` (per sample): sets every .grad."""
-        clip = self.p.clip if self.released else None
-        last = len(self.layers) - 1
-        for index in range(last, -1, -1):
-            spec, w, theta = self.layers[index]
+        for index in range(len(self.layers) - 1, -1, -1):
+            spec, w, theta, bias = self.layers[index]
             inp, out, extra = cache[index]
             if w is None:   # pools and flatten only route the error
                 if isinstance(spec, Flatten):
@@ -161,32 +190,47 @@ class FeedForwardDLL(Learner):
                     err = _avg_pool_adjoint(err, spec.size, inp.shape)
                 continue
             g = err if spec.act == "linear" else err * activation(spec.act)[1](out)
-            # .grad = −Δ. Paper: the batch mean, folded into the small error tensor before the
-            # contraction (no extra pass over the weights). Released: the batch sum, doubled,
-            # clipped.
-            if clip is None:
-                w.grad = _contract(spec, w.shape, g * (-1.0 / n), inp)
-            else:
-                w.grad = -(2.0 * _contract(spec, w.shape, g, inp)).clamp(-clip, clip)
+            w.grad = self.weight_grad(spec, w.shape, g, inp, n)
+            if bias is not None:
+                bias.grad = self.weight_grad(spec, None, g, inp, n)
             if theta is None:
                 break       # the first weighted layer: nothing below needs an error
             if isinstance(spec, Dense):
                 below = g.matmul(theta)
             else:
                 below = conv2d_input(inp.shape, theta, g, padding=spec.padding)
-            if clip is not None:
-                below = below.clamp(-clip, clip)
+            below = self.feedback_error(below)
             if self.learn_theta:
-                if clip is None:    # ΔΘ = −⟨gᵀξ⟩ shrinks ‖ξ‖² (the paper's sign)
-                    theta.grad = _contract(spec, theta.shape, g * (1.0 / n), below)
-                else:               # released: ΔΘ = +Σ gᵀξ, growing ‖ξ‖
-                    theta.grad = -(2.0 * _contract(spec, theta.shape, g, below)).clamp(-clip, clip)
+                theta.grad = self.theta_grad(spec, theta.shape, g, below, n)
             err = below
 
     def state_dict(self):
         state = {f"W{i}": w.detach() for i, w in enumerate(self.weights)}
         state.update({f"Theta{i + 1}": t.detach() for i, t in enumerate(self.thetas)})
+        state.update({f"b{i}": b.detach() for i, b in enumerate(self.biases)})
         return state
+
+
+class ReleasedRules:
+    """The released code's update arithmetic (DLL.md §5.3–4), for the conv net and the RNN:
+    every propagated error clipped to ±clip; every update summed over the batch, doubled and
+    clipped; Θ's with a + sign (growing ‖ξ‖)."""
+
+    p: DLLParams
+
+    def weight_grad(self, spec, shape, g, below, n):
+        total = _sum_over_units(spec, g) if shape is None else _contract(spec, shape, g, below)
+        return -(2.0 * total).clamp(-self.p.clip, self.p.clip)
+
+    def feedback_error(self, error):
+        return error.clamp(-self.p.clip, self.p.clip)
+
+    def theta_grad(self, spec, shape, g, xi_below, n):
+        return -(2.0 * _contract(spec, shape, g, xi_below)).clamp(-self.p.clip, self.p.clip)
+
+
+class ReleasedCNN(ReleasedRules, FeedForwardDLL):
+    """The released code's conv net: the paper's form with the released update arithmetic."""
 
 
 class ReleasedMLP(FeedForwardDLL):
@@ -196,17 +240,17 @@ class ReleasedMLP(FeedForwardDLL):
     s(1 − s), as in the released code's per-unit error."""
 
     def _transfer(self, index: int):
-        dense = [i for i, (s, _, _) in enumerate(self.layers) if isinstance(s, Dense)]
+        dense = [i for i, layer in enumerate(self.layers) if isinstance(layer[0], Dense)]
         if index == dense[-1]:
             return (lambda u: torch.softmax(u, dim=1)), (lambda z: z * (1.0 - z))
         return activation("tanh")
 
     def _forward(self, x, keep):
         cache, h = [], x
-        for index, (spec, w, _) in enumerate(self.layers):
+        for index, (spec, w, _, b) in enumerate(self.layers):
             if isinstance(spec, Dense):
                 z = self._transfer(index)[0](h)
-                out = z.matmul(w.t())
+                out = z.matmul(w.t()) if b is None else z.matmul(w.t()) + b
                 if keep:
                     cache.append((h, out, z))
                 h = out
@@ -225,16 +269,17 @@ class ReleasedMLP(FeedForwardDLL):
         target.scatter_(1, y.unsqueeze(1), 1.0 - smooth + smooth / classes)
         err, clip = target - output, self.p.clip
         for index in range(len(self.layers) - 1, -1, -1):
-            spec, w, theta = self.layers[index]
+            spec, w, theta, bias = self.layers[index]
             inp, _, z = cache[index]
             if not isinstance(spec, Dense):
                 continue
             w.grad = -(2.0 * err.t().matmul(z)).clamp(-clip, clip)
+            if bias is not None:
+                bias.grad = -(2.0 * err.sum(0)).clamp(-clip, clip)
             if theta is None:
                 break
             derivative = self._transfer(index)[1](z)
             err = (err.matmul(theta) * derivative).clamp(-clip, clip)
-        self.optimizer.step()
         return {"loss": loss_value(self.info, output, y)}
 
 
@@ -243,15 +288,15 @@ class ReleasedMLP(FeedForwardDLL):
 # --------------------------------------------------------------------------------------------
 
 class RecurrentDLL(Learner):
-    """h_t = tanh(W_x x_t + W_h h_{t−1}), y_t = W_y h_t; errors backwards in time through Θ_y, Θ_h:
-    e^h_t = e^y_t Θ_y + (e^h_{t+1} ⊙ f′_{t+1}) Θ_h; ΔW_x = Σ_t g_tᵀ x_t, ΔW_h = Σ_t g_tᵀ h_{t−1},
-    ΔW_y = Σ_t e^y_tᵀ h_t with g_t = e^h_t ⊙ f′_t; ΔΘ_y = −Σ_t e^y_tᵀ e^h_t,
-    ΔΘ_h = −Σ_{t≥2} g_tᵀ e^h_{t−1}."""
+    """h_t = tanh(W_x x_t + W_h h_{t−1}), y_t = W_y h_t (+ b_y); errors backwards in time through
+    Θ_y, Θ_h: e^h_t = e^y_t Θ_y + (e^h_{t+1} ⊙ f′_{t+1}) Θ_h; ΔW_x = Σ_t g_tᵀ x_t,
+    ΔW_h = Σ_t g_tᵀ h_{t−1}, ΔW_y = Σ_t e^y_tᵀ h_t with g_t = e^h_t ⊙ f′_t; ΔΘ_y = −Σ_t e^y_tᵀ e^h_t,
+    ΔΘ_h = −Σ_{t≥2} g_tᵀ e^h_{t−1}; each averaged over samples and steps."""
 
     def __init__(self, arch: Arch, info: TaskInfo, p: DLLParams, ctx: RunContext):
-        self.info, self.p, self.released = info, p, p.variant == "released"
-        recurrent, readout = arch.layers
-        steps, inputs = arch.input_shape
+        self.info, self.p = info, p
+        recurrent, readout = rnn_layers(arch)
+        inputs = arch.input_shape[-1]
         hidden, out = recurrent.hidden, readout.units
         device = torch.device(ctx.device)
 
@@ -260,25 +305,24 @@ class RecurrentDLL(Learner):
         self.w_x, self.w_h, self.w_y = (new((hidden, inputs), p.init_std),
                                         new((hidden, hidden), p.init_std),
                                         new((out, hidden), p.init_std))
+        self.b_y = torch.nn.Parameter(torch.zeros(out, device=device)) if readout.bias else None
         self.theta_y = new((out, hidden), p.theta_init_std_conv)
         self.theta_h = new((hidden, hidden), p.theta_init_std_conv)
         self.learn_theta = p.theta == "learn"
-        groups = [{"params": [self.w_x, self.w_h, self.w_y]}]
+
+    def parameter_groups(self) -> list[dict]:
+        weights = [self.w_x, self.w_h, self.w_y] + ([self.b_y] if self.b_y is not None else [])
+        groups = [{"params": weights}]
         if self.learn_theta:
-            groups.append({"params": [self.theta_y, self.theta_h], "lr": p.lr * p.theta_lr_ratio})
-        # released: plain SGD and a schedule that has no effect
-        opt_params = replace(p, optimizer="sgd", momentum=0.0, lr_decay="none") if self.released else p
-        self.optimizer, self.schedulers = make_optimizer(groups, opt_params, ctx.epochs)
+            groups.append({"params": [self.theta_y, self.theta_h],
+                           "lr": self.p.lr * self.p.theta_lr_ratio})
+        return groups
 
     def _forward(self, x):
         drive = x.matmul(self.w_x.t())                      # (N, T, H) in one product
-        h = torch.zeros(x.shape[0], self.w_h.shape[0], device=x.device, dtype=x.dtype)
-        states = []
-        for t in range(x.shape[1]):
-            h = torch.tanh(drive[:, t] + h.matmul(self.w_h.t()))
-            states.append(h)
-        hs = torch.stack(states, dim=1)                     # (N, T, H)
-        return hs.matmul(self.w_y.t()), hs
+        hs = unroll(drive, self.w_h, "tanh").transpose(0, 1).contiguous()   # (N, T, H)
+        out = hs.matmul(self.w_y.t())
+        return (out if self.b_y is None else out + self.b_y), hs
 
     def predict(self, x):
         with torch.no_grad():
@@ -290,11 +334,18 @@ class RecurrentDLL(Learner):
         loss, grad = loss_and_grad(self.info, output, y, self.p.label_smoothing)
         scale = output.shape[0] * output.shape[1]           # per sample and step
         self.updates(x, hs, -scale * grad, scale)
-        self.optimizer.step()
         return {"loss": loss}
 
+    def slope_step(self, t: int) -> int:
+        """Where tanh′ is taken for the error sent back from step t: at t (it feeds e^h_{t−1}
+        through W_h at step t)."""
+        return t
+
+    def as_grad(self, delta: torch.Tensor, scale: int) -> torch.Tensor:
+        """.grad = −Δ, Δ averaged over samples and steps."""
+        return -(delta / scale)
+
     def updates(self, x, hs, e_y, scale):
-        clip = self.p.clip if self.released else None
         fprime = 1.0 - hs * hs                              # f′_t, (N, T, H)
         steps = x.shape[1]
         from_y = e_y.matmul(self.theta_y)                   # Θ_yᵀ e^y_t for every t at once
@@ -302,27 +353,39 @@ class RecurrentDLL(Learner):
         carried = torch.zeros_like(hs[:, 0])
         for t in range(steps - 1, -1, -1):
             e_h[:, t] = from_y[:, t] + carried
-            # paper: tanh′ at step t (it feeds e^h_{t−1} through W_h at t); released: at t−1
-            k = t if not self.released else max(t - 1, 0)
-            carried = (e_h[:, t] * fprime[:, k]).matmul(self.theta_h)
+            carried = (e_h[:, t] * fprime[:, self.slope_step(t)]).matmul(self.theta_h)
         g = e_h * fprime
         h_prev = torch.cat([torch.zeros_like(hs[:, :1]), hs[:, :-1]], dim=1)
 
         def total(a, b):        # Σ_{n,t} a_{n,t}ᵀ b_{n,t}
             return a.reshape(-1, a.shape[-1]).t().matmul(b.reshape(-1, b.shape[-1]))
-
-        def as_grad(delta):
-            return -(delta / scale if clip is None else delta.clamp(-clip, clip))
-        self.w_y.grad = as_grad(total(e_y, hs))
-        self.w_x.grad = as_grad(total(g, x))
-        self.w_h.grad = as_grad(total(g, h_prev))
+        self.w_y.grad = self.as_grad(total(e_y, hs), scale)
+        if self.b_y is not None:
+            self.b_y.grad = self.as_grad(e_y.reshape(-1, e_y.shape[-1]).sum(0), scale)
+        self.w_x.grad = self.as_grad(total(g, x), scale)
+        self.w_h.grad = self.as_grad(total(g, h_prev), scale)
         if self.learn_theta:
-            self.theta_y.grad = as_grad(-total(e_y, e_h))
-            self.theta_h.grad = as_grad(-total(g[:, 1:], e_h[:, :-1]))
+            self.theta_y.grad = self.as_grad(-total(e_y, e_h), scale)
+            self.theta_h.grad = self.as_grad(-total(g[:, 1:], e_h[:, :-1]), scale)
 
     def state_dict(self):
-        return {name: getattr(self, name).detach()
-                for name in ("w_x", "w_h", "w_y", "theta_y", "theta_h")}
+        names = ("w_x", "w_h", "w_y", "theta_y", "theta_h") + (("b_y",) if self.b_y is not None
+                                                                else ())
+        return {name: getattr(self, name).detach() for name in names}
+
+
+class ReleasedRNN(RecurrentDLL):
+    """The released code's RNN: tanh′ taken at step t − 1 where step t's belongs, every Δ
+    summed and clipped to ±clip, plain SGD, and a learning-rate schedule with no effect."""
+
+    def optimizer_settings(self, params: TrainParams) -> TrainParams:
+        return replace(params, optimizer="sgd", momentum=0.0, lr_decay="none")
+
+    def slope_step(self, t: int) -> int:
+        return max(t - 1, 0)
+
+    def as_grad(self, delta, scale):
+        return -delta.clamp(-self.p.clip, self.p.clip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,20 +403,23 @@ class DLL(Algorithm):
         reason = super().unsupported(arch, params)
         if reason:
             return reason
-        if arch.kind == "rnn" and not (len(arch.layers) == 2 and isinstance(arch.layers[0], Recurrent)
-                                       and isinstance(arch.layers[1], Dense)):
-            return f"{self.name} trains a single recurrent layer with a dense read-out"
+        if arch.kind == "rnn":
+            try:
+                rnn_layers(arch)
+            except ValueError:
+                return f"{self.name} trains a single recurrent layer with a dense read-out"
         if params.variant == "released" and arch.kind == "mlp" and not any(
                 isinstance(layer, Dense) for layer in arch.layers[:-1]):
             return f"{self.name} variant released needs a hidden dense layer (softmax)"
         return None
 
     def build(self, arch: Arch, info: TaskInfo, params: DLLParams, ctx: RunContext) -> Learner:
+        released = params.variant == "released"
         if arch.kind == "rnn":
-            return RecurrentDLL(arch, info, params, ctx)
-        if arch.kind == "mlp" and params.variant == "released":
+            return (ReleasedRNN if released else RecurrentDLL)(arch, info, params, ctx)
+        if arch.kind == "mlp" and released:
             return ReleasedMLP(arch, info, replace(params, theta="frozen"), ctx)
-        return FeedForwardDLL(arch, info, params, ctx)
+        return (ReleasedCNN if released else FeedForwardDLL)(arch, info, params, ctx)
 
 
 @algorithms.register("dll_fa", aliases=("dll-fa",))

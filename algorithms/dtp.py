@@ -26,15 +26,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from harness.api import Algorithm, Arch, Dense, Flatten, Learner, RunContext, TaskInfo, param
+from harness.api import (Algorithm, Arch, Dense, Flatten, Learner, RunContext, TaskInfo,
+                         TrainParams, param)
 from harness.registry import algorithms
-from harness.toolkit import (ModuleLearner, TrainParams, activation, fast_step_options,
-                             init_weight, layer_shapes, loss_and_grad, make_optimizer)
+from harness.toolkit import (ModuleLearner, activation, fast_step_options, init_weight,
+                             layer_shapes, loss_and_grad)
 
 
 class DTPNetwork(nn.Module):
-    """Dense layers W_0 … W_{L−1} (after an optional leading Flatten) and inverses V_1 … V_{L−1}
-    (``inverses[i−1]`` maps h_{i+1} back to h_i)."""
+    """Dense layers W_0 … W_{L−1} (after an optional leading Flatten; each with a bias b_i where
+    its spec asks for one) and inverses V_1 … V_{L−1} (``inverses[i−1]`` maps h_{i+1} back to
+    h_i)."""
 
     def __init__(self, arch: Arch, init_std: float):
         super().__init__()
@@ -48,13 +50,25 @@ class DTPNetwork(nn.Module):
             dense.append((layer, in_shape[0]))
         self.weights = nn.ParameterList(nn.Parameter(init_weight((layer.units, n_in), init_std))
                                         for layer, n_in in dense)
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(layer.units))
+                                       for layer, _ in dense if layer.bias)
+        self.bias_of = {}
+        for i, (layer, _) in enumerate(dense):
+            if layer.bias:
+                self.bias_of[i] = len(self.bias_of)
         self.acts = [layer.act for layer, _ in dense]
         self.inverses = nn.ParameterList(
             nn.Parameter(init_weight((n_in, layer.units), init_std)) for layer, n_in in dense[1:])
 
+    def forward_parameters(self) -> list[nn.Parameter]:
+        return list(self.weights) + list(self.biases)
+
     def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """f_i(W_i h)."""
-        return activation(self.acts[i])[0](h.matmul(self.weights[i].t()))
+        """f_i(W_i h (+ b_i))."""
+        a = h.matmul(self.weights[i].t())
+        if i in self.bias_of:
+            a = a + self.biases[self.bias_of[i]]
+        return activation(self.acts[i])[0](a)
 
     def inverse(self, i: int, h_above: torch.Tensor) -> torch.Tensor:
         """g_i(h_{i+1}) = f_{i−1}(V_i h_{i+1}) ≈ h_i, for 1 ≤ i ≤ L−1."""
@@ -93,13 +107,16 @@ def inverse_loss(net: DTPNetwork, hs: list[torch.Tensor], noise: float) -> torch
 
 def forward_gradients(net: DTPNetwork, hs: list[torch.Tensor],
                       targets: list[torch.Tensor]) -> list[torch.Tensor]:
-    """∂/∂W_i of ½‖h_{i+1} − t_{i+1}‖² / N with h_i held fixed (the layer-local gradient)."""
-    grads = []
+    """∂/∂W_i (and ∂/∂b_i) of ½‖h_{i+1} − t_{i+1}‖² / N with h_i held fixed (the layer-local
+    gradient), in the order of :meth:`DTPNetwork.forward_parameters`."""
+    weight_grads, bias_grads = [], []
     for i in range(len(net.weights)):
         derivative = activation(net.acts[i])[1](hs[i + 1])
         delta = (hs[i + 1] - targets[i + 1]) * derivative
-        grads.append(delta.t().matmul(hs[i]) / hs[0].shape[0])
-    return grads
+        weight_grads.append(delta.t().matmul(hs[i]) / hs[0].shape[0])
+        if i in net.bias_of:
+            bias_grads.append(delta.sum(0) / hs[0].shape[0])
+    return weight_grads + bias_grads
 
 
 @dataclass(frozen=True)
@@ -112,18 +129,19 @@ class DTPParams(TrainParams):
 
 
 class DTPLearner(ModuleLearner):
-    """Forward weights and inverses have their own optimisers; predict and state_dict are
-    ModuleLearner's."""
+    """The forward weights are the harness's to step; the inverses have their own Adam — the
+    one optimiser a plugin builds (the declared exception: they learn a reconstruction, not the
+    task). predict and state_dict are ModuleLearner's."""
 
-    def __init__(self, network: DTPNetwork, info: TaskInfo, params: DTPParams, epochs: int):
-        self.network = network
-        self.info = info
+    def __init__(self, network: DTPNetwork, info: TaskInfo, params: DTPParams):
+        super().__init__(network, info, params)
         self.p = params
-        self.optimizer, self.schedulers = make_optimizer(network.weights.parameters(), params,
-                                                         epochs)
         inverses = list(network.inverses.parameters())
         self.inverse_optimizer = torch.optim.Adam(inverses, lr=params.inverse_lr,
                                                   **fast_step_options(inverses))
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.network.forward_parameters()}]
 
     def train_step(self, x, y):
         net, p = self.network, self.p
@@ -137,9 +155,8 @@ class DTPLearner(ModuleLearner):
             loss, out_grad = loss_and_grad(self.info, hs[-1], y, p.label_smoothing)
             output_target = hs[-1] - p.target_step * out_grad * hs[-1].shape[0]
             targets = difference_targets(net, hs, output_target)
-            for weight, grad in zip(net.weights, forward_gradients(net, hs, targets)):
+            for weight, grad in zip(net.forward_parameters(), forward_gradients(net, hs, targets)):
                 weight.grad = grad
-        self.optimizer.step()
         return {"loss": loss}
 
 
@@ -157,5 +174,4 @@ class DifferenceTargetPropagation(Algorithm):
         return super().unsupported(arch, params)
 
     def build(self, arch: Arch, info: TaskInfo, params: DTPParams, ctx: RunContext) -> Learner:
-        return DTPLearner(DTPNetwork(arch, params.init_std).to(ctx.device), info, params,
-                          ctx.epochs)
+        return DTPLearner(DTPNetwork(arch, params.init_std).to(ctx.device), info, params)

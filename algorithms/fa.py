@@ -16,170 +16,135 @@ Feedback tensors are buffers (never parameters, never optimised); they are drawn
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import (Algorithm, Arch, Dense, Learner, Recurrent, RunContext, TaskInfo,
-                         param)
+from harness.api import Algorithm, Arch, Dense, Learner, RunContext, TaskInfo, TrainParams, param
+from harness.nets import (DISTRIBUTIONS, RNNNet, build_sequential, draw_feedback,
+                          feedback_generator, rnn_layers)
 from harness.registry import algorithms
-from harness.toolkit import (ModuleLearner, TrainParams, activation_module, build_sequential,
-                             init_weight, weight_shape)
-
-DISTRIBUTIONS = ("normal", "uniform")
-FEEDBACK_SEED_OFFSET = 7919  # feedback generator = seed + offset: never the weights' stream
-
-
-# --------------------------------------------------------------------------------------------
-# Feedback initialisation
-# --------------------------------------------------------------------------------------------
-
-def feedback_generator(seed: int) -> torch.Generator:
-    """The CPU generator every feedback tensor of a run is drawn from (same seed, same B)."""
-    return torch.Generator(device="cpu").manual_seed(int(seed) + FEEDBACK_SEED_OFFSET)
-
-
-def draw_feedback(shape: tuple[int, ...], distribution: str, scale: float,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Fixed random feedback with standard deviation ``scale``: N(0, scale²) or
-    U[−√3·scale, √3·scale). Drawn on the CPU (reproducible everywhere), moved by the caller."""
-    if distribution == "normal":
-        return torch.randn(shape, generator=generator) * scale
-    if distribution == "uniform":
-        return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * (math.sqrt(3.0) * scale)
-    raise ValueError(f"unknown feedback distribution {distribution!r}; valid: "
-                     f"{', '.join(DISTRIBUTIONS)}")
-
+from harness.toolkit import ModuleLearner, init_weight, weight_shape
 
 # --------------------------------------------------------------------------------------------
 # Autograd Functions: true local weight gradient, fixed feedback for the input gradient
 # --------------------------------------------------------------------------------------------
 
 class FALinearFunction(torch.autograd.Function):
-    """y = x Wᵀ; backward: ∂W = δᵀ x (true), ∂x = δ Bᵀ with B fixed (in × out)."""
+    """y = x Wᵀ (+ b); backward: ∂W = δᵀ x and ∂b = Σ δ (true), ∂x = δ Bᵀ with B fixed
+    (in × out)."""
 
     @staticmethod
-    def forward(ctx, x, weight, feedback):
+    def forward(ctx, x, weight, bias, feedback):
         ctx.save_for_backward(x, feedback)
-        return x.matmul(weight.t())
+        ctx.has_bias = bias is not None
+        out = x.matmul(weight.t())
+        return out if bias is None else out + bias
 
     @staticmethod
     def backward(ctx, grad_out):
         x, feedback = ctx.saved_tensors
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(feedback.t())
         if ctx.needs_input_grad[1]:
             grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(
                 x.reshape(-1, x.shape[-1]))
-        return grad_x, grad_w, None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
 
 
 class FAConv2dFunction(torch.autograd.Function):
-    """y = conv2d(x, W); backward: ∂W true, ∂x = conv_transpose(δ, K) with K fixed."""
+    """y = conv2d(x, W) (+ b); backward: ∂W, ∂b true, ∂x = conv_transpose(δ, K) with K fixed."""
 
     @staticmethod
-    def forward(ctx, x, weight, kernel, padding):
+    def forward(ctx, x, weight, bias, kernel, padding):
         ctx.save_for_backward(x, kernel)
         ctx.padding = padding
         ctx.weight_shape = weight.shape
-        return F.conv2d(x, weight, padding=padding)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=padding)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, kernel = ctx.saved_tensors
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, kernel, grad_out, padding=ctx.padding)
         if ctx.needs_input_grad[1]:
             grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, grad_out,
                                                  padding=ctx.padding)
-        return grad_x, grad_w, None, None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _bias(weight: torch.Tensor, wanted: bool) -> Optional[nn.Parameter]:
+    return nn.Parameter(torch.zeros(weight.shape[0])) if wanted else None
 
 
 class FALinear(nn.Module):
-    """A bias-free dense layer whose error goes down through the fixed buffer ``feedback``."""
+    """A dense layer whose error goes down through the fixed buffer ``feedback``."""
 
-    def __init__(self, weight: torch.Tensor, feedback: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, feedback: torch.Tensor, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(weight)
+        self.bias = _bias(weight, bias)
         self.register_buffer("feedback", feedback)  # in × out (Wᵀ's shape)
 
     def forward(self, x):
         if not torch.is_grad_enabled():
-            return x.matmul(self.weight.t())
-        return FALinearFunction.apply(x, self.weight, self.feedback)
+            out = x.matmul(self.weight.t())
+            return out if self.bias is None else out + self.bias
+        return FALinearFunction.apply(x, self.weight, self.bias, self.feedback)
 
 
 class FAConv2d(nn.Module):
-    """A bias-free convolution whose error goes down through the fixed kernel ``feedback``."""
+    """A convolution whose error goes down through the fixed kernel ``feedback``."""
 
-    def __init__(self, weight: torch.Tensor, feedback: torch.Tensor, padding: int):
+    def __init__(self, weight: torch.Tensor, feedback: torch.Tensor, padding: int,
+                 bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(weight)
+        self.bias = _bias(weight, bias)
         self.register_buffer("feedback", feedback)  # W's shape
         self.padding = padding
 
     def forward(self, x):
         if not torch.is_grad_enabled():
-            return F.conv2d(x, self.weight, padding=self.padding)
-        return FAConv2dFunction.apply(x, self.weight, self.feedback, self.padding)
-
-
-class FARNN(nn.Module):
-    """h_t = f(x_t W_xᵀ + h_{t−1} W_hᵀ), y_t = h_t W_yᵀ, with the recurrent and read-out
-    matmuls sending errors back through fixed B_h, B_y (through time, by autograd)."""
-
-    def __init__(self, input_size: int, hidden: int, output: int, act: str, init_std: float,
-                 distribution: str, scale: float, generator: torch.Generator):
-        super().__init__()
-        self.input = FALinear(init_weight((hidden, input_size), init_std),
-                              torch.zeros(input_size, hidden))  # ∂x is never needed
-        self.recurrent = FALinear(init_weight((hidden, hidden), init_std),
-                                  draw_feedback((hidden, hidden), distribution, scale, generator))
-        self.readout = FALinear(init_weight((output, hidden), init_std),
-                                draw_feedback((hidden, output), distribution, scale, generator))
-        self.act = activation_module(act)
-        self.hidden = hidden
-
-    def forward(self, x):  # x: (N, T, D) → (N, T, out)
-        drive = self.input(x)  # one matmul for every step
-        h = drive.new_zeros(x.shape[0], self.hidden)
-        states = []
-        for t in range(x.shape[1]):
-            h = self.act(drive[:, t] + self.recurrent(h))
-            states.append(h)
-        return self.readout(torch.stack(states, dim=1))
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        return FAConv2dFunction.apply(x, self.weight, self.bias, self.feedback, self.padding)
 
 
 def build_fa_network(arch: Arch, init_std: float, distribution: str, scale: float,
                      generator: torch.Generator) -> nn.Module:
-    """The architecture with FA layers: an ``nn.Sequential`` (MLP/CNN) or an :class:`FARNN`."""
+    """The architecture with FA layers: an ``nn.Sequential`` (MLP/CNN), or the RNN whose error
+    goes back in time through a fixed B_h and down from the read-out through a fixed B_y."""
     if arch.kind == "rnn":
-        layers = arch.layers
-        if len(layers) != 2 or not isinstance(layers[0], Recurrent) \
-                or not isinstance(layers[1], Dense):
-            raise ValueError(f"{arch.name}: FA's RNN is (Recurrent(h), Dense(out, linear)), "
-                             f"got {arch.describe()}")
-        return FARNN(arch.input_shape[-1], layers[0].hidden, layers[1].units, layers[0].act,
-                     init_std, distribution, scale, generator)
+        recurrent, _ = rnn_layers(arch)
+        hidden = recurrent.hidden
+        b_h = draw_feedback((hidden, hidden), distribution, scale, generator)  # in × out
+
+        def readout(spec, units_in):
+            return FALinear(init_weight((spec.units, units_in), init_std),
+                            draw_feedback((units_in, spec.units), distribution, scale,
+                                          generator), bias=spec.bias)
+        return RNNNet(arch, init_std, back=b_h.t().contiguous(), readout=readout)
+
     def fa_layer(layer, in_shape):
         shape = weight_shape(layer, in_shape)
         if isinstance(layer, Dense):
             return FALinear(init_weight(shape, init_std),
-                            draw_feedback(shape[::-1], distribution, scale, generator))
+                            draw_feedback(shape[::-1], distribution, scale, generator),
+                            bias=layer.bias)
         return FAConv2d(init_weight(shape, init_std),
-                        draw_feedback(shape, distribution, scale, generator), layer.padding)
+                        draw_feedback(shape, distribution, scale, generator), layer.padding,
+                        bias=layer.bias)
     return build_sequential(arch, init_std, fa_layer)
-
-
-def feedback_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
-    """Every fixed feedback tensor of a network, by name (buffers named ``feedback…``)."""
-    return {name: buf for name, buf in network.named_buffers()
-            if name.rsplit(".", 1)[-1].startswith("feedback")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,4 +173,4 @@ class FeedbackAlignment(Algorithm):
     def build(self, arch: Arch, info: TaskInfo, params: FAParams, ctx: RunContext) -> Learner:
         network = build_fa_network(arch, params.init_std, params.feedback_init,
                                    params.feedback_scale, feedback_generator(ctx.seed))
-        return ModuleLearner(network.to(ctx.device), info, params, ctx.epochs)
+        return ModuleLearner(network.to(ctx.device), info, params)

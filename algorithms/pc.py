@@ -47,11 +47,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent,
-                         RunContext, TaskInfo, param)
+from harness.api import (Algorithm, Arch, Conv, Dense, Learner, RunContext, TaskInfo,
+                         TrainParams, param)
+from harness.nets import Affine, layer_modules, recurrence, rnn_layers
 from harness.registry import algorithms
-from harness.toolkit import (ModuleLearner, TrainParams, activation_module, init_weight,
-                             layer_shapes, loss_and_grad)
+from harness.toolkit import ModuleLearner, activation_module, init_weight, loss_and_grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,23 +66,11 @@ class PCFeedForward(nn.Module):
         super().__init__()
         stem: list[nn.Module] = []
         blocks: list[list[nn.Module]] = []
-        for layer, in_shape, _ in layer_shapes(arch):
+        for layer, module, act in layer_modules(arch, init_std):
             if isinstance(layer, (Dense, Conv)):
-                if isinstance(layer, Dense):
-                    module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
-                else:
-                    module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel,
-                                       padding=layer.padding, bias=False)
-                with torch.no_grad():
-                    module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
-                blocks.append([module] + ([activation_module(layer.act)]
-                                          if layer.act != "linear" else []))
-            elif isinstance(layer, (Pool, Flatten)):
-                module = nn.Flatten() if isinstance(layer, Flatten) else (
-                    nn.MaxPool2d(layer.size) if layer.kind == "max" else nn.AvgPool2d(layer.size))
+                blocks.append([module] + ([act] if act is not None else []))
+            else:                                # pools and flatten close the block above
                 (blocks[-1] if blocks else stem).append(module)
-            else:
-                raise TypeError(f"PC cannot build {layer!r} in a feed-forward net")
         self.stem = nn.Sequential(*stem)
         self.blocks = nn.ModuleList(nn.Sequential(*b) for b in blocks)
 
@@ -111,40 +99,33 @@ class PCFeedForward(nn.Module):
 
 
 class PCRecurrent(nn.Module):
-    """tanh RNN: h_t = f(W_x x_t + W_h h_{t−1}), ŷ_t = W_y h_t; one node tensor (N, T, H)."""
+    """The RNN: h_t = f(W_x x_t + W_h h_{t−1}), ŷ_t = g(W_y h_t (+ b_y)); one node tensor
+    (N, T, H) holds every h_t."""
 
     def __init__(self, arch: Arch, init_std: float):
         super().__init__()
-        layers = arch.layers
-        if len(layers) != 2 or not isinstance(layers[0], Recurrent) \
-                or not isinstance(layers[1], Dense):
-            raise ValueError(f"{arch.name}: PC's RNN is (Recurrent(h), Dense(out, linear)), "
-                             f"got {arch.describe()}")
-        hidden, inputs = layers[0].hidden, arch.input_shape[-1]
+        recurrent, readout = rnn_layers(arch)
+        hidden, inputs = recurrent.hidden, arch.input_shape[-1]
         self.w_x = nn.Parameter(init_weight((hidden, inputs), init_std))
         self.w_h = nn.Parameter(init_weight((hidden, hidden), init_std))
-        self.w_y = nn.Parameter(init_weight((layers[1].units, hidden), init_std))
-        self.act = activation_module(layers[0].act)
-        self.readout_act = activation_module(layers[1].act)
+        self.readout = Affine(init_weight((readout.units, hidden), init_std), bias=readout.bias)
+        self.act_name = recurrent.act
+        self.act = activation_module(recurrent.act)
+        self.readout_act = activation_module(readout.act)
 
     def states(self, x):
-        """h_1 … h_T of a forward pass, (N, T, H)."""
-        drive = x.matmul(self.w_x.t())
-        h = drive.new_zeros(x.shape[0], self.w_h.shape[0])
-        states = []
-        for t in range(x.shape[1]):
-            h = self.act(drive[:, t] + h.matmul(self.w_h.t()))
-            states.append(h)
-        return torch.stack(states, dim=1)
+        """h_1 … h_T of a forward pass, (N, T, H) (differentiable by BPTT: BP's reference)."""
+        return recurrence(x.matmul(self.w_x.t()), self.w_h, self.act_name,
+                          back=self.w_h).contiguous()
 
     def forward(self, x):
-        return self.readout_act(self.states(x).matmul(self.w_y.t()))
+        return self.readout_act(self.readout(self.states(x)))
 
     def predictions(self, x, nodes, first=None):
         (h,) = nodes
         previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # h_{t−1}, h_0 = 0
         mu = self.act(x.matmul(self.w_x.t()) + previous.matmul(self.w_h.t()))
-        return [mu], self.readout_act(h.matmul(self.w_y.t()))
+        return [mu], self.readout_act(self.readout(h))
 
     def init_nodes(self, x):
         with torch.no_grad():
@@ -226,8 +207,8 @@ class PCParams(TrainParams):
 
 
 class PCLearner(ModuleLearner):
-    def __init__(self, network: nn.Module, info: TaskInfo, params: PCParams, epochs: int):
-        super().__init__(network, info, params, epochs)
+    def __init__(self, network: nn.Module, info: TaskInfo, params: PCParams):
+        super().__init__(network, info, params)
         self.p = params
 
     def train_step(self, x, y):
@@ -236,7 +217,6 @@ class PCLearner(ModuleLearner):
                                    p.state_momentum, p.fixed_predictions, p.label_smoothing)
         for weight, grad in zip(self.network.parameters(), grads):
             weight.grad = grad
-        self.optimizer.step()
         return {"loss": loss}
 
 
@@ -253,4 +233,4 @@ class PredictiveCoding(Algorithm):
 
     def build(self, arch: Arch, info: TaskInfo, params: PCParams, ctx: RunContext) -> Learner:
         network = build_pc_network(arch, params.init_std).to(ctx.device)
-        return PCLearner(network, info, params, ctx.epochs)
+        return PCLearner(network, info, params)

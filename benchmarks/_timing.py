@@ -11,13 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness import params as P  # noqa: E402
-from harness.api import RunSpec  # noqa: E402
+from harness.api import RunContext, RunSpec  # noqa: E402
 from harness.data import default_data_dir, verify, DATASETS  # noqa: E402
 from harness.registry import algorithms, discover, tasks  # noqa: E402
 from harness.runner import execute  # noqa: E402
 
 
 def mnist_ready() -> bool:
+    discover()                      # the image task registers the dataset
     return verify(DATASETS["mnist"], default_data_dir())[0]
 
 
@@ -30,7 +31,7 @@ def harness_epoch_times(algorithm: str, arch: str = "mlp", *, task: str = "mnist
     alg = algorithms.get(algorithm)
     task_obj = tasks.get(task)
     task_params = P.resolve(task_obj.Params, {"train_subset": train_subset, "test_subset": 1000})
-    arch_spec = task_obj.presets(P.build(task_obj.Params, task_params))[arch]
+    arch_spec = task_obj.presets(P.build(task_obj.Params, task_params), RunContext())[arch]
     spec = RunSpec(algorithm=algorithms.canonical(algorithm), params=P.resolve(alg.Params, params),
                    task=task, task_params=task_params, arch=arch_spec, seed=seed, epochs=epochs,
                    batch_size=batch_size, device=device, protocol="clean", validation=0.05)

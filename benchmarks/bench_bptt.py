@@ -87,7 +87,7 @@ def main() -> None:
     task = tasks.get("chars")
     task_params = P.resolve(task.Params, {"max_chars": args.chars})
     built = P.build(task.Params, task_params)
-    arch = task.presets(built)["rnn"]
+    arch = task.presets(built, RunContext())["rnn"]
     data = task.load(built, RunContext(validation=0.05, data_dir=str(default_data_dir())))
     hidden = arch.layers[0].hidden
     times = {"harness": [], "bare": []}

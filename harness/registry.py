@@ -214,7 +214,10 @@ def _build_catalog() -> dict:
             "supports": sorted(alg.supports), "params": P.describe(alg.Params)})
     for name in tasks.names():
         task = tasks.get(name)
-        presets = task.presets(P.build(task.Params, P.resolve(task.Params, {})))
+        from harness.api import RunContext
+        from harness.data import default_data_dir
+        presets = task.presets(P.build(task.Params, P.resolve(task.Params, {})),
+                               RunContext(data_dir=str(default_data_dir())))
         catalog["tasks"].append({
             "name": name, "description": tasks.describe(name), "loss": task.loss,
             "metrics": dict(task.metrics), "params": P.describe(task.Params),

@@ -15,11 +15,11 @@ import resource
 import sys
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from harness import fingerprint
 from harness import params as params_mod
-from harness.api import EpochRecord, RunResult, RunSpec, Status, UserError
+from harness.api import EpochRecord, RunResult, RunSpec, Selection, Split, Status, UserError
 from harness.registry import algorithms, discover, tasks
 
 EVAL_BATCH = 1024
@@ -58,14 +58,17 @@ def _peak_rss_mb() -> float:
 # Evaluation and selection
 # --------------------------------------------------------------------------------------------
 
-def evaluate(learner, task, info, x, y) -> dict[str, float]:
+def evaluate(learner, task, info, split, x, y) -> dict[str, float]:
+    """The task's metrics and the loss of the learner's predictions on one split (``x``, ``y``
+    on the run's device), in batches of EVAL_BATCH, under inference mode."""
     import torch
     from harness.toolkit import loss_value
     if len(y) == 0:
         return {}
-    with torch.no_grad():
-        outputs = torch.cat([learner.predict(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
-        metrics = dict(task.evaluate(outputs, y))
+    with torch.inference_mode():
+        outputs = torch.cat([learner.predict(x[i:i + EVAL_BATCH])
+                             for i in range(0, len(x), EVAL_BATCH)])
+        metrics = dict(task.evaluate(outputs, y, split))
         metrics["loss"] = float(loss_value(info, outputs, y))
     return metrics
 
@@ -83,17 +86,17 @@ def select_epoch(epochs: list[EpochRecord], split: str, metric: str, direction: 
     return max(scored, key=lambda e: (sign * e.metrics[split][metric], -e.epoch))
 
 
-def summarize(epochs: list[EpochRecord], metric: str, direction: str) -> dict:
+def summarize(epochs: list[EpochRecord], metric: str, direction: str) -> Selection:
     """What each protocol selects: ``clean`` takes the epoch best on validation and reports its
     test value; ``paper`` reports the best test value over epochs (as the DLL paper does)."""
-    clean = select_epoch(epochs, "val", metric, direction)
-    paper = select_epoch(epochs, "test", metric, direction)
-    return {"metric": metric, "direction": direction,
-            "clean_epoch": clean.epoch if clean else None,
-            "clean_val": clean.metrics["val"][metric] if clean else None,
-            "clean_test": clean.metrics["test"].get(metric) if clean else None,
-            "paper_epoch": paper.epoch if paper else None,
-            "paper_test": paper.metrics["test"][metric] if paper else None}
+    clean = select_epoch(epochs, Split.VAL, metric, direction)
+    paper = select_epoch(epochs, Split.TEST, metric, direction)
+    return Selection(metric=metric, direction=direction,
+                     clean_epoch=clean.epoch if clean else None,
+                     clean_val=clean.metrics[Split.VAL][metric] if clean else None,
+                     clean_test=clean.metrics[Split.TEST].get(metric) if clean else None,
+                     paper_epoch=paper.epoch if paper else None,
+                     paper_test=paper.metrics[Split.TEST][metric] if paper else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,16 +151,13 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
         _seed_everything(spec.seed)
         data = task.load(task_params, ctx)
         device = torch.device(spec.device)
-        x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-        x_val, y_val = data.x_val.to(device), data.y_val.to(device)
-        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
         result.notes.update(data.notes)
         _seed_everything(spec.seed)
         learner = algorithm.build(spec.arch, data.info, alg_params, ctx)
         state = learner.state_dict()
         result.n_parameters = sum(v.numel() for v in state.values() if hasattr(v, "numel"))
-        _train(spec, task, data.info, learner, result, x_train, y_train, (x_val, y_val),
-               (x_test, y_test), device, on_epoch)
+        _train(spec, task, data, Stepper(learner, alg_params, spec.epochs), result, device,
+               on_epoch)
         result.selection = summarize(result.epochs, task.primary_metric,
                                      task.metrics[task.primary_metric])
     except UserError as exc:
@@ -181,37 +181,72 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
     return result
 
 
-def _train(spec, task, info, learner, result, x_train, y_train, val, test, device,
-           on_epoch=None) -> None:
+class Stepper:
+    """The harness's optimiser around a learner — built by name from the algorithm's params over
+    the learner's parameter groups, the same for every algorithm — and one training step as the
+    runner takes it: zero the gradients, let the learner set them, step. (Tests and notebooks
+    use it to train a learner the way a run does.)"""
+
+    def __init__(self, learner, params, epochs: int = 1):
+        from harness.toolkit import make_optimizer
+        self.learner = learner
+        self.optimizer, self.schedules = make_optimizer(
+            learner.parameter_groups(), learner.optimizer_settings(params), epochs)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.learner.train_step(x, y)
+        self.optimizer.step()
+        return stats
+
+    def end_epoch(self) -> None:
+        for schedule in self.schedules:
+            schedule.step()
+
+
+def _train(spec, task, data, stepper: Stepper, result, device, on_epoch=None) -> None:
     import torch
     metric, direction = task.primary_metric, task.metrics[task.primary_metric]
-    watch_split = "val" if spec.protocol == "clean" and len(val[1]) else "test"
+    info = data.info
+    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    evaluated = [(split, split.x.to(device), split.y.to(device)) for split in (data.val, data.test)]
+    watch_split = Split.VAL if spec.protocol == "clean" and len(data.val) else Split.TEST
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
     n, batch = len(y_train), spec.batch_size
     best, since_best = None, 0
+    learner = stepper.learner
     for epoch in range(1, spec.epochs + 1):
-        lr = _current_lr(learner)
+        lr = stepper.lr
         _sync(spec.device)
         start = time.perf_counter()
         order = torch.randperm(n, generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
+        sums: dict[str, Any] = {}
         steps = 0
         for i in range(0, n, batch):
             idx = order[i:i + batch]
-            stats = learner.train_step(x_train[idx], y_train[idx])
-            loss_sum += stats["loss"]
+            stats = stepper.step(x_train[idx], y_train[idx])
+            for name, value in stats.items():     # summed on the device: no step waits
+                sums[name] = sums[name] + value if name in sums else _detached(value)
             steps += 1
-        learner.end_epoch()
+        stepper.end_epoch()
         _sync(spec.device)
         train_time = time.perf_counter() - start
-        train_loss = float(loss_sum) / max(1, steps)
+        means = {name: float(total) / max(1, steps) for name, total in sums.items()}
+        train_loss = means.pop("loss", math.nan)
 
         start = time.perf_counter()
-        metrics = {"val": evaluate(learner, task, info, *val), "test": evaluate(learner, task, info, *test)}
+        metrics = {str(split.name): evaluate(learner, task, info, split, x, y)
+                   for split, x, y in evaluated}
         _sync(spec.device)
         eval_time = time.perf_counter() - start
         non_finite = [split for split, values in metrics.items()
                       if metric in values and not _finite(values[metric])]
+        if means:                                  # what train_step returned beside the loss
+            metrics[Split.TRAIN.value] = means
         metrics = {split: {name: (value if _finite(value) else None)   # a secondary metric
                            for name, value in values.items()}           # that is not finite
                    for split, values in metrics.items()}                # is stored as null
@@ -236,6 +271,12 @@ def _train(spec, task, info, learner, result, x_train, y_train, val, test, devic
                 return
 
 
+def _detached(value):
+    """A scalar a step returned, as something to add to: a detached tensor or a float."""
+    detach = getattr(value, "detach", None)
+    return detach().clone() if detach is not None else float(value)
+
+
 def epoch_line(spec: RunSpec, record: EpochRecord, metric: str) -> str:
     """``dll mnist/cnn seed 0: epoch 3/50 loss 0.41 accuracy val 97.1 test 97.0 (12.3 s)``"""
     scores = " ".join(f"{split} {record.metrics[split][metric]:.4g}"
@@ -244,16 +285,6 @@ def epoch_line(spec: RunSpec, record: EpochRecord, metric: str) -> str:
     return (f"{spec.label or spec.algorithm} {spec.task_label or spec.task}/{spec.arch.name} "
             f"seed {spec.seed}: epoch {record.epoch}/{spec.epochs} loss {record.train_loss:.4g} "
             f"{metric} {scores} ({record.train_time_s:.1f} s)")
-
-
-def _current_lr(learner) -> Optional[float]:
-    for attr in ("optimizer", "optimizers"):
-        opt = getattr(learner, attr, None)
-        if isinstance(opt, (list, tuple)):
-            opt = opt[0] if opt else None
-        if opt is not None and hasattr(opt, "param_groups"):
-            return float(opt.param_groups[0]["lr"])
-    return None
 
 
 def threads_for(jobs: int, cores: Optional[int] = None) -> int:

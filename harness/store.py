@@ -26,21 +26,39 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional
 
-from harness.api import DONE_STATUSES, RunResult, UserError
+from harness.api import DONE_STATUSES, RunResult, Selection, UserError
 
 APPLICATION_ID = 0x504C4231          # "PLB1": a plausible-bench result store
 SCHEMA_VERSION = 2
 CLAIM_TTL_S = 600.0                  # a claim not renewed for this long is abandoned
-SELECTION_COLUMNS = ("metric", "direction", "clean_epoch", "clean_val", "clean_test",
-                     "paper_epoch", "paper_test")
+SELECTION_COLUMNS = tuple(f.name for f in fields(Selection))
 JSON_COLUMNS = ("params", "task_params", "spec", "notes", "fingerprint")
-SESSION_COLUMNS = ("uuid", "started_at", "command", "suite", "python", "torch",
-                   "project_version", "git_commit", "platform", "cpu", "cores", "gpu", "jobs",
-                   "threads", "backend", "device")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where a session ran: recorded once per ``run`` and shown in every report."""
+
+    python: str
+    torch: str
+    project_version: str
+    git_commit: str
+    platform: str
+    cpu: str
+    cores: int
+    gpu: str
+    jobs: int
+    threads: int
+    backend: str
+    device: str
+
+
+SESSION_COLUMNS = ("uuid", "started_at", "command", "suite",
+                   *(f.name for f in fields(Environment)))
 RUN_COLUMNS = ("key", "suite", "label", "algorithm", "algorithm_version", "task",
                "task_version", "task_label", "arch", "seed", "protocol", "device", "params",
                "task_params", "spec", "status", "reason", "traceback", "threads",
@@ -101,15 +119,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(jobs: int, threads: int, backend: str, device: str) -> dict:
+def environment(jobs: int, threads: int, backend: str, device: str) -> Environment:
     import torch
     from harness import __version__
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "project_version": __version__, "git_commit": _git_commit(),
-            "platform": platform.platform(), "cpu": _cpu_name(), "cores": cores, "gpu": gpu,
-            "jobs": jobs, "threads": threads, "backend": backend, "device": device}
+    return Environment(python=sys.version.split()[0], torch=torch.__version__,
+                       project_version=__version__, git_commit=_git_commit(),
+                       platform=platform.platform(), cpu=_cpu_name(), cores=int(cores or 1),
+                       gpu=gpu, jobs=jobs, threads=threads, backend=backend, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +320,8 @@ class Store:
 
     # -- sessions --------------------------------------------------------------------------
 
-    def start_session(self, command: str, suite: str, env: dict) -> int:
-        row = dict(env, uuid=uuid.uuid4().hex, command=command, suite=suite,
+    def start_session(self, command: str, suite: str, env: Environment) -> int:
+        row = dict(asdict(env), uuid=uuid.uuid4().hex, command=command, suite=suite,
                    started_at=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
         with self.transaction() as conn:
             cur = conn.execute(f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS)}) VALUES "
@@ -340,7 +358,7 @@ class Store:
             epochs_run=len(result.epochs), started_at=result.started_at,
             finished_at=result.finished_at, notes=result.notes,
             source=result.fingerprint.get("source"), fingerprint=result.fingerprint,
-            **{column: result.selection.get(column) for column in SELECTION_COLUMNS})
+            **asdict(result.selection))
         epochs = [dict(epoch=e.epoch, train_time_s=e.train_time_s, eval_time_s=e.eval_time_s,
                        train_loss=e.train_loss, lr=e.lr, warmup=int(e.warmup),
                        metrics=e.metrics) for e in result.epochs]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness import params as P
-from harness.api import PROTOCOLS, Arch, RunSpec, UserError
+from harness.api import PROTOCOLS, Arch, RunContext, RunSpec, UserError
 from harness.archspec import parse_archs
 from harness.grid import Names, Override, Selector, expand
 from harness.registry import algorithms, tasks
@@ -244,7 +244,7 @@ def _seeds(raw: Any, where: str) -> tuple[int, ...]:
     return seeds  # type: ignore[return-value]
 
 
-def _task_entries(raw: Any, where: str) -> tuple[TaskEntry, ...]:
+def _task_entries(raw: Any, where: str, ctx: RunContext) -> tuple[TaskEntry, ...]:
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{where}: tasks: a mapping of task names, e.g. "
                         f"tasks: {{mnist: {{archs: [mlp]}}}}; valid: {', '.join(tasks.names())}")
@@ -259,7 +259,7 @@ def _task_entries(raw: Any, where: str) -> tuple[TaskEntry, ...]:
                                                           f"{at}.params"), f"{at}.params")
         resolved = P.resolve(task.Params, values)
         archs = parse_archs(task, P.build(task.Params, resolved), body.get("archs"),
-                            f"{at}.archs")
+                            f"{at}.archs", ctx)
         metrics = tuple(task.metrics.items())
         out.append(TaskEntry(str(label), name, int(task.version), resolved, tuple(archs),
                              metrics))
@@ -373,8 +373,10 @@ def _references(raw: Any, where: str, names: dict[str, list]):
     return out, str(raw.get("source", ""))
 
 
-def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> Suite:
-    """Read, check and expand a suite file."""
+def load(path: str | Path, device: str = "cpu", store: Optional[str] = None,
+         data_dir: Optional[Path] = None) -> Suite:
+    """Read, check and expand a suite file. ``data_dir``: where the runs will find their data
+    (task presets may look there: a corpus's vocabulary); default the project's."""
     path = Path(path)
     raw = read_yaml(path)
     where = str(path)
@@ -402,7 +404,9 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None) -> 
         raise UserError(f"{where}: validation: the clean protocol selects epochs on a "
                         "validation split; give a fraction > 0 or use protocol: paper")
 
-    task_entries = _task_entries(raw.get("tasks"), where)
+    from harness.data import default_data_dir
+    context = RunContext(device=device, data_dir=str(data_dir or default_data_dir()))
+    task_entries = _task_entries(raw.get("tasks"), where, context)
     alg_entries = _algorithm_entries(raw.get("algorithms"), where)
     names = {"algorithm": [e.label for e in alg_entries] + [e.algorithm for e in alg_entries],
              "task": [t.label for t in task_entries] + [t.task for t in task_entries],

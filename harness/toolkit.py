@@ -1,44 +1,28 @@
 """Building blocks shared by algorithm plugins, so that what should be equal across algorithms
-(optimisers, schedules, initialisation, losses, layer shapes) is written once.
+(optimisers, schedules, initialisation, losses) is written once.
 
-* :class:`TrainParams` — the hyper-parameters every algorithm has (learning rate, optimiser by
-  name, momentum, weight decay, linear decay, label smoothing, weight initialisation); an
-  algorithm's ``Params`` subclasses it and adds its own.
-* :func:`make_optimizer` — a standard torch optimiser and its schedule from those params.
+* :class:`~harness.api.TrainParams` — the hyper-parameters every algorithm has (learning rate,
+  optimiser by name, momentum, weight decay, linear decay, label smoothing, weight
+  initialisation); an algorithm's ``Params`` subclasses it and adds its own.
+* :func:`make_optimizer` — the harness's optimiser and schedule from those params (the runner
+  calls it; a plugin never does, so the optimiser is the same for every algorithm).
+* :class:`ModuleLearner` — a learner around an ``nn.Module`` trained by ``loss.backward()``.
 * :func:`loss_and_grad` / :func:`loss_value` — the task loss and its exact gradient with
   respect to the network's output (what local rules start from).
-* :func:`layer_shapes`, :func:`init_weight`, :func:`build_sequential` — the architecture
-  spec made concrete.
+* :func:`activation`, :func:`init_weight` — the pieces of a layer; the networks themselves are
+  in :mod:`harness.nets`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import Arch, Conv, Dense, Flatten, Learner, Pool, Recurrent, TaskInfo, param
+from harness.api import DECAYS, OPTIMIZERS, Learner, Loss, TaskInfo, TrainParams  # noqa: F401
 from harness.archspec import layer_shapes, weight_shape  # noqa: F401  (plugins import them from here)
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-DECAYS = ("none", "linear", "cosine")
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    lr: float = param(1e-3, "learning rate", min=0.0)
-    optimizer: str = param("adam", "optimiser by name", choices=OPTIMIZERS)
-    momentum: float = param(0.9, "momentum (sgd, rmsprop)", min=0.0, max=1.0)
-    weight_decay: float = param(0.0, "L2 weight decay", min=0.0)
-    lr_decay: str = param("linear", "per-epoch schedule: linear is the paper's "
-                          "lr·(1 − epoch/epochs)", choices=DECAYS)
-    label_smoothing: float = param(0.0, "label smoothing of classification targets",
-                                   min=0.0, max=0.5)
-    init_std: float = param(0.05, "weights ~ N(0, init_std²) (the DLL paper's); "
-                            "0 = PyTorch's default init", min=0.0)
 
 
 def fast_step_options(parameters: Iterable) -> dict:
@@ -83,19 +67,19 @@ def make_optimizer(parameters: Iterable[torch.Tensor], p: TrainParams, epochs: i
 class ModuleLearner(Learner):
     """A learner around an ``nn.Module`` trained by ``loss.backward()``: BP on an ordinary
     network, and any rule written as custom autograd Functions inside the network (FA). The
-    update is the parameters' ``.grad``; the optimiser named in the params steps it."""
+    update is the parameters' ``.grad``; the harness's optimiser steps it."""
 
-    def __init__(self, network: nn.Module, info: TaskInfo, params: TrainParams, epochs: int):
+    def __init__(self, network: nn.Module, info: TaskInfo, params: TrainParams):
         self.network = network
         self.info = info
         self.label_smoothing = params.label_smoothing
-        self.optimizer, self.schedulers = make_optimizer(network.parameters(), params, epochs)
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": list(self.network.parameters())}]
 
     def train_step(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
         loss = loss_value(self.info, self.network(x), y, self.label_smoothing)
         loss.backward()
-        self.optimizer.step()
         return {"loss": loss.detach()}
 
     def predict(self, x):
@@ -110,7 +94,7 @@ class ModuleLearner(Learner):
 # --------------------------------------------------------------------------------------------
 
 def _flat(info: TaskInfo, output: torch.Tensor, target: torch.Tensor):
-    if info.loss == "cross_entropy":
+    if info.loss == Loss.CROSS_ENTROPY:
         return output.reshape(-1, output.shape[-1]), target.reshape(-1)
     return output, target
 
@@ -119,7 +103,7 @@ def loss_value(info: TaskInfo, output: torch.Tensor, target: torch.Tensor,
                label_smoothing: float = 0.0) -> torch.Tensor:
     """The task loss, averaged over the batch (and time steps): what BP differentiates."""
     out, tgt = _flat(info, output, target)
-    if info.loss == "cross_entropy":
+    if info.loss == Loss.CROSS_ENTROPY:
         return F.cross_entropy(out, tgt, label_smoothing=label_smoothing)
     return F.mse_loss(out, tgt)
 
@@ -132,7 +116,7 @@ def loss_and_grad(info: TaskInfo, output: torch.Tensor, target: torch.Tensor,
     Local learning rules take ``−grad`` (scaled as they need) as the output error.
     """
     out, tgt = _flat(info, output, target)
-    if info.loss == "cross_entropy":
+    if info.loss == Loss.CROSS_ENTROPY:
         classes = out.shape[-1]
         log_p = torch.log_softmax(out, dim=-1)
         q = torch.full_like(out, label_smoothing / classes)
@@ -174,44 +158,6 @@ def init_weight(shape: tuple[int, ...], std: float, generator: Optional[torch.Ge
     weight = torch.empty(shape, device=device)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
     return weight
-
-
-def plain_weighted_layer(layer, in_shape: tuple[int, ...], init_std: float) -> nn.Module:
-    """nn.Linear / nn.Conv2d without bias, weights from :func:`init_weight`."""
-    if isinstance(layer, Dense):
-        module: nn.Module = nn.Linear(in_shape[-1], layer.units, bias=False)
-    else:
-        module = nn.Conv2d(in_shape[0], layer.filters, layer.kernel, padding=layer.padding,
-                           bias=False)
-    with torch.no_grad():
-        module.weight.copy_(init_weight(tuple(module.weight.shape), init_std))
-    return module
-
-
-def build_sequential(arch: Arch, init_std: float,
-                     weighted: Optional[Callable[[object, tuple], nn.Module]] = None) -> nn.Sequential:
-    """The feed-forward (MLP/CNN) architecture as an ``nn.Sequential`` without biases.
-
-    Dense and conv layers are followed by their activation module; the output layer is the
-    last Dense (its activation is usually ``linear``: the loss applies the softmax).
-    ``weighted(layer, in_shape)`` builds the dense/conv modules (default: plain ones), so a rule
-    written as custom layers (FA) reuses the rest.
-    """
-    modules: list[nn.Module] = []
-    for layer, in_shape, _ in layer_shapes(arch):
-        if isinstance(layer, Pool):
-            modules.append(nn.MaxPool2d(layer.size) if layer.kind == "max"
-                           else nn.AvgPool2d(layer.size))
-        elif isinstance(layer, Flatten):
-            modules.append(nn.Flatten())
-        elif isinstance(layer, (Dense, Conv)):
-            modules.append(weighted(layer, in_shape) if weighted
-                           else plain_weighted_layer(layer, in_shape, init_std))
-            if layer.act != "linear":
-                modules.append(activation_module(layer.act))
-        else:
-            raise TypeError(f"build_sequential cannot build {layer!r}")
-    return nn.Sequential(*modules)
 
 
 def count_parameters(tensors: Iterable[torch.Tensor]) -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from harness import data
-from harness.api import (Arch, Dense, Recurrent, RunContext, Task, TaskData, TaskInfo, UserError,
-                         param)
+from harness.api import (Arch, Dense, Loss, Recurrent, RunContext, Split, SplitData, Task,
+                         TaskData, TaskInfo, UserError, param)
 from harness.registry import tasks
 
 TEST_FRACTION = 0.2          # the last 20% of the text is the test part (both protocols)
@@ -58,6 +58,15 @@ def _text_path(params: CharParams, data_dir: Path) -> Path:
     return data.get(params.corpus).folder(data_dir) / DEFAULT_FILES[params.corpus]
 
 
+def _shown(path: Path, data_dir: Path) -> str:
+    """A file as a report may name it: relative to the data folder where it lies in it (no
+    machine path in a committed report)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(data_dir).resolve()))
+    except ValueError:
+        return Path(path).name
+
+
 def read_text(path: Path) -> str:
     """The file as text, or a one-line UserError naming it."""
     try:
@@ -102,24 +111,24 @@ class CharPrediction(Task):
     """Next-character prediction on a UTF-8 text (default Moby-Dick), accuracy % and bits/char."""
 
     Params = CharParams
-    loss = "cross_entropy"
+    loss = Loss.CROSS_ENTROPY
     metrics = {"accuracy": "max", "bpc": "min", "baseline_accuracy": "max"}
 
     def datasets(self, params: CharParams) -> list[str]:
         return [params.corpus] if params.path is None and params.corpus in DEFAULT_FILES else []
 
-    def _vocab_size(self, params: CharParams) -> int:
+    def _vocab_size(self, params: CharParams, data_dir: Path) -> int:
         if params.path is None and params.corpus == "moby_dick":
             return MOBY_DICK_VOCAB
-        path = _text_path(params, data.default_data_dir())
+        path = _text_path(params, data_dir)
         if params.path is None and not path.exists():
             # harry_potter not supplied: its runs are skipped (the dataset is unavailable), so
             # the preset's width does not matter until the file is there
             return MOBY_DICK_VOCAB
         return len(vocabulary(read_text(path)))
 
-    def presets(self, params: CharParams) -> dict[str, Arch]:
-        v = self._vocab_size(params)
+    def presets(self, params: CharParams, ctx: RunContext) -> dict[str, Arch]:
+        v = self._vocab_size(params, Path(ctx.data_dir))
         return {"rnn": Arch("rnn", (params.seq_len, v), (Recurrent(324), Dense(v, "linear")), v)}
 
     def load(self, params: CharParams, ctx: RunContext) -> TaskData:
@@ -127,7 +136,8 @@ class CharPrediction(Task):
         path = _text_path(params, Path(ctx.data_dir))
         full = read_text(path)
         vocab = vocabulary(full)          # from the full file's training part, whatever max_chars
-        expected = self._vocab_size(params) if params.path is None else len(vocab)
+        expected = self._vocab_size(params, Path(ctx.data_dir)) if params.path is None \
+            else len(vocab)
         if len(vocab) != expected:
             raise UserError(f"{path}: {len(vocab)} distinct characters, expected {expected} "
                             f"(not the pinned corpus?)")
@@ -156,16 +166,18 @@ class CharPrediction(Task):
 
         (xtr, ytr), (xva, yva), (xte, yte) = windows["train"], windows["val"], windows["test"]
         return TaskData(
-            x_train=onehot(xtr), y_train=ytr, x_val=onehot(xva), y_val=yva,
-            x_test=onehot(xte), y_test=yte,
-            info=TaskInfo(loss="cross_entropy", output_size=len(vocab),
+            train=SplitData(Split.TRAIN, onehot(xtr), ytr),
+            val=SplitData(Split.VAL, onehot(xva), yva),
+            test=SplitData(Split.TEST, onehot(xte), yte),
+            info=TaskInfo(loss=Loss.CROSS_ENTROPY, output_size=len(vocab),
                           input_shape=(params.seq_len, len(vocab)), sequence=True),
-            notes={"file": str(path), "chars": n, "vocabulary": len(vocab),
+            notes={"file": _shown(path, Path(ctx.data_dir)), "chars": n,
+                   "vocabulary": len(vocab),
                    "most_frequent": vocab[0], "unknown_in_text": int((codes == unk).sum()),
                    "windows": {k: len(v[0]) for k, v in windows.items()},
                    "stride": stride, "split": "chronological: train | val | test (last 20%)"})
 
-    def evaluate(self, output, target) -> dict[str, float]:
+    def evaluate(self, output, target, split) -> dict[str, float]:
         import math
 
         import torch.nn.functional as F

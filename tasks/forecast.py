@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 from harness import data
-from harness.api import (Arch, Dense, Recurrent, RunContext, Task, TaskData, TaskInfo, UserError,
-                         param)
+from harness.api import (Arch, Dense, Loss, Recurrent, RunContext, Split, SplitData, Task,
+                         TaskData, TaskInfo, UserError, param)
 from harness.registry import tasks
 from tasks._series import LABELS, READERS, SERIES
 
@@ -132,19 +132,14 @@ class Forecast(Task):
     """Multivariate forecasting (sensor network, UK demand; Electricity, METR-LA, PEMS-BAY by path), MSE."""
 
     Params = ForecastParams
-    loss = "mse"
+    loss = Loss.MSE
     metrics = {"mse": "min", "mae": "min", "persistence_mse": "min", "mse_orig": "min",
                "mae_orig": "min"}
-    # set by load(): what evaluate() needs beyond (output, target)
-    persistence_lag = 1
-    target_std = None
-    predicts_change = False
-    _exact_persistence: list = []    # (split targets, their persistence MSE over every step)
 
     def datasets(self, params: ForecastParams) -> list[str]:
         return [params.dataset] if params.path is None else []
 
-    def presets(self, params: ForecastParams) -> dict[str, Arch]:
+    def presets(self, params: ForecastParams, ctx: RunContext) -> dict[str, Arch]:
         _, columns, hidden = SERIES[params.dataset]
         out = len(target_columns(params.targets, columns))
         width = 2 * columns if params.inputs == "both" else columns
@@ -234,51 +229,42 @@ class Forecast(Task):
         if len(sets["train"][1]) == 0 or len(sets["test"][1]) == 0:
             raise UserError(f"{path}: {rows} rows are too few for windows of {T} steps "
                             f"(+{shift}) in every split")
-        self.persistence_lag = lag
-        self.predicts_change = change
-        # clean protocol, value mode: the persistence forecast of y[:, t] = z[t + h] is z[t],
-        # known here for every position (evaluate() sees only outputs and targets)
-        self._exact_persistence = []
-        if ctx.protocol == "clean" and not change:
-            for k, s in split_starts.items():
+        # what evaluate() needs beside outputs and targets, per split: in clean value mode the
+        # persistence forecast of y[:, t] = z[t + h] is z[t], known here for every position
+        shared = {"lag": lag, "predicts_change": change, "target_std": std[targets].float()}
+        splits = {}
+        for k, s in split_starts.items():
+            x, y = sets[k]
+            extras = dict(shared)
+            if ctx.protocol == "clean" and not change and len(y):
                 idx = torch.as_tensor(list(s), dtype=torch.long)[:, None] + torch.arange(T)
-                y = sets[k][1]
-                if len(y):
-                    last = z[idx][..., targets].float()
-                    self._exact_persistence.append((y, (y - last).pow(2).mean().item()))
-        self.target_std = std[targets].float()
+                extras["persistence_mse"] = (y - z[idx][..., targets].float()).pow(2).mean().item()
+            splits[k] = SplitData(Split(k), x, y, extras)
         out = len(targets)
         return TaskData(
-            x_train=sets["train"][0], y_train=sets["train"][1],
-            x_val=sets["val"][0], y_val=sets["val"][1],
-            x_test=sets["test"][0], y_test=sets["test"][1],
-            info=TaskInfo(loss="mse", output_size=out,
+            train=splits["train"], val=splits["val"], test=splits["test"],
+            info=TaskInfo(loss=Loss.MSE, output_size=out,
                           input_shape=tuple(sets["train"][0].shape[1:]), sequence=True),
-            notes={"file": str(path), "rows": rows, "columns": columns, "targets": targets,
+            notes={"file": path.name if params.path else f"{params.dataset}/{path.name}",
+                   "rows": rows, "columns": columns, "targets": targets,
                    "windows": {k: len(v[1]) for k, v in sets.items()},
                    "normaliser_fitted_on": fitted_on, "shift": shift,
                    "persistence_lag": lag, "predict": params.predict, "inputs": params.inputs,
                    "dropped": dropped})
 
-    def evaluate(self, output, target) -> dict[str, float]:
+    def evaluate(self, output, target, split) -> dict[str, float]:
+        extras = split.extras
         err = output - target
-        std = self.target_std
+        std = extras.get("target_std")
         scale = 1.0 if std is None or std.numel() != target.shape[-1] else std.to(output.device)
-        lag = self.persistence_lag
+        lag = extras.get("lag", 1)
         metrics = {"mse": err.pow(2).mean().item(), "mae": err.abs().mean().item(),
                    "mse_orig": (err * scale).pow(2).mean().item(),
                    "mae_orig": (err * scale).abs().mean().item()}
-        if self.predicts_change:   # the target is the change: persistence forecasts 0
+        if extras.get("predicts_change"):   # the target is the change: persistence forecasts 0
             metrics["persistence_mse"] = target.pow(2).mean().item()
-        elif (exact := self._known_persistence(target)) is not None:
-            metrics["persistence_mse"] = exact
+        elif "persistence_mse" in extras:
+            metrics["persistence_mse"] = extras["persistence_mse"]
         elif target.dim() == 3 and target.shape[1] > lag:
             metrics["persistence_mse"] = (target[:, lag:] - target[:, :-lag]).pow(2).mean().item()
         return metrics
-
-    def _known_persistence(self, target) -> Optional[float]:
-        """The exact persistence MSE of a split that load() made (every position), or None."""
-        for y, mse in self._exact_persistence:
-            if y.shape == target.shape and bool((y == target.to(y.device)).all()):
-                return mse
-        return None

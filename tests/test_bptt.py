@@ -4,9 +4,9 @@ import torch
 
 from harness.api import Arch, Dense, Recurrent, RunContext, TaskInfo
 from harness.registry import algorithms, discover
+from harness.nets import RNNNet
+from harness.runner import Stepper
 from harness.toolkit import loss_value
-
-from algorithms._rnn import RNNNet
 
 
 def _arch(T=5, D=3, H=4, out=6):
@@ -41,8 +41,8 @@ def _check(loss):
     out = net(x)
     assert out.shape == (7, 5, 6)
     value = loss_value(info, out, y)
-    grads = torch.autograd.grad(value, [net.w_x, net.w_h, net.w_y])
-    leaves = [p.detach().clone().requires_grad_(True) for p in (net.w_x, net.w_h, net.w_y)]
+    grads = torch.autograd.grad(value, [net.w_x, net.w_h, net.readout.weight])
+    leaves = [p.detach().clone().requires_grad_(True) for p in (net.w_x, net.w_h, net.readout.weight)]
     reference = _unrolled_loss(*leaves, x, y, loss)
     torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
     ref_grads = torch.autograd.grad(reference, leaves)
@@ -69,12 +69,12 @@ def test_bptt_hidden_gradient_by_hand_last_step():
     value.backward()
     with torch.no_grad():
         hs = net.hidden_states(x)
-        e = hs @ net.w_y.T - y                      # ∂L/∂y_t
+        e = hs @ net.readout.weight.T - y                      # ∂L/∂y_t
         delta = torch.zeros(5, 3, dtype=torch.float64)
         g_h = torch.zeros_like(net.w_h)
         g_x = torch.zeros_like(net.w_x)
         for t in reversed(range(4)):
-            delta = (delta @ net.w_h + e[:, t] @ net.w_y) * (1 - hs[:, t] ** 2)
+            delta = (delta @ net.w_h + e[:, t] @ net.readout.weight) * (1 - hs[:, t] ** 2)
             prev = hs[:, t - 1] if t > 0 else torch.zeros_like(hs[:, 0])
             g_h += delta.T @ prev
             g_x += delta.T @ x[:, t]
@@ -91,18 +91,19 @@ def test_bp_plugin_trains_rnn():
     assert algorithm.unsupported(arch, params) is None
     info = TaskInfo(loss="cross_entropy", output_size=6, input_shape=(5, 3), sequence=True)
     learner = algorithm.build(arch, info, params, RunContext(epochs=1))
+    stepper = Stepper(learner, params)
     torch.manual_seed(0)
     x = torch.randn(16, 5, 3)
     y = torch.randint(0, 6, (16, 5))
-    first = float(learner.train_step(x, y)["loss"])
+    first = float(stepper.step(x, y)["loss"])
     for _ in range(60):
-        last = float(learner.train_step(x, y)["loss"])
+        last = float(stepper.step(x, y)["loss"])
     assert last < first
     assert learner.predict(x).shape == (16, 5, 6)
 
 
 def test_written_out_bptt_matches_autograd_for_every_activation():
-    """The recurrence's own backward (algorithms/_rnn.py) against autograd on a step-by-step
+    """The recurrence's own backward (harness/nets.py) against autograd on a step-by-step
     loop, for each activation a Recurrent layer may name, under a random output gradient."""
     from harness.toolkit import activation
     for act in ("tanh", "relu", "sigmoid", "linear"):
@@ -110,7 +111,7 @@ def test_written_out_bptt_matches_autograd_for_every_activation():
         net = RNNNet(Arch("rnn", (6, 3), (Recurrent(5, act), Dense(4, "linear")), 4),
                      init_std=0.5).double()
         x = torch.randn(7, 6, 3, dtype=torch.float64)
-        leaves = [p.detach().clone().requires_grad_(True) for p in (net.w_x, net.w_h, net.w_y)]
+        leaves = [p.detach().clone().requires_grad_(True) for p in (net.w_x, net.w_h, net.readout.weight)]
         f, _ = activation(act)
         h, outs = torch.zeros(7, 5, dtype=torch.float64), []
         for t in range(6):
@@ -120,7 +121,7 @@ def test_written_out_bptt_matches_autograd_for_every_activation():
         out = net(x)
         torch.testing.assert_close(out, reference)
         g = torch.randn_like(out)
-        got = torch.autograd.grad((out * g).sum(), [net.w_x, net.w_h, net.w_y])
+        got = torch.autograd.grad((out * g).sum(), [net.w_x, net.w_h, net.readout.weight])
         want = torch.autograd.grad((reference * g).sum(), leaves)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

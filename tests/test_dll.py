@@ -8,6 +8,7 @@ import torch
 
 from harness.api import Arch, Conv, Dense, Flatten, Pool, Recurrent, RunContext, TaskInfo
 from harness.registry import algorithms
+from harness.runner import Stepper
 from harness.toolkit import loss_value
 
 CE = TaskInfo("cross_entropy", 3, (1, 6, 6))
@@ -22,29 +23,33 @@ def _float64():
 
 
 def build(arch, info=CE, name="dll", **params):
+    """A learner whose train_step sets the .grads (the harness would step them; here we look)."""
     alg = algorithms.get(name)
-    learner = alg.build(arch, info, alg.Params(**params), RunContext(epochs=2))
-    learner.optimizer.step = lambda: None           # look at the .grads, change nothing
-    return learner
+    return alg.build(arch, info, alg.Params(**params), RunContext(epochs=2))
 
 
 def tie_theta_to_w(learner):
     with torch.no_grad():
-        for _, w, theta in learner.layers:
+        for _, w, theta, _ in learner.layers:
             if theta is not None:
                 theta.copy_(w)
 
 
-def autograd_grads(arch, weights, x, y, info=CE, smoothing=0.0):
-    """BP's gradients on an independently written forward pass."""
+def autograd_grads(arch, weights, x, y, info=CE, smoothing=0.0, biases=()):
+    """BP's gradients (weights, then biases) on an independently written forward pass."""
     ws = [w.detach().clone().requires_grad_() for w in weights]
-    h, k = x, 0
+    bs = [b.detach().clone().requires_grad_() for b in biases]
+    h, k, j = x, 0, 0
     for layer in arch.layers:
         if isinstance(layer, Dense):
             h = h @ ws[k].t()
+            if layer.bias:
+                h, j = h + bs[j], j + 1
             k += 1
         elif isinstance(layer, Conv):
-            h = torch.nn.functional.conv2d(h, ws[k], padding=layer.padding)
+            h = torch.nn.functional.conv2d(h, ws[k], bs[j] if layer.bias else None,
+                                           padding=layer.padding)
+            j += int(layer.bias)
             k += 1
         elif isinstance(layer, Pool):
             h = (torch.nn.functional.max_pool2d if layer.kind == "max"
@@ -56,47 +61,66 @@ def autograd_grads(arch, weights, x, y, info=CE, smoothing=0.0):
         if layer.act == "tanh":
             h = torch.tanh(h)
     loss_value(info, h, y, smoothing).backward()
-    return [w.grad for w in ws]
+    return [w.grad for w in ws] + [b.grad for b in bs]
 
 
 MLP = Arch("mlp", (1, 6, 6), (Flatten(), Dense(10), Dense(7), Dense(3, "linear")), 3)
 CNN = Arch("cnn", (1, 6, 6), (Conv(4, 3, 1), Pool("max", 2), Conv(5, 2), Pool("avg", 2),
                               Flatten(), Dense(6), Dense(3, "linear")), 3)
+MLP_BIAS = Arch("mlpb", (1, 6, 6), (Flatten(), Dense(10, bias=True), Dense(7),
+                                    Dense(3, "linear", bias=True)), 3)
+CNN_BIAS = Arch("cnnb", (1, 6, 6), (Conv(4, 3, 1, bias=True), Pool("max", 2), Conv(5, 2),
+                                    Pool("avg", 2), Flatten(), Dense(6, bias=True),
+                                    Dense(3, "linear")), 3)
 
 
-@pytest.mark.parametrize("arch", [MLP, CNN], ids=["dense", "conv"])
+@pytest.mark.parametrize("arch", [MLP, CNN, MLP_BIAS, CNN_BIAS],
+                         ids=["dense", "conv", "dense+bias", "conv+bias"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_theta_equal_w_gives_backprop_gradients(arch, smoothing):
     torch.manual_seed(0)
     learner = build(arch, theta="frozen", label_smoothing=smoothing, init_std=0.3)
     tie_theta_to_w(learner)
+    with torch.no_grad():                       # biases away from 0, so they matter
+        for b in learner.biases:
+            b.normal_(0, 0.3)
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
     learner.train_step(x, y)
-    expected = autograd_grads(arch, learner.weights, x, y, smoothing=smoothing)
-    for w, g in zip(learner.weights, expected):
+    expected = autograd_grads(arch, learner.weights, x, y, smoothing=smoothing,
+                              biases=learner.biases)
+    mine = learner.weights + learner.biases
+    assert len(mine) == len(expected) and len(learner.biases) == sum(
+        getattr(layer, "bias", False) for layer in arch.layers)
+    for w, g in zip(mine, expected):
         assert torch.allclose(w.grad, g, atol=1e-12, rtol=1e-9)
     assert all(t.grad is None for t in learner.thetas)      # frozen: no Θ update
 
 
-def test_rnn_theta_equal_w_gives_bptt_gradients():
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "readout bias"])
+def test_rnn_theta_equal_w_gives_bptt_gradients(bias):
     torch.manual_seed(1)
     steps, inputs, hidden, out = 5, 3, 6, 4
-    arch = Arch("rnn", (steps, inputs), (Recurrent(hidden), Dense(out, "linear")), out)
+    arch = Arch("rnn", (steps, inputs), (Recurrent(hidden), Dense(out, "linear", bias=bias)),
+                out)
     info = TaskInfo("cross_entropy", out, (steps, inputs), sequence=True)
     learner = build(arch, info, theta="frozen", init_std=0.4, label_smoothing=0.0)
     with torch.no_grad():
         learner.theta_y.copy_(learner.w_y)
         learner.theta_h.copy_(learner.w_h)
+        if bias:
+            learner.b_y.normal_(0, 0.3)
     x, y = torch.randn(4, steps, inputs), torch.randint(0, out, (4, steps))
     learner.train_step(x, y)
-    w_x, w_h, w_y = (p.detach().clone().requires_grad_() for p in (learner.w_x, learner.w_h, learner.w_y))
+    mine = [learner.w_x, learner.w_h, learner.w_y] + ([learner.b_y] if bias else [])
+    refs = [p.detach().clone().requires_grad_() for p in mine]
+    w_x, w_h, w_y = refs[:3]
     h, outs = torch.zeros(4, hidden), []
     for t in range(steps):                                    # the unrolled network
         h = torch.tanh(x[:, t] @ w_x.t() + h @ w_h.t())
-        outs.append(h @ w_y.t())
+        outs.append(h @ w_y.t() + (refs[3] if bias else 0.0))
     loss_value(info, torch.stack(outs, 1), y).backward()
-    for mine, ref in ((learner.w_x, w_x), (learner.w_h, w_h), (learner.w_y, w_y)):
-        assert torch.allclose(mine.grad, ref.grad, atol=1e-12, rtol=1e-9)
+    for got, ref in zip(mine, refs):
+        assert torch.allclose(got.grad, ref.grad, atol=1e-12, rtol=1e-9)
 
 
 def test_conv_theta_update_is_the_intended_contraction():
@@ -129,11 +153,10 @@ def test_theta_step_has_the_papers_sign(variant, shrinks):
     arch = Arch("m", (5,), (Dense(6), Dense(3, "linear")), 3)
     learner = build(arch, TaskInfo("cross_entropy", 3, (5,)), variant=variant, init_std=0.3)
     if variant == "released":   # the released MLP never trains Θ; its CNN rule is used here
-        from algorithms.dll import FeedForwardDLL
+        from algorithms.dll import ReleasedCNN
         alg = algorithms.get("dll")
-        learner = FeedForwardDLL(arch, learner.info, alg.Params(variant="released", init_std=0.3),
-                                 RunContext(epochs=2))
-        learner.optimizer.step = lambda: None
+        learner = ReleasedCNN(arch, learner.info, alg.Params(variant="released", init_std=0.3),
+                              RunContext(epochs=2))
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     output, _ = learner._forward(x, keep=False)
     g = -len(y) * loss_and_grad(learner.info, output, y, 0.1)[1]
@@ -148,11 +171,13 @@ def test_theta_step_has_the_papers_sign(variant, shrinks):
 def test_dll_fa_leaves_theta_unchanged_and_dll_changes_it(name, changes):
     torch.manual_seed(4)
     alg = algorithms.get(name)
-    learner = alg.build(CNN, CE, alg.Params(lr=1e-2), RunContext(epochs=2))
+    params = alg.Params(lr=1e-2)
+    learner = alg.build(CNN, CE, params, RunContext(epochs=2))
+    stepper = Stepper(learner, params, epochs=2)
     before = [t.detach().clone() for t in learner.thetas]
     weights_before = [w.detach().clone() for w in learner.weights]
     for _ in range(3):
-        learner.train_step(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,)))
+        stepper.step(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,)))
     moved = [not torch.equal(b, t) for b, t in zip(before, learner.thetas)]
     assert all(moved) if changes else not any(moved)
     assert all(not torch.equal(b, w) for b, w in zip(weights_before, learner.weights))
@@ -193,8 +218,12 @@ def test_released_mlp_matches_a_hand_computation():
 def test_released_rnn_uses_sgd_and_clips():
     arch = Arch("rnn", (4, 2), (Recurrent(3), Dense(2, "linear")), 2)
     info = TaskInfo("mse", 2, (4, 2), sequence=True)
-    learner = build(arch, info, variant="released", clip=1e-3, lr=0.1)
-    assert isinstance(learner.optimizer, torch.optim.SGD) and learner.schedulers == []
+    alg = algorithms.get("dll")
+    params = alg.Params(variant="released", clip=1e-3, lr=0.1)
+    learner = alg.build(arch, info, params, RunContext(epochs=2))
+    stepper = Stepper(learner, params, epochs=2)
+    assert isinstance(stepper.optimizer, torch.optim.SGD) and stepper.schedules == []
+    assert stepper.optimizer.defaults["momentum"] == 0.0
     learner.train_step(torch.randn(3, 4, 2), torch.randn(3, 4, 2))
     for p in (learner.w_x, learner.w_h, learner.w_y, learner.theta_y, learner.theta_h):
         assert p.grad.abs().max() <= 1e-3 + 1e-15

@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
-from algorithms.dfa import DFALearner, DFAParams, build_dfa_network
-from algorithms.fa import (FALinear, FAConv2d, build_fa_network,
-                           feedback_generator, feedback_tensors)
+from algorithms.dfa import build_dfa_network
+from algorithms.fa import FAConv2d, FALinear, build_fa_network
 from harness.api import Arch, Conv, Dense, Flatten, Pool, Recurrent, RunContext, TaskInfo
+from harness.nets import build_sequential, feedback_generator, feedback_tensors
 from harness.registry import algorithms
-from harness.toolkit import build_sequential, loss_value
+from harness.runner import Stepper
+from harness.toolkit import loss_value
 
 INFO = TaskInfo(loss="cross_entropy", output_size=5, input_shape=(1, 8, 8))
 MLP = Arch("mlp", (1, 8, 8), (Flatten(), Dense(12), Dense(9, "relu"), Dense(5, "linear")), 5)
@@ -37,10 +38,29 @@ def _fa_twin_of(bp_net: torch.nn.Sequential, arch: Arch) -> torch.nn.Module:
         for bp_m, fa_m in zip(bp_weighted, fa_weighted):
             fa_m.weight.copy_(bp_m.weight)
             fa_m.feedback.copy_(bp_m.weight.t() if isinstance(fa_m, FALinear) else bp_m.weight)
+            if bp_m.bias is not None:
+                bp_m.bias.normal_(0, 0.3)            # away from 0, so they matter
+                fa_m.bias.copy_(bp_m.bias)
     return fa_net
 
 
-@pytest.mark.parametrize("arch", [MLP, CNN], ids=["dense", "conv"])
+MLP_BIAS = Arch("mlpb", (1, 8, 8), (Flatten(), Dense(12, bias=True), Dense(9, "relu"),
+                                    Dense(5, "linear", bias=True)), 5)
+CNN_BIAS = Arch("cnnb", (1, 8, 8), (Conv(4, 3, 1, bias=True), Pool("max", 2), Conv(6, 3),
+                                    Pool("avg", 2), Flatten(), Dense(7, bias=True),
+                                    Dense(5, "linear")), 5)
+
+
+def _grads(net, kinds):
+    out = []
+    for m in net:
+        if isinstance(m, kinds):
+            out += [m.weight.grad] + ([m.bias.grad] if m.bias is not None else [])
+    return out
+
+
+@pytest.mark.parametrize("arch", [MLP, CNN, MLP_BIAS, CNN_BIAS],
+                         ids=["dense", "conv", "dense+bias", "conv+bias"])
 def test_fa_with_transposed_feedback_gives_bp_gradients(arch):
     torch.manual_seed(1)
     bp_net = build_sequential(arch, 0.3)
@@ -48,8 +68,9 @@ def test_fa_with_transposed_feedback_gives_bp_gradients(arch):
     x, y = _batch()
     loss_value(INFO, bp_net(x), y).backward()
     loss_value(INFO, fa_net(x), y).backward()
-    bp_grads = [m.weight.grad for m in bp_net if hasattr(m, "weight")]
-    fa_grads = [m.weight.grad for m in fa_net if isinstance(m, (FALinear, FAConv2d))]
+    bp_grads = _grads(bp_net, (torch.nn.Linear, torch.nn.Conv2d))
+    fa_grads = _grads(fa_net, (FALinear, FAConv2d))
+    assert len(bp_grads) == len(fa_grads) > 0
     for bp_g, fa_g in zip(bp_grads, fa_grads):
         torch.testing.assert_close(fa_g, bp_g, rtol=1e-5, atol=1e-7)
 
@@ -72,9 +93,9 @@ def test_fa_rnn_with_transposed_feedback_gives_bp_gradients_through_time():
     torch.manual_seed(2)
     fa_net = build_fa_network(RNN, 0.3, "normal", 1.0, feedback_generator(0))
     with torch.no_grad():
-        fa_net.recurrent.feedback.copy_(fa_net.recurrent.weight.t())
+        fa_net.feedback.copy_(fa_net.w_h)                  # B in W_h's layout: δ_{t+1} B
         fa_net.readout.feedback.copy_(fa_net.readout.weight.t())
-    weights = [fa_net.input.weight, fa_net.recurrent.weight, fa_net.readout.weight]
+    weights = [fa_net.w_x, fa_net.w_h, fa_net.readout.weight]
     x = torch.randn(5, 6, 4)
     y = torch.randint(0, 3, (5, 6))
     loss_value(RNN_INFO, fa_net(x), y).backward()
@@ -102,8 +123,6 @@ def test_dfa_one_hidden_layer_with_output_transpose_gives_bp_gradient():
         dfa_net.feedback0.copy_(bp_net[3].weight)  # (out × hidden): e B = e W_out = δ's BP form
     x, y = _batch()
     loss_value(INFO, bp_net(x), y).backward()
-    learner = DFALearner(dfa_net, INFO, DFAParams(lr=0.0), epochs=1)
-    learner.optimizer.zero_grad()
     output, hidden = dfa_net.forward_local(x)
     from harness.toolkit import loss_and_grad
     _, error = loss_and_grad(INFO, output.detach(), y)
@@ -140,6 +159,7 @@ def _train(name: str, arch: Arch, info: TaskInfo, seed: int, steps: int = 3, **p
     p = alg.Params(**params)
     torch.manual_seed(seed)
     learner = alg.build(arch, info, p, RunContext(seed=seed, epochs=2))
+    stepper = Stepper(learner, p, epochs=2)
     before = {k: v.clone() for k, v in feedback_tensors(learner.network).items()}
     weights = [w.detach().clone() for w in learner.network.parameters()]
     for step in range(steps):
@@ -147,21 +167,21 @@ def _train(name: str, arch: Arch, info: TaskInfo, seed: int, steps: int = 3, **p
             x, y = torch.randn(7, 6, 4), torch.randint(0, 3, (7, 6))
         else:
             x, y = _batch(seed=step)
-        learner.train_step(x, y)
-    learner.end_epoch()
-    return learner, before, weights
+        stepper.step(x, y)
+    stepper.end_epoch()
+    return learner, stepper, before, weights
 
 
 @pytest.mark.parametrize("name,arch,info", [("fa", CNN, INFO), ("dfa", CNN, INFO),
                                             ("fa", RNN, RNN_INFO), ("dfa", RNN, RNN_INFO)])
 def test_feedback_is_fixed_while_weights_learn(name, arch, info):
-    learner, before, weights = _train(name, arch, info, seed=4, lr=1e-2)
+    learner, stepper, before, weights = _train(name, arch, info, seed=4, lr=1e-2)
     after = feedback_tensors(learner.network)
     assert before and before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
     assert not any(buf.requires_grad for buf in after.values())
-    opt_tensors = {id(p) for g in learner.optimizer.param_groups for p in g["params"]}
+    opt_tensors = {id(p) for g in stepper.optimizer.param_groups for p in g["params"]}
     assert not opt_tensors & {id(b) for b in after.values()}
     for w0, w1 in zip(weights, learner.network.parameters()):
         assert not torch.equal(w0, w1.detach())

@@ -164,9 +164,10 @@ def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite
     plugin = folder / "editable.py"
     body = textwrap.dedent('''
         """An algorithm a test edits."""
-        from harness.api import Algorithm
+        from harness.api import Algorithm, TrainParams
+        from harness.nets import build_sequential
         from harness.registry import algorithms
-        from harness.toolkit import ModuleLearner, TrainParams, build_sequential
+        from harness.toolkit import ModuleLearner
 
 
         @algorithms.register("editable_{tag}")
@@ -176,8 +177,8 @@ def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite
             Params = TrainParams
 
             def build(self, arch, info, params, ctx):
-                network = build_sequential(arch, params.init_std)
-                return ModuleLearner(network, info, params, ctx.epochs{extra})
+                network = build_sequential(arch, params.init_std{extra})
+                return ModuleLearner(network, info, params)
     ''')
     plugin.write_text(body.format(tag="s", extra=""))
     path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 1\nseeds: 2\n"
@@ -190,7 +191,7 @@ def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite
     # a different program in a new process (the one that imported the plugin keeps the old)
     import subprocess
     import sys
-    plugin.write_text(body.format(tag="s", extra=" + 0").replace("as written", "as edited"))
+    plugin.write_text(body.format(tag="s", extra=" * 1.0").replace("as written", "as edited"))
     run = [sys.executable, str(ROOT / "bench.py"), "run", str(path), "--device", "cpu",
            "--plugins", str(tmp_path / "mine"), "--plugins", str(TEST_PLUGINS)]
     done = subprocess.run(run + ["--dry-run"], capture_output=True, text=True, cwd=ROOT)
@@ -320,14 +321,14 @@ def test_committed_run_data_rebuilds_the_store_and_the_report(blob_suite, cli, t
 
 def test_a_nan_secondary_metric_is_null_not_diverged(tmp_path):
     from harness import params as P
-    from harness.api import RunSpec
+    from harness.api import RunContext, RunSpec
     from harness.registry import algorithms, tasks
     from harness.runner import execute
     task = tasks.get("blobs")
     task_params = P.resolve(task.Params, {"n_train": 128, "n_test": 64, "nan_secondary": True})
     spec = RunSpec(algorithm="bp", params=P.resolve(algorithms.get("bp").Params, {"lr": 0.01}),
                    task="blobs", task_params=task_params,
-                   arch=task.presets(P.build(task.Params, task_params))["mlp"], seed=0,
+                   arch=task.presets(P.build(task.Params, task_params), RunContext())["mlp"], seed=0,
                    epochs=2, batch_size=32)
     result = execute(spec, str(tmp_path))
     assert result.status == "ok", result.reason

@@ -11,6 +11,7 @@ from algorithms.dtp import (DTPLearner, DTPNetwork, DTPParams, difference_target
 from algorithms.pc import PCParams, build_pc_network, inference
 from harness.api import Arch, Conv, Dense, Flatten, Pool, Recurrent, RunContext, TaskInfo
 from harness.registry import algorithms
+from harness.runner import Stepper
 from harness.toolkit import loss_value
 
 INFO = TaskInfo(loss="cross_entropy", output_size=5, input_shape=(1, 8, 8))
@@ -77,7 +78,7 @@ def test_pc_weight_update_is_local_and_steps_the_shared_optimiser():
     alg = algorithms.get("pc")
     learner = alg.build(arch, info, PCParams(lr=1e-2), RunContext())
     before = [w.detach().clone() for w in learner.network.parameters()]
-    out = learner.train_step(x, y)
+    out = Stepper(learner, PCParams(lr=1e-2)).step(x, y)
     assert torch.isfinite(torch.as_tensor(out["loss"]))
     for w, b in zip(learner.network.parameters(), before):
         assert w.grad is not None and torch.isfinite(w.grad).all()
@@ -133,7 +134,8 @@ def test_dtp_inverse_loss_falls_when_only_inverses_train():
     torch.manual_seed(4)
     arch = Arch("mlp", (1, 8, 8), (Flatten(), Dense(16), Dense(12), Dense(5, "linear")), 5)
     params = DTPParams(lr=0.0, inverse_lr=1e-2, inverse_updates=1, inverse_noise=0.1)
-    learner = DTPLearner(DTPNetwork(arch, 0.3), INFO, params, epochs=1)
+    learner = DTPLearner(DTPNetwork(arch, 0.3), INFO, params)
+    stepper = Stepper(learner, params)
     forward = [w.detach().clone() for w in learner.network.weights]
     x = torch.randn(64, 1, 8, 8)
     y = torch.randint(0, 5, (64,))
@@ -146,7 +148,7 @@ def test_dtp_inverse_loss_falls_when_only_inverses_train():
 
     before = measured()
     for _ in range(60):
-        learner.train_step(x, y)
+        stepper.step(x, y)
     after = measured()
     assert after < 0.5 * before, (before, after)
     for w, f in zip(learner.network.weights, forward):  # lr 0: forward weights unchanged

@@ -10,9 +10,10 @@ from harness.registry import algorithms, discover, tasks
 PLUGIN = '''
 """Sign-SGD: BP whose gradients are replaced by their sign (a test plugin)."""
 from dataclasses import dataclass
-from harness.api import Algorithm, param
+from harness.api import Algorithm, TrainParams, param
+from harness.nets import build_sequential
 from harness.registry import algorithms
-from harness.toolkit import ModuleLearner, TrainParams, build_sequential
+from harness.toolkit import ModuleLearner
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SignSGD(Algorithm):
     Params = SignParams
 
     def build(self, arch, info, params, ctx):
-        return ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        return ModuleLearner(build_sequential(arch, params.init_std), info, params)
 '''
 
 
@@ -102,7 +103,7 @@ def test_the_readme_worked_example_is_a_working_plugin(tmp_path):
     from pathlib import Path
 
     from harness import params as P
-    from harness.api import RunSpec
+    from harness.api import RunContext, RunSpec
     from harness.runner import execute
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -116,7 +117,7 @@ def test_the_readme_worked_example_is_a_working_plugin(tmp_path):
     task_params = P.resolve(task.Params, {})
     spec = RunSpec(algorithm="signbp", params=P.resolve(alg.Params, {"lr": 1e-3}), task="blobs",
                    task_params=task_params,
-                   arch=task.presets(P.build(task.Params, task_params))["mlp"], seed=0,
+                   arch=task.presets(P.build(task.Params, task_params), RunContext())["mlp"], seed=0,
                    epochs=3, batch_size=32)
     result = execute(spec, str(tmp_path))
     assert result.status == "ok", result.traceback

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from harness import params as P
-from harness.api import RunSpec
+from harness.api import RunContext, RunSpec
 from harness.registry import algorithms, tasks
 from harness.runner import execute, select_epoch, threads_for
 
@@ -17,7 +17,7 @@ def spec_for(algorithm="bp", arch="mlp", epochs=3, seed=0, patience=None, protoc
     alg = algorithms.get(algorithm)
     return RunSpec(algorithm=algorithm, params=P.resolve(alg.Params, params), task="blobs",
                    task_params=task_params,
-                   arch=task.presets(P.build(task.Params, task_params))[arch], seed=seed,
+                   arch=task.presets(P.build(task.Params, task_params), RunContext())[arch], seed=seed,
                    epochs=epochs, batch_size=32, protocol=protocol, patience=patience)
 
 
@@ -33,8 +33,8 @@ def test_bp_learns_and_records_every_epoch(tmp_path):
     assert result.epochs[-1].train_loss < result.epochs[0].train_loss
     assert result.peak_memory_mb and result.peak_memory_mb > 10
     assert result.n_parameters == 64 * 32 + 32 * 4
-    assert result.selection["metric"] == "accuracy"
-    assert result.selection["paper_test"] == max(e.metrics["test"]["accuracy"] for e in result.epochs)
+    assert result.selection.metric == "accuracy"
+    assert result.selection.paper_test == max(e.metrics["test"]["accuracy"] for e in result.epochs)
 
 
 def test_cnn_runs(tmp_path):

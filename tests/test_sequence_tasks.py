@@ -4,7 +4,7 @@ protocol's splits and normaliser, and one-line errors that name the file."""
 import pytest
 import torch
 
-from harness.api import RunContext, UserError
+from harness.api import RunContext, Split, SplitData, UserError
 from tasks.chars import CharParams, CharPrediction, vocabulary
 
 
@@ -25,7 +25,7 @@ def test_chars_loader_shapes_and_targets(tmp_path):
     data = task.load(params, RunContext(validation=0.1))
     vocab = vocabulary(body)
     v = len(vocab)
-    assert task.presets(params)["rnn"].input_shape == (8, v)
+    assert task.presets(params, RunContext())["rnn"].input_shape == (8, v)
     assert data.x_train.shape[1:] == (8, v) and data.y_train.shape[1:] == (8,)
     assert data.y_train.dtype == torch.int64 and data.x_train.dtype == torch.float32
     assert torch.equal(data.x_train.sum(-1), torch.ones(data.x_train.shape[:2]))
@@ -43,9 +43,10 @@ def test_chars_metrics():
     target = torch.tensor([[0, 1, 2, 0]])
     out = torch.full((1, 4, 3), -10.0)
     out[0, torch.arange(4), torch.tensor([0, 1, 1, 0])] = 10.0
-    m = task.evaluate(out, target)
+    split = SplitData(Split.TEST, out, target)
+    m = task.evaluate(out, target, split)
     assert m["accuracy"] == pytest.approx(75.0) and m["baseline_accuracy"] == pytest.approx(50.0)
-    uniform = task.evaluate(torch.zeros(1, 4, 4), target)
+    uniform = task.evaluate(torch.zeros(1, 4, 4), target, split)
     assert uniform["bpc"] == pytest.approx(2.0)
 
 
@@ -67,7 +68,7 @@ def test_chars_missing_and_malformed_files_are_one_line_errors(tmp_path):
         CharPrediction().load(CharParams(corpus="file", path=str(bad)), RunContext())
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="path"):
-        CharPrediction().presets(CharParams(corpus="file"))
+        CharPrediction().presets(CharParams(corpus="file"), RunContext())
     # harry_potter is a user-supplied dataset: the harness skips its runs when it is missing
     assert CharPrediction().datasets(CharParams(corpus="harry_potter")) == ["harry_potter"]
     with pytest.raises(UserError, match="harry_potter.txt"):
@@ -97,7 +98,7 @@ def test_sensor_network_loader_pivots_to_eight_channels(tmp_path):
     task = Forecast()
     params = ForecastParams(dataset="sensor_network", path=str(path), seq_len=5)
     data = task.load(params, RunContext(validation=0.2))
-    assert task.presets(params)["rnn"].input_shape == (5, 8)
+    assert task.presets(params, RunContext())["rnn"].input_shape == (5, 8)
     assert data.x_train.shape[1:] == (5, 8) and data.y_train.shape[1:] == (5, 8)
     # column order: mote 1 humidity, mote 1 temperature, mote 2 humidity, …
     raw = task.read(params, tmp_path)[1]
@@ -117,7 +118,7 @@ def test_lstnet_text_loader_and_horizon(tmp_path):
     data = Forecast().load(params, RunContext())
     assert data.x_train.shape[1:] == (8, 321) and data.y_train.shape[1:] == (8, 2)
     assert torch.allclose(data.x_train[:, 3:, [0, 320]], data.y_train[:, :-3])
-    assert Forecast().presets(params)["rnn"].output_size == 2
+    assert Forecast().presets(params, RunContext())["rnn"].output_size == 2
     assert SERIES["electricity"][1] == 321
 
 
@@ -228,7 +229,7 @@ def test_clean_normaliser_never_sees_validation_or_test_rows(tmp_path):
 def test_forecast_metrics_and_persistence():
     task = Forecast()
     target = torch.tensor([[[0.0], [1.0], [3.0]]])
-    m = task.evaluate(target.clone(), target)
+    m = task.evaluate(target.clone(), target, SplitData(Split.TEST, target, target))
     assert m["mse"] == 0.0 and m["persistence_mse"] == pytest.approx((1 + 4) / 2)
 
 
@@ -278,7 +279,7 @@ def test_predicting_the_change_keeps_every_metric_comparable(tmp_path):
     task = Forecast()
     change = task.load(ForecastParams(**common, predict="change"), RunContext())
     assert torch.allclose(change.y_test, value.y_test - value.x_test[..., [0, 5]], atol=1e-5)
-    zero = task.evaluate(torch.zeros_like(change.y_test), change.y_test)
+    zero = task.evaluate(torch.zeros_like(change.y_test), change.y_test, change.test)
     assert zero["mse"] == pytest.approx(zero["persistence_mse"])
     assert zero["mse"] == pytest.approx(
         (value.y_test - value.x_test[..., [0, 5]]).pow(2).mean().item(), rel=1e-5)
@@ -302,9 +303,9 @@ def test_change_inputs_are_step_differences_and_widen_the_preset_for_both(tmp_pa
         assert torch.allclose(xc[:, 1:], xv[:, 1:] - xv[:, :-1], atol=1e-6)
         assert torch.equal(xb, torch.cat([xv, xc], dim=-1))
         assert torch.equal(getattr(value, f"y_{split}"), getattr(change, f"y_{split}"))
-    assert Forecast().presets(params)["rnn"].input_shape == (6, 16)
+    assert Forecast().presets(params, RunContext())["rnn"].input_shape == (6, 16)
     assert both.info.input_shape == (6, 16)
-    assert Forecast().presets(ForecastParams(**common, inputs="change"))["rnn"].input_shape == (6, 8)
+    assert Forecast().presets(ForecastParams(**common, inputs="change"), RunContext())["rnn"].input_shape == (6, 8)
     with pytest.raises(UserError, match="clean protocol"):
         Forecast().load(ForecastParams(**common, targets="last", inputs="change"),
                         RunContext(protocol="paper"))
@@ -326,8 +327,10 @@ def test_value_mode_persistence_is_scored_on_every_position(tmp_path):
     for split in ("val", "test"):
         y, yc = getattr(value, f"y_{split}"), getattr(change, f"y_{split}")
         exact = yc.pow(2).mean().item()
-        assert task.evaluate(y, y)["persistence_mse"] == pytest.approx(exact, rel=1e-5)
-        assert ctask.evaluate(yc, yc)["persistence_mse"] == pytest.approx(exact, rel=1e-5)
+        assert task.evaluate(y, y, getattr(value, split))["persistence_mse"] == \
+            pytest.approx(exact, rel=1e-5)
+        assert ctask.evaluate(yc, yc, getattr(change, split))["persistence_mse"] == \
+            pytest.approx(exact, rel=1e-5)
         skipping = (y[:, 2:] - y[:, :-2]).pow(2).mean().item()
         assert skipping != pytest.approx(exact, rel=1e-3)
 

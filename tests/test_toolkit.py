@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.api import Arch, Conv, Dense, Flatten, Pool, TaskInfo
-from harness.toolkit import (TrainParams, build_sequential, layer_shapes, loss_and_grad,
-                             loss_value, make_optimizer)
+from harness.api import Arch, Conv, Dense, Flatten, Pool, TaskInfo, TrainParams
+from harness.nets import build_sequential
+from harness.runner import Stepper
+from harness.toolkit import layer_shapes, loss_and_grad, loss_value, make_optimizer
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -47,14 +48,14 @@ def test_every_algorithm_steps_the_same_fused_optimiser():
     arch = Arch("mlp", (1, 4, 4), (Flatten(), Dense(6), Dense(3, "linear")), 3)
     info = TaskInfo(loss="cross_entropy", output_size=3, input_shape=(1, 4, 4))
     ctx = RunContext(epochs=2)
-    for name in ("bp", "dll", "fa", "dfa", "pc"):
+    for name in ("bp", "dll", "fa", "dfa", "pc", "dtp"):
         alg = algorithms.get(name)
         learner = alg.build(arch, info, alg.Params(), ctx)
-        assert learner.optimizer.defaults["fused"] is True, name
-    dtp = algorithms.get("dtp")
-    learner = dtp.build(arch, info, dtp.Params(), ctx)
-    assert learner.optimizer.defaults["fused"] is True
-    assert learner.inverse_optimizer.defaults["fused"] is True   # its own Adam, same kernel
+        stepper = Stepper(learner, alg.Params(), 2)      # the harness's, as a run builds it
+        assert stepper.optimizer.defaults["fused"] is True, name
+        assert not any(isinstance(v, torch.optim.Optimizer) for k, v in vars(learner).items()
+                       if k != "inverse_optimizer"), name   # no learner builds its own
+    assert learner.inverse_optimizer.defaults["fused"] is True   # DTP's inverses, same kernel
     opt, _ = make_optimizer([torch.ones(2, dtype=torch.int64)], TrainParams(), 2)
     assert not opt.defaults["fused"]                       # integers: torch's default step
     torch.manual_seed(0)

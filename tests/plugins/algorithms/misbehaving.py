@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.api import Algorithm, param
+from harness.api import Algorithm, TrainParams, param
+from harness.nets import build_sequential
 from harness.registry import algorithms
-from harness.toolkit import ModuleLearner, TrainParams, build_sequential
+from harness.toolkit import ModuleLearner
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class NaNAfter(Algorithm):
     Params = NaNParams
 
     def build(self, arch, info, params, ctx):
-        learner = NaNLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner = NaNLearner(build_sequential(arch, params.init_std), info, params)
         learner.nan_after = params.nan_after
         return learner
 
@@ -48,7 +49,7 @@ class Raises(Algorithm):
     Params = TrainParams
 
     def build(self, arch, info, params, ctx):
-        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params)
 
         def boom(x, y):
             raise RuntimeError("deliberate failure in train_step")
@@ -69,7 +70,7 @@ class SlowBP(Algorithm):
     Params = SlowParams
 
     def build(self, arch, info, params, ctx):
-        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params)
         step = learner.train_step
 
         def slow(x, y):
@@ -98,7 +99,7 @@ class Dies(Algorithm):
         import os
         import signal
         import sys
-        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params, ctx.epochs)
+        learner = ModuleLearner(build_sequential(arch, params.init_std), info, params)
         step = learner.train_step
         calls = [0]
 

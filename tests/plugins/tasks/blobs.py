@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.api import Arch, Conv, Dense, Flatten, Pool, Task, TaskData, TaskInfo, param
+from harness.api import (Arch, Conv, Dense, Flatten, Pool, Split, SplitData, Task, TaskData,
+                         TaskInfo, param)
 from harness.registry import tasks
 
 
@@ -23,17 +24,14 @@ class Blobs(Task):
     Params = BlobParams
     metrics = {"accuracy": "max"}
 
-    def presets(self, params):
+    def presets(self, params, ctx):
         return {"mlp": Arch("mlp", (1, 8, 8), (Flatten(), Dense(32), Dense(params.classes, "linear")),
                             params.classes),
                 "cnn": Arch("cnn", (1, 8, 8), (Conv(4, 3, 1), Pool("max", 2), Flatten(), Dense(16),
                                                Dense(params.classes, "linear")), params.classes)}
 
-    nan_secondary = False
-
     def load(self, params, ctx):
         import torch
-        self.nan_secondary = params.nan_secondary
         g = torch.Generator().manual_seed(1234)
         centres = torch.randn(params.classes, 1, 8, 8, generator=g)
         n = params.n_train + params.n_test
@@ -41,11 +39,15 @@ class Blobs(Task):
         x = centres[y] + params.noise * torch.randn(n, 1, 8, 8, generator=g)
         n_val = int(round(ctx.validation * params.n_train))
         tr, te = slice(n_val, params.n_train), slice(params.n_train, n)
-        return TaskData(x[tr], y[tr], x[:n_val], y[:n_val], x[te], y[te],
+        extras = {"nan_secondary": params.nan_secondary}
+        return TaskData(SplitData(Split.TRAIN, x[tr], y[tr], extras),
+                        SplitData(Split.VAL, x[:n_val], y[:n_val], extras),
+                        SplitData(Split.TEST, x[te], y[te], extras),
                         TaskInfo("cross_entropy", params.classes, (1, 8, 8)))
 
-    def evaluate(self, output, target):
+    def evaluate(self, output, target, split):
         import torch
         majority = torch.bincount(target).max().item() / len(target)
         return {"accuracy": 100.0 * (output.argmax(-1) == target).float().mean().item(),
-                "majority_accuracy": float("nan") if self.nan_secondary else 100.0 * majority}
+                "majority_accuracy": float("nan") if split.extras["nan_secondary"]
+                else 100.0 * majority}
