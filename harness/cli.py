@@ -177,8 +177,9 @@ def cmd_run(args) -> int:
     sources = _current_sources(suite.specs)
     if args.dry_run:
         return _dry_run(suite, specs, args, sources)
+    estimates = _estimates(suite, specs, args, measure=False)   # stored or cached: no timing
     summary = parallel.run(
-        specs, suite.store_path, jobs=args.jobs, backend=args.backend,
+        specs, suite.store_path, jobs=args.jobs, backend=args.backend, estimates=estimates,
         scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
         rerun_stale=args.rerun_stale, sources=sources, run_timeout=args.run_timeout,
@@ -230,20 +231,46 @@ def _only(suite, rules: list[str]):
     return specs
 
 
+def _estimates(suite, specs, args, measure: bool, log=lambda m: None):
+    from harness import data as data_mod
+    from harness import estimate, parallel
+    from harness.registry import tasks
+    from harness.runner import threads_for
+    from harness import params as P
+    data_dir = _data_dir(args)
+    ready_sets: dict[str, bool] = {}
+
+    def ready(spec) -> bool:
+        task = tasks.get(spec.task)
+        names = task.datasets(P.build(task.Params, spec.task_params))
+        for name in names:
+            if name not in ready_sets:
+                ready_sets[name] = data_mod.status(name, data_dir)[0] == "ready"
+        return all(ready_sets[n] for n in names)
+    threads = args.threads or threads_for(args.jobs)
+    return estimate.estimate(specs, suite.store_path, str(data_dir), threads, measure=measure,
+                             ready=ready, log=log)
+
+
 def _dry_run(suite, specs, args, sources) -> int:
     from tabulate import tabulate
     from harness import parallel
+    from harness.estimate import human
     the_plan = parallel.plan(specs, suite.store_path, args.rerun, args.retry_errors,
                              args.rerun_stale, sources)
     reasons = parallel.prepare_data(the_plan.todo, _data_dir(args), lambda m: None, fetch=False)
     not_ready = {name: f"to run if {name} can be fetched (bench.py data)"
                  for name, reason in reasons.items() if reason}
     todo = parallel.with_data_reasons(the_plan.todo, not_ready)
+    runnable = [s for s in todo if not s.skip_reason]
+    estimates = _estimates(suite, runnable, args, measure=True,
+                           log=lambda m: print(m, file=sys.stderr))
     done = {s.key() for s in the_plan.done}
     stale = {s.key() for s in the_plan.stale}
     rows = []
     for spec in the_plan.done + the_plan.skipped + todo:
         key = spec.key()
+        guess = estimates.get(key)
         if key in done:
             state = "stored" + (" (stale)" if key in stale else "")
         elif spec.skip_reason and spec.skip_reason in not_ready.values():
@@ -252,12 +279,25 @@ def _dry_run(suite, specs, args, sources) -> int:
             state = "skip: " + spec.skip_reason if spec.skip_reason else (
                 "to run" + (" (stale)" if key in stale else ""))
         rows.append([spec.label, spec.task_label or spec.task, spec.arch.name, spec.seed,
-                     spec.epochs, spec.batch_size, spec.device, state[:100]])
+                     spec.epochs, spec.batch_size, spec.device,
+                     f"{human(guess.seconds)} ({guess.source})" if guess else "", state[:100]])
     print(tabulate(rows, headers=["algorithm", "task", "arch", "seed", "epochs", "batch",
-                                  "device", "state"], tablefmt="simple"))
+                                  "device", "estimate", "state"], tablefmt="simple"))
     to_run = sum(1 for r in rows if r[-1].startswith("to run"))
     print(f"{len(rows)} runs: {to_run} to run, {len(done)} stored, "
           f"{len(rows) - to_run - len(done)} skipped (dry run: nothing was run)")
+    known = [e.seconds for e in estimates.values() if e.seconds is not None]
+    sources_count = {src: sum(1 for e in estimates.values() if e.source == src)
+                     for src in ("stored", "timed", "unknown")}
+    if runnable:
+        total = sum(known)
+        print(f"estimated time of the {len(runnable)} runs to do on this machine: "
+              f"{human(total)} of run time ({total / 3600:.1f} CPU-hours at "
+              f"{args.threads or 'the default'} threads per run), about {human(total / args.jobs)} "
+              f"with --jobs {args.jobs}; from stored epochs for {sources_count['stored']} runs, "
+              f"timed steps for {sources_count['timed']}"
+              + (f", no estimate for {sources_count['unknown']} (data not ready)"
+                 if sources_count["unknown"] else ""))
     if stale:
         print(f"{len(stale)} stored run(s) were made with source other than the current code "
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale

@@ -11,6 +11,7 @@ store, a run cut off leaves nothing, and running the suite again picks up where 
 from __future__ import annotations
 
 import signal
+import statistics
 import sys
 import threading
 from dataclasses import dataclass, field, replace
@@ -169,9 +170,9 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
         rerun_stale: bool = False, sources: Optional[dict[str, str]] = None,
         run_timeout: Optional[float] = None, progress: bool = True, log_epochs: bool = False,
         command: str = "", suite_name: str = "", structure: Optional[dict] = None,
+        estimates: Optional[dict] = None,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Summary:
     import joblib
-    from tqdm import tqdm
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     summary = Summary()
@@ -212,12 +213,13 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                 else:
                     summary.elsewhere += 1
 
-        bar = tqdm(total=len(todo), unit="run", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True, desc=suite_name or "runs")
+        progress_bar = _Progress(todo, estimates or {}, progress, suite_name)
+        bar = progress_bar.bar
         client, config = _executor(backend, jobs, scheduler)
         metric_of = {s.task: tasks.get(s.task).primary_metric for s in todo}
 
         def on_epoch(spec: RunSpec, record) -> None:   # called in the supervising threads
+            progress_bar.epoch(spec)
             if log_epochs:
                 bar.write(epoch_line(spec, record, metric_of[spec.task]), file=sys.stderr)
         handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -238,7 +240,7 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                         bar.write(f"{result.status} in {result.spec.label} on "
                                   f"{result.spec.task_label}/{result.spec.arch.name} seed "
                                   f"{result.spec.seed}: {result.reason}", file=sys.stderr)
-                    bar.update(1)
+                    progress_bar.finished(result.spec)
                     bar.set_postfix_str(_postfix(summary, len(todo)))
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -261,6 +263,41 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                 client.close()
             worker.reset()
     return summary
+
+
+class _Progress:
+    """The progress bar, in estimated seconds of work (harness.estimate) where estimates are
+    known — so its ETA is the estimate's — advanced a run's share at every finished epoch; in
+    runs where they are not."""
+
+    def __init__(self, todo: list[RunSpec], estimates: dict, enabled: bool, name: str):
+        from tqdm import tqdm
+        known = [e.seconds for e in estimates.values() if getattr(e, "seconds", None)]
+        self.in_seconds = bool(known)
+        fallback = statistics.median(known) if known else 1.0
+        self.work = {s.key(): ((estimates.get(s.key()).seconds if estimates.get(s.key())
+                                else None) or fallback) if self.in_seconds else 1.0
+                     for s in todo}
+        self.done: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.bar = tqdm(total=sum(self.work.values()), disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True, desc=name or "runs",
+                        unit="s" if self.in_seconds else "run",
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}"
+                        if self.in_seconds else None)
+
+    def _advance(self, key: str, amount: float) -> None:
+        with self.lock:
+            amount = max(0.0, min(amount, self.work.get(key, 0.0) - self.done.get(key, 0.0)))
+            self.done[key] = self.done.get(key, 0.0) + amount
+            self.bar.update(amount)
+
+    def epoch(self, spec: RunSpec) -> None:
+        if self.in_seconds:
+            self._advance(spec.key(), self.work.get(spec.key(), 0.0) / max(1, spec.epochs))
+
+    def finished(self, spec: RunSpec) -> None:
+        self._advance(spec.key(), float("inf"))
 
 
 def _postfix(summary: Summary, total: int) -> str:

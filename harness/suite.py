@@ -192,7 +192,8 @@ class Suite:
                 rows.append({"label": spec.label, "algorithm": spec.algorithm})
         rows.sort(key=lambda r: self.row_order.index(r["label"]))
         return _canonical({
-            "name": self.name, "description": self.description, "protocol": self.protocol,
+            "name": self.name, "path": _relative(self.path), "description": self.description,
+            "protocol": self.protocol,
             "baseline": self.baseline, "seeds": list(self.seeds), "epochs": self.epochs,
             "batch_size": self.batch_size, "validation": self.validation,
             "patience": self.patience, "rows": rows,
@@ -207,6 +208,15 @@ class Suite:
                       "epochs": s.epochs, "batch_size": s.batch_size,
                       "params": dict(s.params), "skip_reason": s.skip_reason}
                      for s in self.specs]})
+
+
+def _relative(path: Path) -> str:
+    """A suite file as a report names it: relative to the working folder where it lies in it
+    (``suites/x.yaml``), else its name — never a machine path."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return Path(path).name
 
 
 def _check_keys(value: Any, valid: tuple, where: str) -> dict:

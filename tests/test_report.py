@@ -43,7 +43,7 @@ def test_report_from_store(write_suite, cli, tmp_path, monkeypatch):
     metrics_part = text.split("## Every test metric")[1].split("## Time per epoch")[0]
     assert "**blobs/mlp**" in metrics_part and "majority_accuracy" in metrics_part
     assert "32.81 ± 0.00 (2)" in metrics_part
-    for png in ("time_per_epoch.png", "curves_epoch.png", "curves_time.png"):
+    for png in ("curves.png", "metric_vs_time.png", "time_ratio.png"):
         data = (report_path.parent / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in text

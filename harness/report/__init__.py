@@ -16,46 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from harness import store as store_mod
+from harness.report import coverage
+from harness.report.layout import Layout, md
 
-
-@dataclass
-class Layout:
-    """What a report needs besides the runs: the suite's structure as the store recorded it
-    (see ``Suite.structure``), so that a report is built without the YAML or the plugins."""
-
-    name: str
-    description: str
-    protocol: str
-    baseline: Optional[str]
-    row_order: list
-    column_order: list
-    metrics: dict          # task label -> (primary metric, direction)
-    references: dict       # (row, task label, arch) -> (mean, std or None)
-    reference_source: str
-    plan: list             # one dict per planned run: key, label, task, arch, seed, …
-    raw: dict
-
-    @classmethod
-    def of(cls, structure: dict) -> "Layout":
-        return cls(
-            name=structure["name"], description=structure.get("description") or "",
-            protocol=structure.get("protocol", "clean"), baseline=structure.get("baseline"),
-            row_order=[r["label"] for r in structure.get("rows", [])],
-            column_order=[(c["task"], c["arch"]) for c in structure.get("columns", [])],
-            metrics={t: tuple(v["metrics"][0]) for t, v in structure.get("tasks", {}).items()},
-            references={(r["row"], r["task"], r["arch"]): (r["mean"], r.get("std"))
-                        for r in structure.get("references", [])},
-            reference_source=structure.get("reference_source") or "",
-            plan=structure.get("plan", []), raw=structure)
-
-    def keys(self) -> list[str]:
-        return [p["key"] for p in self.plan]
-
-
-def md(text) -> str:
-    """A value as it may stand in a markdown table cell: no pipe, newline or HTML of its own."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("|", "\\|").replace("\r", " ").replace("\n", " "))
 
 ARROW = {"max": "↑", "min": "↓"}
 
@@ -280,60 +243,14 @@ def timing_table(suite: Layout, runs, epochs) -> Optional[str]:
 
 
 def _plots(suite: Layout, epochs, out_dir: Path) -> list[tuple[str, str]]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from harness.report import plots
     import seaborn as sns
-    frame = epochs[epochs["status"].isin(["ok", "diverged"])].copy()
-    if frame.empty:
-        return []
-    frame["column"] = frame["task_label"] + "/" + frame["arch"]
-    frame = frame.sort_values(["run_key", "epoch"])
-    frame["train_seconds"] = frame.groupby("run_key")["train_time_s"].cumsum()
-    made = []
     sns.set_theme(style="whitegrid", context="notebook")
-    n_cols = frame["column"].nunique()
-    wrap = min(3, n_cols)
-
-    timed = frame[~frame["warmup"]] if (~frame["warmup"]).any() else frame
-    grid = sns.catplot(data=timed, x="label", y="train_time_s", col="column", kind="box",
-                       col_wrap=wrap, sharey=False, height=3.6, aspect=1.3)
-    grid.set_axis_labels("", "train seconds per epoch")
-    grid.set_titles("{col_name}")
-    for ax in grid.axes.flat:
-        ax.tick_params(axis="x", rotation=30)
-    grid.figure.suptitle("Time per training epoch (warm-up excluded; spread over epochs and seeds)",
-                         y=1.02)
-    grid.savefig(out_dir / "time_per_epoch.png", dpi=110, bbox_inches="tight")
-    plt.close(grid.figure)
-    made.append(("Time per epoch", "time_per_epoch.png"))
-
-    for column_x, name, title in (("epoch", "curves_epoch.png", "per epoch"),
-                                  ("train_seconds", "curves_time.png", "per second of training")):
-        figures = []
-        for task, arch in _columns(suite, frame.drop_duplicates("run_key")):
-            group = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
-            metric = suite.metrics.get(task, ("accuracy", "max"))[0]
-            figures.append((f"{task}/{arch}", group, f"test_{metric}", metric))
-        fig, axes = plt.subplots(1, len(figures), figsize=(5.2 * len(figures), 3.8), squeeze=False)
-        for ax, (title_col, group, y, metric) in zip(axes[0], figures):
-            if y not in group:
-                continue
-            if column_x == "epoch":   # seeds share epochs: mean with a ±std band
-                sns.lineplot(data=group, x=column_x, y=y, hue="label", errorbar="sd", ax=ax,
-                             estimator="mean", marker="o")
-            else:                     # seeds differ in seconds: one line per run
-                sns.lineplot(data=group, x=column_x, y=y, hue="label", units="run_key",
-                             estimator=None, ax=ax, alpha=0.8)
-            ax.set_title(title_col)
-            ax.set_xlabel("epoch" if column_x == "epoch" else "cumulative train seconds")
-            ax.set_ylabel(f"test {metric}")
-            ax.legend(fontsize=7, title=None)
-        fig.suptitle(f"Test metric {title}" + (" (mean, band = std over seeds)" if column_x == "epoch"
-                                               else " (one line per run)"), y=1.02)
-        fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        made.append((f"Test metric {title}", name))
+    colours = plots.palette(list(suite.row_order))
+    made = []
+    for draw in (plots.learning_curves, plots.metric_vs_time):
+        made += draw(suite, epochs, out_dir, colours)
+    made += plots.time_ratio(suite, epochs, out_dir, colours, suite.baseline)
     return made
 
 
@@ -409,6 +326,11 @@ def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = No
                   regenerate or f"python bench.py report {out_dir / 'runs.jsonl'}")
 
 
+def _cells_text(cells: tuple[str, ...], limit: int = 6) -> str:
+    shown = "; ".join(cells[:limit])
+    return shown + (f"; … ({len(cells) - limit} more)" if len(cells) > limit else "")
+
+
 def _write(suite: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     from tabulate import tabulate
     runs, epochs, sessions = frames
@@ -431,8 +353,21 @@ def _write(suite: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     if suite.reference_source:
         lines += [f"Published values: {md(suite.reference_source)}; Δ = measured − published."]
     lines.append("")
-    for title, table in ((f"## Results ({protocol} protocol)", results_table(suite, runs, protocol)),
-                         (f"## Results ({other} protocol)", results_table(suite, runs, other)),
+    headline = results_table(suite, runs, protocol)
+    if headline:
+        lines += [f"## Results ({protocol} protocol)", "", headline, ""]
+    missing = coverage.missing_cells(suite, runs)
+    if missing:
+        n_missing = sum(len(m.seeds) for m in missing)
+        rows = [[md(m.row), md(f"{m.task}/{m.arch}"), f"{len(m.seeds)} of {m.planned}",
+                 f"`{m.command}`"] for m in missing]
+        lines += ["## Cells still missing", "",
+                  f"{n_missing} planned run(s) are not in the data yet; each command runs the "
+                  "missing seeds of its cell (add `--jobs 2` on two cores; `--dry-run` first "
+                  "says how long it takes):", "",
+                  tabulate(rows, headers=["algorithm", "task/arch", "seeds missing", "command"],
+                           tablefmt="github", disable_numparse=True), ""]
+    for title, table in ((f"## Results ({other} protocol)", results_table(suite, runs, other)),
                          ("## Both protocols, per run group", protocols_table(suite, runs)),
                          ("## Selection on validation (bold: the best validation mean of each "
                           "algorithm on each task/arch; test shown for the record only)",
@@ -444,16 +379,12 @@ def _write(suite: Layout, frames, out_dir: Path, regenerate: str) -> Path:
             lines += [title, "", table, ""]
     for title, name in _plots(suite, epochs, out_dir):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
-    problems = runs[runs["status"].isin(["skipped", "error", "diverged"])]
-    if not problems.empty:
-        rows = [[r.status, md(r.label), md(f"{r.task_label}/{r.arch}"), r.seed, md(r.reason)]
-                for r in problems.sort_values(["status", "label", "seed"]).itertuples()]
-        lines += ["## Skipped, failed and diverged runs", "",
-                  tabulate(rows, headers=["status", "algorithm", "task/arch", "seed", "reason"],
+    grouped = coverage.problems(suite, runs)
+    if grouped:
+        rows = [[p.status, p.count, md(p.reason), md(_cells_text(p.cells))] for p in grouped]
+        lines += ["## Skipped, failed and diverged runs, by reason", "",
+                  tabulate(rows, headers=["status", "runs", "reason", "cells"],
                            tablefmt="github", disable_numparse=True), ""]
-    missing = total - len(runs)
-    if missing:
-        lines += [f"{missing} run(s) of the suite are not in the store yet.", ""]
     sources = fingerprint_table(runs)
     if sources:
         lines += ["## Source of the runs", "", "Digests of the code each run was made with "

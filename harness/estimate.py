@@ -1,0 +1,179 @@
+"""How long runs will take on this machine, before they run: ``--dry-run`` prints it, and the
+progress bar's ETA counts in the same seconds.
+
+A run's estimate is its epochs × the time of one epoch (training and evaluation) of the same
+rule, task and architecture at the same batch size, taken from the epochs already stored
+(median over runs of their median epoch after the first), or — where none is stored — from a
+few training steps and one evaluation timed here, on the task's real data, scaled to the
+epoch. Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine and threads),
+so a second dry run answers at once. Timing steps needs the data and torch; a run whose data
+is missing gets no estimate (and says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from harness.api import RunSpec
+
+CACHE_FILE = Path(__file__).resolve().parent.parent / ".cache" / "epoch_times.json"
+TIMED_STEPS = 6           # after two warm-up steps
+STORED, TIMED, UNKNOWN = "stored", "timed", "unknown"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: Optional[float]        # the whole run; None: unknown
+    epoch_s: Optional[float]        # one epoch, training and evaluation
+    source: str                     # stored | timed | unknown
+
+
+def _cell(spec: RunSpec) -> tuple:
+    """What an epoch's time depends on: the row (rule and its settings), the task entry, the
+    architecture and the batch size."""
+    return (spec.label, spec.task_label, spec.arch.name, spec.batch_size)
+
+
+def _loose(spec: RunSpec) -> tuple:
+    return (spec.algorithm, spec.task, spec.arch.name, spec.batch_size)
+
+
+def stored_epoch_times(store_path: Path) -> tuple[dict, dict]:
+    """(per row cell, per plugin cell) → median seconds of one epoch (train + eval), from the
+    epochs after the first of every finished run in the store."""
+    import sqlite3
+    if not Path(store_path).exists():
+        return {}, {}
+    try:
+        conn = sqlite3.connect(f"file:{Path(store_path).resolve()}?mode=ro", uri=True)
+        runs = conn.execute("SELECT key, label, task_label, arch, algorithm, task, spec FROM runs "
+                            "WHERE status IN ('ok', 'diverged')").fetchall()
+        epochs = conn.execute("SELECT run_key, train_time_s + eval_time_s FROM epochs "
+                              "WHERE warmup = 0").fetchall()
+        conn.close()
+    except sqlite3.Error:
+        return {}, {}
+    per_run: dict[str, list[float]] = {}
+    for key, seconds in epochs:
+        per_run.setdefault(key, []).append(seconds)
+    by_cell: dict[tuple, list[float]] = {}
+    by_loose: dict[tuple, list[float]] = {}
+    for key, label, task_label, arch, algorithm, task, spec in runs:
+        if key not in per_run:
+            continue
+        batch = json.loads(spec).get("batch_size")
+        median = statistics.median(per_run[key])
+        by_cell.setdefault((label, task_label, arch, batch), []).append(median)
+        by_loose.setdefault((algorithm, task, arch, batch), []).append(median)
+    return ({k: statistics.median(v) for k, v in by_cell.items()},
+            {k: statistics.median(v) for k, v in by_loose.items()})
+
+
+def _cache_key(spec: RunSpec, threads: int) -> str:
+    return json.dumps([platform.node(), threads, spec.algorithm, dict(spec.params), spec.task,
+                       dict(spec.task_params), spec.arch.to_json(), spec.batch_size,
+                       spec.device, spec.protocol, spec.validation], sort_keys=True, default=str)
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(CACHE_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    try:
+        CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(CACHE_FILE)
+    except OSError:
+        pass
+
+
+def timed_epoch(spec: RunSpec, data_dir: str, threads: int) -> float:
+    """Seconds of one epoch of ``spec`` here: a few training steps on its real data (after
+    two warm-up steps) scaled to the epoch's steps, plus one evaluation of both splits."""
+    import torch
+
+    from harness import params as P
+    from harness.registry import algorithms, tasks
+    from harness.runner import EVAL_BATCH, Stepper
+    torch.set_num_threads(max(1, threads))
+    algorithm, task = algorithms.get(spec.algorithm), tasks.get(spec.task)
+    alg_params = P.build(algorithm.Params, spec.params)
+    ctx = spec.context(data_dir, threads)
+    data = task.load(P.build(task.Params, spec.task_params), ctx)
+    torch.manual_seed(spec.seed)
+    learner = algorithm.build(spec.arch, data.info, alg_params, ctx)
+    stepper = Stepper(learner, alg_params, spec.epochs)
+    device = torch.device(spec.device)
+    x, y = data.train.x.to(device), data.train.y.to(device)
+    batch = spec.batch_size
+    steps_per_epoch = max(1, -(-len(y) // batch))
+    for i in range(2):
+        stepper.step(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
+    count = min(TIMED_STEPS, steps_per_epoch)
+    start = time.perf_counter()
+    for i in range(count):
+        j = (i * batch) % max(1, len(y) - batch + 1)
+        stats = stepper.step(x[j:j + batch], y[j:j + batch])
+    float(stats["loss"])                       # wait for the device
+    train = (time.perf_counter() - start) / count * steps_per_epoch
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for split in (data.val, data.test):
+            for i in range(0, len(split.x), EVAL_BATCH):
+                learner.predict(split.x[i:i + EVAL_BATCH].to(device))
+    return train + (time.perf_counter() - start)
+
+
+def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads: int,
+             measure: bool = True, ready: Callable[[RunSpec], bool] = lambda s: True,
+             log: Callable[[str], None] = lambda m: None) -> dict[str, Estimate]:
+    """Run key → its :class:`Estimate`. ``measure``: time steps where nothing is stored;
+    ``ready(spec)``: whether its data is there to time on."""
+    specs = list(specs)
+    by_cell, by_loose = stored_epoch_times(store_path)
+    cache, timed_now = _read_cache(), {}
+    out: dict[str, Estimate] = {}
+    for spec in specs:
+        epoch = by_cell.get(_cell(spec), by_loose.get(_loose(spec)))
+        source = STORED if epoch is not None else UNKNOWN
+        if epoch is None:
+            key = _cache_key(spec, threads)
+            if key in cache:
+                epoch, source = cache[key], TIMED
+            elif measure and not spec.skip_reason and ready(spec):
+                if _cell(spec) not in timed_now:
+                    log(f"timing a few steps of {spec.label} on {spec.task_label}/{spec.arch.name}")
+                    try:
+                        timed_now[_cell(spec)] = timed_epoch(spec, data_dir, threads)
+                    except Exception as exc:   # an estimate is never worth a crash
+                        log(f"  could not time it: {type(exc).__name__}: {exc}")
+                        timed_now[_cell(spec)] = None
+                epoch = timed_now[_cell(spec)]
+                if epoch is not None:
+                    cache[key], source = epoch, TIMED
+        out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source)
+    if timed_now:
+        _write_cache(cache)
+    return out
+
+
+def human(seconds: Optional[float]) -> str:
+    """``3 h 12 min``, ``12 min``, ``45 s``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"

@@ -1,0 +1,72 @@
+"""What a report says about the runs it does not have: cells still missing (with the one
+command that fills each) and runs that were skipped, failed or diverged, grouped by reason —
+never one row per run."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from harness.report.layout import Layout
+
+
+@dataclass(frozen=True)
+class MissingCell:
+    row: str
+    task: str
+    arch: str
+    seeds: tuple[int, ...]          # seeds not stored yet
+    planned: int                    # seeds the suite plans for the cell
+    command: str                    # the one command that fills it
+
+
+@dataclass(frozen=True)
+class Problem:
+    status: str
+    reason: str
+    count: int
+    cells: tuple[str, ...]          # "row on task/arch", in the suite's order
+
+
+def _entry(label: str) -> str:
+    return label.split(" (")[0]
+
+
+def missing_cells(layout: Layout, runs) -> list[MissingCell]:
+    """Planned runs with nothing stored (skipped runs count as stored: they have a reason),
+    per (row, task, arch), with the command that runs exactly them."""
+    stored = set(runs["key"]) if len(runs) else set()
+    by_cell: dict[tuple, list] = {}
+    for entry in layout.plan:
+        cell = (entry["label"], entry["task"], entry["arch"])
+        by_cell.setdefault(cell, []).append(entry)
+    suite = layout.raw.get("path") or f"suites/{layout.name}.yaml"
+    all_seeds = {e["seed"] for e in layout.plan}
+    out = []
+    for (row, task, arch), entries in by_cell.items():
+        seeds = tuple(sorted(e["seed"] for e in entries if e["key"] not in stored))
+        if not seeds:
+            continue
+        parts = ["python", "bench.py", suite, "--only", f"algorithm={row}", "--only",
+                 f"task={task}", "--only", f"arch={arch}"]
+        if set(seeds) != {e["seed"] for e in entries} or set(seeds) != all_seeds:
+            parts += ["--only", "seed=" + ",".join(map(str, seeds))]
+        out.append(MissingCell(row, task, arch, seeds, len(entries),
+                               " ".join(shlex.quote(p) for p in parts)))
+    order = {r: i for i, r in enumerate(layout.row_order)}
+    columns = {c: i for i, c in enumerate(layout.column_order)}
+    return sorted(out, key=lambda m: (columns.get((m.task, m.arch), 99), order.get(m.row, 99)))
+
+
+def problems(layout: Layout, runs) -> list[Problem]:
+    """Skipped, failed and diverged runs grouped by (status, reason)."""
+    bad = runs[runs["status"].isin(["skipped", "error", "diverged"])]
+    groups: dict[tuple[str, str], list] = {}
+    for status, reason, label, task, arch in zip(bad["status"], bad["reason"], bad["label"],
+                                                 bad["task_label"], bad["arch"]):
+        groups.setdefault((status, reason or ""), []).append(f"{label} on {task}/{arch}")
+    out = []
+    for (status, reason), cells in groups.items():
+        unique = list(dict.fromkeys(cells))
+        out.append(Problem(status, reason, len(cells), tuple(unique)))
+    rank = {"error": 0, "diverged": 1, "skipped": 2}
+    return sorted(out, key=lambda p: (rank.get(p.status, 3), -p.count, p.reason))

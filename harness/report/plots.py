@@ -1,0 +1,178 @@
+"""The report's figures: one colour per algorithm row — the same in every panel and every figure
+of a report, one legend in the suite's row order — integer epoch ticks, validation and test
+curves beside the training loss, time per epoch as a ratio to the baseline with its spread, and
+the metric against cumulative training time. Every function returns ``(title, file name)``
+pairs of the PNGs it wrote (none where there is nothing to draw).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from harness.report.layout import Layout
+
+DPI = 110
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def palette(rows: list[str]) -> dict[str, tuple]:
+    """Row label → colour, fixed by the suite's row order (so one rule keeps its colour)."""
+    import seaborn as sns
+    colours = sns.color_palette("tab10" if len(rows) <= 10 else "husl", len(rows))
+    return dict(zip(rows, colours))
+
+
+def _legend(fig, colours: dict, rows: list[str]) -> None:
+    from matplotlib.lines import Line2D
+    handles = [Line2D([0], [0], color=colours[r], lw=2.5) for r in rows]
+    fig.legend(handles, rows, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(rows), 5), frameon=False, fontsize=8)
+
+
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, out_dir: Path, name: str) -> None:
+    plt = _pyplot()
+    fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _ok(epochs):
+    frame = epochs[epochs["status"].isin(["ok", "diverged"])].copy()
+    if frame.empty:
+        return frame
+    frame["column"] = frame["task_label"] + "/" + frame["arch"]
+    return frame.sort_values(["run_key", "epoch"])
+
+
+def _cells(layout: Layout, frame) -> list[tuple[str, str]]:
+    present = set(zip(frame["task_label"], frame["arch"]))
+    return [c for c in layout.column_order if c in present]
+
+
+def _band(ax, group, x: str, y: str, colour) -> bool:
+    """Mean over seeds with a min–max band; False when the column holds no value."""
+    values = group[[x, y]].dropna()
+    if values.empty:
+        return False
+    stats = values.groupby(x)[y].agg(["mean", "min", "max"])
+    ax.plot(stats.index, stats["mean"], color=colour, lw=1.6, marker="o", ms=2.5)
+    if (stats["max"] > stats["min"]).any():
+        ax.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.15, lw=0)
+    return True
+
+
+def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
+    """Per task/arch column: validation and test primary metric and the training loss per
+    epoch (mean over seeds, band = min–max)."""
+    plt = _pyplot()
+    frame = _ok(epochs)
+    if frame.empty:
+        return []
+    cells = _cells(layout, frame)
+    panels = [("val", "validation {metric}"), ("test", "test {metric}"), (None, "training loss")]
+    fig, axes = plt.subplots(len(panels), len(cells), squeeze=False,
+                             figsize=(4.2 * len(cells), 2.9 * len(panels)))
+    rows = [r for r in layout.row_order if r in set(frame["label"])]
+    for j, (task, arch) in enumerate(cells):
+        here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
+        metric = layout.metrics.get(task, ("accuracy", "max"))[0]
+        for i, (split, title) in enumerate(panels):
+            ax = axes[i][j]
+            column = "train_loss" if split is None else f"{split}_{metric}"
+            drawn = False
+            if column in here:
+                for row in rows:
+                    group = here[here["label"] == row]
+                    drawn |= _band(ax, group, "epoch", column, colours[row])
+            ax.set_title(f"{task}/{arch}: {title.format(metric=metric)}", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.tick_params(labelsize=7)
+            _integer_epochs(ax)
+            if not drawn:
+                ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="grey")
+    _legend(fig, colours, rows)
+    fig.suptitle("Learning curves (mean over seeds; band: min–max over seeds)", y=1.0)
+    fig.tight_layout()
+    _save(fig, out_dir, "curves.png")
+    return [("Learning curves: validation, test and training loss per epoch", "curves.png")]
+
+
+def metric_vs_time(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
+    """The test metric against cumulative training seconds, one line per run."""
+    plt = _pyplot()
+    frame = _ok(epochs)
+    if frame.empty:
+        return []
+    frame["train_seconds"] = frame.groupby("run_key")["train_time_s"].cumsum()
+    cells = _cells(layout, frame)
+    fig, axes = plt.subplots(1, len(cells), squeeze=False, figsize=(4.2 * len(cells), 3.2))
+    rows = [r for r in layout.row_order if r in set(frame["label"])]
+    for ax, (task, arch) in zip(axes[0], cells):
+        here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
+        metric = layout.metrics.get(task, ("accuracy", "max"))[0]
+        column = f"test_{metric}"
+        for row in rows:
+            for _, run in here[here["label"] == row].groupby("run_key"):
+                if column in run:
+                    ax.plot(run["train_seconds"], run[column], color=colours[row], lw=1.1,
+                            alpha=0.85)
+        ax.set_title(f"{task}/{arch}", fontsize=9)
+        ax.set_xlabel("cumulative training seconds", fontsize=8)
+        ax.set_ylabel(f"test {metric}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    _legend(fig, colours, rows)
+    fig.suptitle("Test metric against training time (one line per run)", y=1.02)
+    fig.tight_layout()
+    _save(fig, out_dir, "metric_vs_time.png")
+    return [("Test metric against cumulative training time", "metric_vs_time.png")]
+
+
+def time_ratio(layout: Layout, epochs, out_dir: Path, colours: dict,
+               baseline: Optional[str]) -> list[tuple[str, str]]:
+    """Seconds per training epoch (warm-up excluded) of each run as a ratio to the baseline
+    row's mean in the same column: a point per run, a bar at the mean."""
+    plt = _pyplot()
+    frame = _ok(epochs)
+    if frame.empty or baseline is None:
+        return []
+    timed = frame[~frame["warmup"]] if (~frame["warmup"]).any() else frame
+    per_run = timed.groupby(["label", "task_label", "arch", "run_key"])["train_time_s"].median()
+    per_run = per_run.reset_index()
+    cells = [c for c in _cells(layout, frame)
+             if ((per_run["label"] == baseline) & (per_run["task_label"] == c[0])
+                 & (per_run["arch"] == c[1])).any()]
+    if not cells:
+        return []
+    rows = [r for r in layout.row_order if r in set(per_run["label"])]
+    fig, axes = plt.subplots(1, len(cells), squeeze=False,
+                             figsize=(max(4.2, 0.55 * len(rows) + 1.5) * len(cells) / 1.4, 3.4))
+    for ax, (task, arch) in zip(axes[0], cells):
+        here = per_run[(per_run["task_label"] == task) & (per_run["arch"] == arch)]
+        base = here[here["label"] == baseline]["train_time_s"].mean()
+        for x, row in enumerate(rows):
+            ratios = here[here["label"] == row]["train_time_s"] / base
+            if ratios.empty:
+                continue
+            ax.bar(x, ratios.mean(), color=colours[row], alpha=0.35, width=0.7)
+            ax.scatter([x] * len(ratios), ratios, color=colours[row], s=12, zorder=3)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rows)), rows, rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{task}/{arch}", fontsize=9)
+        ax.set_ylabel(f"train s/epoch ÷ {baseline}'s", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"Time per training epoch relative to {baseline} (bar: mean; points: runs; "
+                 "the machine's load moves single runs)", y=1.02, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out_dir, "time_ratio.png")
+    return [(f"Time per epoch relative to {baseline}", "time_ratio.png")]
