@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness.api import UserError
 
-COMMANDS = ("run", "list", "validate", "report", "data", "merge")
+COMMANDS = ("run", "list", "validate", "report", "show", "export", "compare", "data", "merge")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +69,34 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--store", default=None, help="result store path (with a suite file)")
     rep.add_argument("--out", default="reports", help="reports folder (default reports/)")
     common(rep)
+
+    shw = sub.add_parser("show", help="print a suite's headline table (or put it into a "
+                         "marked block of a file, e.g. the README)")
+    shw.add_argument("target", type=Path, metavar="SUITE_OR_STORE",
+                     help="a suite file (its store), a .sqlite store or a runs.jsonl")
+    shw.add_argument("--store", default=None, help="result store path (with a suite file)")
+    shw.add_argument("--into", default=None, metavar="FILE",
+                     help="replace the table between <!-- headline:SUITE --> and "
+                     "<!-- /headline:SUITE --> in FILE")
+
+    exp = sub.add_parser("export", help="write runs, epochs and sessions for pandas or R")
+    exp.add_argument("target", type=Path, metavar="SUITE_OR_STORE",
+                     help="a suite file (its store), a .sqlite store or a runs.jsonl")
+    exp.add_argument("--store", default=None, help="result store path (with a suite file)")
+    exp.add_argument("--format", default="csv", help="csv (default), parquet or json (lines)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="folder for the files")
+
+    cmp_ = sub.add_parser("compare", help="B against A, cell by cell: the change in the primary "
+                          "metric and in time per epoch, with tests; exit 1 on a regression")
+    cmp_.add_argument("a", type=Path, metavar="A", help="a .sqlite store or a runs.jsonl (before)")
+    cmp_.add_argument("b", type=Path, metavar="B", help="a .sqlite store or a runs.jsonl (after)")
+    cmp_.add_argument("--threshold", type=float, default=0.0,
+                      help="a regression is worse by more than this, in the metric's units "
+                      "(default 0: any significant loss)")
+    cmp_.add_argument("--time-threshold", type=float, default=None, metavar="FRACTION",
+                      help="also a regression: significantly slower by more than this fraction")
+    cmp_.add_argument("--alpha", type=float, default=0.05,
+                      help="significance level after Holm's correction (default 0.05)")
 
     mrg = sub.add_parser("merge", help="add the runs of other stores or runs.jsonl files (e.g. "
                          "from other machines, or committed) to a suite's store")
@@ -197,12 +225,8 @@ def cmd_run(args) -> int:
         from harness import report
         from harness.store import Store
         with Store(suite.store_path, readonly=True) as store:
-            print(f"report: {report.build(store, regenerate=_regenerate(suite))}")
+            print(f"report: {report.build(store)}")
     return 130 if summary.interrupted else 0
-
-
-def _regenerate(suite) -> str:
-    return f"python bench.py report {suite.path}"
 
 
 def _only(suite, rules: list[str]):
@@ -313,8 +337,7 @@ def cmd_report(args) -> int:
         suite = _load_suite(args)
         with Store(suite.store_path, readonly=True) as store:
             layout = report.Layout.of(suite.structure())
-            print(report.build(store, Path(args.out), layout=layout,
-                               regenerate=_regenerate(suite)))
+            print(report.build(store, Path(args.out), layout=layout))
             stale = report.stale_runs(store, layout, _current_sources(suite.specs))
         if stale:
             print(f"{stale} stored run(s) were made with source other than the current code "
@@ -327,8 +350,7 @@ def cmd_report(args) -> int:
     with open_results(target) as store:
         rewrites_itself = target.suffix == ".jsonl" and target.resolve() == (
             Path(args.out) / (store.meta("suite") or "") / "runs.jsonl").resolve()
-        print(report.build(store, Path(args.out), write_data=not rewrites_itself,
-                           regenerate=f"python bench.py report {target}"))
+        print(report.build(store, Path(args.out), write_data=not rewrites_itself))
     return 0
 
 
@@ -392,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from harness import cli_results
         return {"run": cmd_run, "list": cmd_list, "validate": cmd_validate,
+                "show": cli_results.cmd_show, "export": cli_results.cmd_export,
+                "compare": cli_results.cmd_compare,
                 "report": cmd_report, "data": cmd_data, "merge": cmd_merge}[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

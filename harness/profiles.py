@@ -160,17 +160,11 @@ def performance_profile(runs, value: str, direction: PerCell, *, row: str = "lab
                    {name: tuple(rs) for name, rs in ratios.items()})
 
 
-def rule_colours(rows: Sequence[str], palette: str = "tab10") -> dict[str, tuple]:
-    """A fixed row → colour mapping (seaborn palette, in the given order) to reuse across
-    plots, so that a rule keeps its colour."""
-    import seaborn as sns
-    return dict(zip(rows, sns.color_palette(palette, len(rows))))
-
-
 def plot_profile(profile: Profile, colours: Mapping[str, object], *, ax=None,
                  title: str = "Performance profile"):
     """Step curves of ``profile``, one per row in the colour ``colours`` gives it (every row
-    must have one); draws on ``ax`` or a new figure, returns the figure (not saved)."""
+    must have one: ``harness.report.plots.palette``, so a rule has its colour of every other
+    figure); draws on ``ax`` or a new figure, returns the figure (not saved)."""
     from matplotlib.figure import Figure
     missing = [name for name in profile.fractions if name not in colours]
     if missing:

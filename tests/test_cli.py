@@ -67,7 +67,7 @@ def test_report_after_a_slice_covers_the_whole_suite(blob_suite, cli, tmp_path, 
     status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--only", "seed=1",
                          "--rerun")
     text = (tmp_path / "reports" / "slice" / "report.md").read_text()
-    assert "2 of 2 runs stored" in text and "(2)" in text
+    assert "2 of 2 planned runs stored" in text and "(2)" in text
 
 
 def test_only_algorithm_names_the_row_not_every_row_of_that_plugin(write_suite, cli, tmp_path):

@@ -1,10 +1,20 @@
-"""Reports come from the store alone: tables with mean ± std, references and Δ, timing,
-skipped/failed runs with reasons, the environment, and PNG plots."""
+"""Reports come from the store alone — without the YAML, the plugins or torch — with a 95%
+interval and n in every cell, "best" only where the seeds tell rows apart, differences to the
+baseline, every figure drawing one rule in one colour, and skipped/failed runs by reason."""
 from __future__ import annotations
 
-from harness import report
-from harness.suite import load as load_suite
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+
+from harness import store as store_mod
+from harness.api import EpochRecord, RunResult, RunSpec, Selection, Status
+from harness.report import Layout, render
+
+ROOT = Path(__file__).resolve().parent.parent
 SUITE = """
 name: rep
 seeds: 2
@@ -22,7 +32,7 @@ reference:
 """
 
 
-def test_report_from_store(write_suite, cli, tmp_path, monkeypatch):
+def test_report_from_a_real_suite(write_suite, cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = write_suite(SUITE.format(store=tmp_path / "rep.sqlite"), "rep")
     status, out, _ = cli("run", path, "--device", "cpu", "--no-progress")
@@ -30,68 +40,203 @@ def test_report_from_store(write_suite, cli, tmp_path, monkeypatch):
     report_path = tmp_path / "reports" / "rep" / "report.md"
     assert "report: reports/rep/report.md" in out
     text = report_path.read_text()
-    assert "## Results (clean protocol)" in text and "## Results (paper protocol)" in text
-    assert "blobs/mlp accuracy ↑" in text
-    assert "99.50 ± 0.10" in text and "made up for the test" in text
-    bp_line = next(l for l in text.splitlines() if l.startswith("| bp ") and "(2)" in l)
-    assert "±" in bp_line and "**" in bp_line
+    headline = text.split("## Results (clean protocol)")[1].split("\n## ")[0]
+    assert "blobs/mlp accuracy ↑" in headline and "99.50 ± 0.10" in headline
+    bp_line = next(l for l in headline.splitlines() if l.startswith("| bp "))
+    assert "[" in bp_line and "(2)" in bp_line          # mean [95% CI] (n)
+    assert text.index("## Results (clean protocol)") < text.index("## Results (paper protocol)")
     assert "## Time per epoch and memory" in text and "1.00×" in text
-    assert "does not support cnn" in text           # the skipped run, with its reason
-    assert "deliberate failure" in text             # the failed run, with its reason
-    assert "## Environment" in text and "torch" in text
-    assert "## Every test metric at the clean protocol's epoch" in text
-    metrics_part = text.split("## Every test metric")[1].split("## Time per epoch")[0]
+    problems = text.split("## Skipped, failed and diverged runs, by reason")[1].split("\n## ")[0]
+    assert "does not support cnn" in problems and "deliberate failure" in problems
+    assert problems.count("deliberate failure") == 1     # one row per reason, with its count
+    assert "## Environment" in text and "## Settings" in text and "lr=0.01" in text
+    metrics_part = text.split("## Every test metric")[1].split("\n## ")[0]
     assert "**blobs/mlp**" in metrics_part and "majority_accuracy" in metrics_part
-    assert "32.81 ± 0.00 (2)" in metrics_part
+    assert "32.81 [32.81, 32.81] (2)" in metrics_part
     for png in ("curves.png", "metric_vs_time.png", "time_ratio.png"):
         data = (report_path.parent / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in text
+    assert not any(p in text for p in ("/work/", "/tmp/", "/root/", "/home/"))
 
-    # regenerate from the store alone: same tables
-    (report_path.parent / "report.md").unlink()
-    status, out, _ = cli("report", path)
+
+def _fake_store(path: Path, values: dict[str, list[float]], times: dict[str, float]):
+    """A store of synthetic finished runs: row → test accuracies by seed (clean protocol)."""
+    from harness import params as P
+    from harness.registry import algorithms, tasks
+    task = tasks.get("blobs")
+    task_params = P.resolve(task.Params, {})
+    from harness.api import RunContext
+    arch = task.presets(P.build(task.Params, task_params), RunContext())["mlp"]
+    specs = []
+    for row, (label, accs) in enumerate(values.items()):
+        params = P.resolve(algorithms.get("bp").Params, {"lr": 0.01 * (row + 1)})  # one key each
+        for seed, _ in enumerate(accs):
+            specs.append(RunSpec(algorithm="bp", params=params, task="blobs",
+                                 task_params=task_params, arch=arch, seed=seed, epochs=3,
+                                 batch_size=32, label=label, task_label="blobs", suite="fake"))
+    structure = {"name": "fake", "path": "suites/fake.yaml", "description": "", "protocol":
+                 "clean", "baseline": "bp", "seeds": [0, 1, 2, 3], "epochs": 3,
+                 "batch_size": 32, "validation": 0.1, "patience": None,
+                 "rows": [{"label": r, "algorithm": "bp"} for r in values],
+                 "columns": [{"task": "blobs", "arch": "mlp"}],
+                 "tasks": {"blobs": {"task": "blobs", "metrics": [["accuracy", "max"]],
+                                     "params": {}}},
+                 "references": [], "reference_source": "",
+                 "plan": [{"key": s.key(), "label": s.label, "algorithm": "bp", "task": "blobs",
+                           "arch": "mlp", "seed": s.seed, "epochs": 3, "batch_size": 32,
+                           "params": dict(s.params), "skip_reason": None} for s in specs]}
+    with store_mod.Store(path) as store:
+        store.record_suite("fake", structure)
+        for spec in specs:
+            acc = values[spec.label][spec.seed]
+            epochs = [EpochRecord(e, times[spec.label], 0.1, 1.0 / e,
+                                  {"val": {"accuracy": acc - 3 + e}, "test": {"accuracy": acc - 3 + e}},
+                                  lr=0.01, warmup=e == 1) for e in (1, 2, 3)]
+            store.save(RunResult(spec=spec, status=Status.OK, epochs=epochs,
+                                 selection=Selection("accuracy", "max", 3, acc, acc, 3, acc),
+                                 fingerprint={"source": "x"}), None)
+    return Layout.of(structure)
+
+
+def test_best_only_where_seeds_tell_rows_apart(tmp_path):
+    layout = _fake_store(tmp_path / "f.sqlite", {
+        "bp": [98.1, 98.3, 98.2, 98.0],
+        "close": [98.2, 98.1, 98.3, 98.0],      # overlaps bp: never told apart
+        "gap": [96.0, 96.1, 95.9, 96.05],       # a real gap below
+        "single": [98.9]},                      # one seed: no test, never best
+        {"bp": 1.0, "close": 1.2, "gap": 2.0, "single": 1.0})
+    with store_mod.Store(tmp_path / "f.sqlite", readonly=True) as store:
+        runs = store_mod.frames(store).runs
+    table = render.results_table(layout, runs, "clean")
+    line = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
+    assert "**" not in table                                  # nobody is distinguishable best
+    for tied in ("bp", "close"):
+        assert f"| *{tied}" not in line[tied] and "*98" in line[tied], line[tied]  # italic: tied
+    assert "*" not in line["gap"].split("|")[2]               # the gap is not tied for best
+    assert "*" not in line["single"].split("|")[2]            # one seed: never marked
+    diffs = render.differences_table(layout, runs, "clean")
+    gap = next(l for l in diffs.splitlines() if l.startswith("| gap"))
+    close = next(l for l in diffs.splitlines() if l.startswith("| close"))
+    assert "paired, 4" in gap and " *" in gap                 # significant after Holm
+    assert "paired, 4" in close and " *" not in close
+    ok = {"bp": [99.0, 99.05, 98.95, 99.02], "worse": [97.0, 97.05, 96.95, 97.02]}
+    layout2 = _fake_store(tmp_path / "g.sqlite", ok, {"bp": 1.0, "worse": 1.0})
+    with store_mod.Store(tmp_path / "g.sqlite", readonly=True) as store:
+        runs2 = store_mod.frames(store).runs
+    table2 = render.results_table(layout2, runs2, "clean")
+    assert "| bp" in table2 and "**99.00" in table2           # a real gap: best, in bold
+
+
+def test_report_needs_neither_the_plugins_nor_torch(write_suite, cli, tmp_path, monkeypatch):
+    """The committed data alone, in a process where the plugin folders are moved away and torch
+    cannot be imported, gives the same report."""
+    monkeypatch.chdir(tmp_path)
+    path = write_suite(SUITE.format(store=tmp_path / "np.sqlite").replace("name: rep",
+                                                                           "name: noplug"), "np")
+    cli("run", path, "--device", "cpu", "--no-progress")
+    data = tmp_path / "reports" / "noplug" / "runs.jsonl"
+    before = (tmp_path / "reports" / "noplug" / "report.md").read_text()
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("bench.py", "harness"):
+        subprocess.run(["cp", "-r", str(ROOT / name), str(copy / name)], check=True)
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    done = subprocess.run([sys.executable, str(copy / "bench.py"), "report", str(data),
+                           "--out", str(tmp_path / "again")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    after = (tmp_path / "again" / "noplug" / "report.md").read_text()
+    strip = lambda t: t.split("regenerate with")[1].split("\n", 1)[1].split("## Environment")[0]
+    assert strip(after) == strip(before)
+    assert not (copy / "algorithms").exists()
+
+
+def test_every_figure_draws_a_rule_in_one_colour(tmp_path):
+    """Read the plotted artists: a row's lines have one colour in every panel of every figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from harness.report import plots
+    layout = _fake_store(tmp_path / "c.sqlite", {
+        "bp": [98.1, 98.3, 98.2], "close": [98.2, 98.1, 98.3], "gap": [96.0, 96.1, 95.9]},
+        {"bp": 1.0, "close": 1.3, "gap": 2.0})
+    with store_mod.Store(tmp_path / "c.sqlite", readonly=True) as store:
+        frames = store_mod.frames(store)
+    colours = plots.palette(layout.row_order)
+    assert len({to_hex(c) for c in colours.values()}) == 3
+    drawn: dict[str, set] = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                hexed = to_hex(line.get_color())
+                if hexed in {to_hex(c) for c in colours.values()}:
+                    drawn.setdefault(fig.number if hasattr(fig, "number") else id(fig),
+                                     set()).add(hexed)
+        return real_savefig(fig, *args, **kwargs)
+    matplotlib.figure.Figure.savefig = capture
+    try:
+        made = plots.learning_curves(layout, frames.epochs, tmp_path, colours)
+        made += plots.metric_vs_time(layout, frames.epochs, tmp_path, colours)
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+        plt.close("all")
+    assert len(made) == 2 and drawn
+    wanted = {to_hex(c) for c in colours.values()}
+    for colours_in_figure in drawn.values():
+        assert colours_in_figure == wanted       # every rule drawn, each in its own colour
+
+
+def _shifted_copy(source: Path, target: Path, row: str, shift: float) -> None:
+    """The same runs with one row's test accuracy moved by ``shift`` (a rule made worse)."""
+    import json
+    lines = source.read_text().splitlines()
+    out = []
+    for line in lines:
+        obj = json.loads(line)
+        run = obj.get("run")
+        if run and run["label"] == row and run["status"] == "ok":
+            for key in ("clean_test", "paper_test"):
+                run[key] = run[key] + shift
+        out.append(json.dumps(obj))
+    target.write_text("\n".join(out) + "\n")
+
+
+def test_show_export_and_compare(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    layout = _fake_store(tmp_path / "s.sqlite", {
+        "bp": [98.1, 98.3, 98.2, 98.0], "close": [98.2, 98.1, 98.3, 98.05]},
+        {"bp": 1.0, "close": 1.2})
+    status, out, err = cli("report", tmp_path / "s.sqlite", "--out", tmp_path / "reports")
+    assert status == 0, err
+    data = tmp_path / "reports" / "fake" / "runs.jsonl"
+    status, out, _ = cli("show", data)
+    assert status == 0 and "| bp" in out and "[" in out and "(4)" in out
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- headline:fake -->\nold\n<!-- /headline:fake -->\nend\n")
+    status, out, _ = cli("show", data, "--into", readme)
+    text = readme.read_text()
+    assert status == 0 and "old" not in text and "| close" in text and text.endswith("end\n")
+    status, out, _ = cli("export", data, "--format", "csv", "--out", tmp_path / "csv")
+    import pandas as pd
+    runs = pd.read_csv(tmp_path / "csv" / "runs.csv")
+    epochs = pd.read_csv(tmp_path / "csv" / "epochs.csv")
+    assert status == 0 and len(runs) == 8 and len(epochs) == 24 and "test_accuracy" in epochs
+    status, _, err = cli("export", data, "--format", "xls", "--out", tmp_path / "x")
+    assert status == 2 and "csv, parquet, json" in err
+    status, out, _ = cli("compare", data, data)
+    assert status == 0 and "REGRESSION" not in out             # itself: nothing changed
+    worse = tmp_path / "worse.jsonl"
+    _shifted_copy(data, worse, "close", -2.0)
+    status, out, err = cli("compare", data, worse, "--threshold", "0.5")
+    assert status == 1 and "REGRESSION" in out and "significantly worse" in err
+    assert next(l for l in out.splitlines() if l.startswith("| close")).endswith("REGRESSION |")
+    status, out, _ = cli("compare", data, worse, "--threshold", "3")   # beyond what moved
     assert status == 0
-    assert report_path.read_text().split("## Environment")[0] == text.split("## Environment")[0]
-
-
-def test_report_numbers_match_the_store(write_suite, cli, tmp_path, monkeypatch):
-    from harness import store
-    monkeypatch.chdir(tmp_path)
-    path = write_suite(SUITE.format(store=tmp_path / "rep2.sqlite"), "rep2")
-    cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
-    runs = store.load(tmp_path / "rep2.sqlite").runs
-    ok = runs[(runs.label == "bp") & (runs.arch == "mlp")]
-    expected = f"{ok.clean_test.mean():.2f} ± {ok.clean_test.std(ddof=1):.2f} (2)"
-    table = report.results_table(load_suite(path), runs, "clean")
-    assert expected in table
-
-
-def test_validation_table_bolds_each_plugins_best_validation_mean(write_suite, cli, tmp_path,
-                                                                  monkeypatch):
-    from harness import store
-    monkeypatch.chdir(tmp_path)
-    path = write_suite(f"""
-name: sweep
-seeds: 2
-epochs: 2
-batch_size: 32
-store: {tmp_path / 'sweep.sqlite'}
-tasks:
-  blobs: {{archs: [mlp], params: {{n_train: 256, n_test: 128}}}}
-algorithms:
-  bp: {{lr: [0.05, 1.0e-5]}}
-  raises: {{}}
-""", "sweep")
-    cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
-    runs = store.load(tmp_path / "sweep.sqlite").runs
-    means = runs[runs.status == "ok"].groupby("label").clean_val.mean()
-    assert means.nunique() == 2                       # the two learning rates differ
-    table = report.validation_table(load_suite(path), runs)
-    bold = [line for line in table.splitlines() if "**" in line]
-    assert len(bold) == 1 and f"**{means.idxmax()}**" in bold[0]
-    worse = next(line for line in table.splitlines() if means.idxmin() in line)
-    assert "**" not in worse and f"{means.min():.2f}" in worse
-    assert "raises" not in table                      # failed runs select nothing
-    single = runs[runs.label != means.idxmin()]       # one configuration left: nothing chosen
-    assert report.validation_table(load_suite(path), single) is None

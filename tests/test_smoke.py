@@ -26,4 +26,5 @@ def test_smoke_suite_on_real_mnist(tmp_path):
     runs = load(tmp_path / "results" / "smoke.sqlite").runs
     assert runs["status"].tolist() == ["ok"]
     assert runs["clean_test"].iloc[0] > 80.0   # 2 epochs on 2,000 real digits
-    assert (tmp_path / "reports" / "smoke" / "time_per_epoch.png").exists()
+    assert (tmp_path / "reports" / "smoke" / "curves.png").exists()
+    assert (tmp_path / "reports" / "smoke" / "runs.jsonl").exists()

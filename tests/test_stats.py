@@ -192,7 +192,8 @@ def test_performance_profile_is_monotone_and_the_winner_reaches_one_at_tau_one()
 
 def test_profile_plot_uses_the_given_colours():
     profile = profiles.performance_profile(_two_task_runs(), "clean_test", "max")
-    colours = profiles.rule_colours(["bp", "fa", "dll"])
+    from harness.report.plots import palette
+    colours = palette(["bp", "fa", "dll"])
     fig = profiles.plot_profile(profile, colours)
     lines = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
     assert set(lines) == {"bp", "fa", "dll"}

@@ -1,0 +1,155 @@
+"""The commands that read results without running anything — ``show``, ``export`` and
+``compare`` — and how a user names results: a suite file (its store), a ``.sqlite`` store, or
+a committed ``runs.jsonl``. None of them needs the plugins or torch."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from harness.api import UserError
+
+MARK_START = "<!-- headline:{name} -->"
+MARK_END = "<!-- /headline:{name} -->"
+
+
+def results_path(target: Path, store: Optional[str] = None) -> Path:
+    """The store or data file ``target`` names. A suite file names its store — found from its
+    ``name`` and ``store`` keys alone, without expanding it (no plugins needed)."""
+    target = Path(target)
+    if target.suffix in (".yaml", ".yml"):
+        from harness.suite import read_yaml
+        raw = read_yaml(target)
+        name = raw.get("name", target.stem)
+        return Path(store or raw.get("store") or Path("results") / f"{name}.sqlite")
+    if store:
+        raise UserError("--store is for a suite file; give the store itself instead")
+    if target.is_dir():
+        raise UserError(f"{target}: a folder; give a suite .yaml, a .sqlite store or a runs.jsonl")
+    return target
+
+
+def _open(target: Path, store: Optional[str] = None):
+    from harness.store import open_results
+    path = results_path(target, store)
+    if not path.exists():
+        raise UserError(f"{path}: no results there (run the suite first, or give a runs.jsonl)")
+    return open_results(path)
+
+
+def cmd_show(args) -> int:
+    """The headline table in the terminal (GitHub markdown), or into a marked block of a file."""
+    from harness.report import headline, layout_of
+    with _open(args.target, args.store) as store:
+        layout = layout_of(store)
+        table = headline(store, layout)
+    if args.into is None:
+        print(f"{layout.name} ({layout.protocol} protocol): mean [95% interval] (seeds)\n")
+        print(table)
+        return 0
+    path = Path(args.into)
+    start, end = MARK_START.format(name=layout.name), MARK_END.format(name=layout.name)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if start not in text or end not in text or text.index(start) > text.index(end):
+        raise UserError(f"{path}: needs the lines {start} and {end} around the place for the "
+                        "table")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    try:
+        path.write_text(f"{before}{start}\n{table}\n{end}{after}")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    print(f"{path}: headline table of {layout.name} updated")
+    return 0
+
+
+FORMATS = ("csv", "parquet", "json")
+
+
+def cmd_export(args) -> int:
+    """runs and epochs (and sessions) as files a pandas or R user reads."""
+    from harness.store import frames
+    if args.format not in FORMATS:
+        raise UserError(f"--format: {args.format!r} is not one of {', '.join(FORMATS)}")
+    if args.format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UserError("--format parquet needs pyarrow: pip install pyarrow") from None
+    with _open(args.target, args.store) as store:
+        data = frames(store)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, frame in zip(("runs", "epochs", "sessions"), data):
+            target = out / f"{name}.{args.format}"
+            if args.format == "csv":
+                frame.to_csv(target, index=False)
+            elif args.format == "parquet":
+                frame.to_parquet(target, index=False)
+            else:
+                frame.to_json(target, orient="records", lines=True)
+            print(f"{target}: {len(frame)} rows")
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror})") from None
+    return 0
+
+
+def _per_run_time(store_frames):
+    """runs with a ``train_s_per_epoch`` column: each run's median epoch (warm-up out)."""
+    runs, epochs, _ = store_frames
+    timed = epochs[~epochs["warmup"]] if len(epochs) and (~epochs["warmup"]).any() else epochs
+    medians = timed.groupby("run_key")["train_time_s"].median() if len(timed) else {}
+    runs = runs.copy()
+    runs["train_s_per_epoch"] = [medians.get(k) if len(timed) else None for k in runs["key"]]
+    return runs
+
+
+def cmd_compare(args) -> int:
+    """Per cell, B − A of the primary metric and of time per epoch, each with a test; exit 1
+    when a change is significant and beyond --threshold in the metric's bad direction."""
+    from tabulate import tabulate
+
+    from harness import stats
+    from harness.report import layout_of
+    from harness.report.tables import PROTOCOL_COLUMN
+    from harness.store import frames
+    with _open(args.a) as a, _open(args.b) as b:
+        layout = layout_of(a)
+        value = PROTOCOL_COLUMN[layout.protocol]
+        runs_a, runs_b = _per_run_time(frames(a)), _per_run_time(frames(b))
+    runs_a = runs_a[runs_a["status"] == "ok"].dropna(subset=[value])
+    runs_b = runs_b[runs_b["status"] == "ok"].dropna(subset=[value])
+    directions = {t: d for t, (_, d) in layout.metrics.items()}
+    changes = stats.compare(runs_a, runs_b, value, directions, time="train_s_per_epoch")
+    if not changes:
+        raise UserError(f"{args.a} and {args.b} share no (algorithm, task/arch) cell to compare")
+    regressions = stats.regressions(changes, args.threshold, alpha=args.alpha,
+                                    time_threshold=args.time_threshold)
+    flagged = {c.key for c in regressions}
+
+    def text(d) -> str:
+        if d is None or d.estimate is None:
+            return "–"
+        part = f"{d.estimate:+.4g}"
+        if d.ci is not None:
+            part += f" [{d.ci[0]:+.4g}, {d.ci[1]:+.4g}]"
+        if d.p_holm is not None:
+            part += f" p={d.p_holm:.2g}"
+        return part + f" ({'paired' if d.paired else 'unpaired'})"
+    lines = [[c.key[0], f"{c.key[1]}/{c.key[2]}", layout.metrics.get(c.key[1], ("metric",))[0],
+              text(c.metric), text(c.time), "REGRESSION" if c.key in flagged else ""]
+             for c in changes]
+    print(f"B − A, {layout.protocol} protocol ({value}); time: train seconds per epoch; "
+          f"Holm-corrected, alpha {args.alpha}, threshold {args.threshold}")
+    print(tabulate(lines, headers=["algorithm", "task/arch", "metric", "Δ metric [95% CI]",
+                                   "Δ s/epoch [95% CI]", ""], tablefmt="github",
+                   disable_numparse=True))
+    if regressions:
+        print(f"{len(regressions)} cell(s) significantly worse beyond the threshold",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,301 @@
+"""Markdown for the report's tables (tabulate, GitHub style): numbers formatted per metric,
+user-written text escaped, marks explained in each table's caption."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from harness import stats
+from harness.report import tables
+from harness.report.layout import Layout, md
+
+ARROW = {"max": "↑", "min": "↓"}
+MARKS = ("**bold**: best, distinguishable from every other row of its column (Holm-corrected "
+         "tests, paired by seed where possible, p < 0.05); *italic*: tied for best (not "
+         "distinguishable from the best); a row with one seed is never marked; † runs that "
+         "diverged, left out of the statistics.")
+
+
+def fmt(value: Optional[float], metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if metric.endswith("accuracy"):
+        return f"{value:.2f}"
+    return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def signed(value: Optional[float], metric: str) -> str:
+    if value is None:
+        return "–"
+    text = fmt(abs(value), metric)
+    return ("+" if value >= 0 else "−") + text
+
+
+def summary_text(summary: stats.Summary, metric: str) -> str:
+    """``98.41 [98.28, 98.54] (4)``; ``98.41 (1)`` without an interval; ``–`` when empty."""
+    if not summary.n:
+        return "–"
+    if summary.ci is None:
+        return f"{fmt(summary.mean, metric)} ({summary.n})"
+    low, high = summary.ci
+    return f"{fmt(summary.mean, metric)} [{fmt(low, metric)}, {fmt(high, metric)}] ({summary.n})"
+
+
+def cell_text(cell: tables.Cell, metric: str) -> str:
+    text = summary_text(cell.summary, metric)
+    if cell.mark == "best" and cell.summary.n:
+        text = f"**{text}**"
+    elif cell.mark == "tied" and cell.summary.n:
+        text = f"*{text}*"
+    if cell.diverged:
+        text += f" † {cell.diverged}"
+    return text
+
+
+def _table(rows, headers) -> str:
+    from tabulate import tabulate
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def results_table(layout: Layout, runs, protocol: str) -> Optional[str]:
+    """Rows × task/arch of the protocol's selected test metric: mean [95% CI] (n), marks, and
+    the published value with the difference where the suite gives one."""
+    cells = tables.results(layout, runs, protocol)
+    if not cells:
+        return None
+    counted = runs[runs["status"].isin(["ok", "diverged"])]
+    columns, rows = tables.columns(layout, counted), tables.rows(layout, counted)
+    with_refs = {c for c in columns if any(cells.get((r, *c)) and cells[(r, *c)].reference
+                                           for r in rows)}
+    headers = ["algorithm"]
+    for task, arch in columns:
+        metric, direction = layout.metrics[task]
+        headers.append(md(f"{task}/{arch} {metric} {ARROW[direction]}"))
+        if (task, arch) in with_refs:
+            headers += ["published", "Δ"]
+    lines = []
+    for row in rows:
+        line = [md(row)]
+        for task, arch in columns:
+            metric = layout.metrics[task][0]
+            cell = cells.get((row, task, arch))
+            line.append(cell_text(cell, metric) if cell else "–")
+            if (task, arch) in with_refs:
+                ref = cell.reference if cell else None
+                if ref is None:
+                    line += ["", ""]
+                else:
+                    line.append(fmt(ref[0], metric) + (f" ± {fmt(ref[1], metric)}"
+                                                       if ref[1] is not None else ""))
+                    line.append(signed(cell.delta_reference, metric) if cell else "–")
+        lines.append(line)
+    return _table(lines, headers)
+
+
+def differences_table(layout: Layout, runs, protocol: str) -> Optional[str]:
+    diffs = tables.baseline_differences(layout, runs, protocol)
+    if not diffs:
+        return None
+    counted = runs[runs["status"] == "ok"]
+    columns, rows = tables.columns(layout, counted), tables.rows(layout, counted)
+    headers = ["algorithm"] + [md(f"{t}/{a}") for t, a in columns]
+    lines = []
+    for row in rows:
+        if row == layout.baseline:
+            continue
+        line = [md(row)]
+        for task, arch in columns:
+            d = diffs.get((row, task, arch))
+            metric = layout.metrics[task][0]
+            if d is None or d.estimate is None:
+                line.append("–")
+                continue
+            text = signed(d.estimate, metric)
+            if d.ci is not None:
+                text += f" [{signed(d.ci[0], metric)}, {signed(d.ci[1], metric)}]"
+            if d.p_holm is not None:
+                text += f" p={d.p_holm:.2g}" + (" *" if d.significant() else "")
+            text += f" ({'paired' if d.paired else 'unpaired'}, {min(d.n_a, d.n_b)})"
+            line.append(text)
+        lines.append(line)
+    return _table(lines, headers)
+
+
+def aggregate_table(layout: Layout, runs, protocol: str) -> Optional[str]:
+    iqm, _ = tables.aggregate(layout, runs, protocol)
+    if not iqm:
+        return None
+    lines = []
+    for row in layout.row_order:
+        a = iqm.get(row)
+        if a is None:
+            continue
+        ci = f"[{a.ci[0]:.3f}, {a.ci[1]:.3f}]" if a.ci else "(no interval: one run per cell)"
+        lines.append([md(row), f"{a.iqm:.3f} {ci}", a.n_runs, a.n_cells])
+    return _table(lines, ["algorithm", f"IQM of score ÷ {md(layout.baseline)}'s [95% CI]",
+                          "runs", "cells"])
+
+
+def timing_table(layout: Layout, runs, epochs) -> Optional[str]:
+    timings = tables.timing(layout, runs, epochs)
+    if not timings:
+        return None
+    lines = []
+    for t in timings:
+        ratio = "" if t.ratio is None else (
+            f"{t.ratio.mean:.2f}×" + (f" [{t.ratio.ci[0]:.2f}, {t.ratio.ci[1]:.2f}]"
+                                     if t.ratio.ci else ""))
+        lines.append([md(t.row), md(f"{t.task}/{t.arch}"),
+                      f"{t.epoch_s.mean:.3f}" + (f" ± {t.epoch_s.std:.3f}"
+                                                 if t.epoch_s.std is not None else ""),
+                      t.epoch_s.n, ratio, f"{t.eval_s:.3f}",
+                      "–" if t.memory_mb is None else f"{t.memory_mb:.0f}",
+                      f"{t.train_hours:.2f}"])
+    headers = ["algorithm", "task/arch", "train s/epoch (runs' medians)", "runs",
+               f"÷ {md(layout.baseline or 'baseline')}'s [95% CI]", "eval s/epoch",
+               "peak memory MB", "training hours"]
+    total = tables.compute_per_rule(timings)
+    per_rule = _table([[md(r), f"{h:.2f}"] for r, h in sorted(
+        total.items(), key=lambda kv: layout.row_order.index(kv[0])
+        if kv[0] in layout.row_order else 99)], ["algorithm", "training hours, all cells"])
+    return _table(lines, headers) + "\n\nTotal compute per rule:\n\n" + per_rule
+
+
+def settings_section(layout: Layout) -> str:
+    s = layout.raw
+    seeds = s.get("seeds") or []
+    lines = [f"Epochs {s.get('epochs')} (overrides below), batch {s.get('batch_size')}, "
+             f"seeds {', '.join(map(str, seeds))}, validation {s.get('validation')} of the "
+             f"training data in use, protocol {s.get('protocol')}, patience "
+             f"{s.get('patience') if s.get('patience') is not None else 'none'}; baseline "
+             f"{md(s.get('baseline') or 'none')}.", ""]
+    rows = []
+    for row, common, differing in tables.row_parameters(layout):
+        text = ", ".join(f"{k}={v}" for k, v in common.items())
+        if differing:
+            text += "; " + "; ".join(f"{cell}: " + ", ".join(f"{k}={v}" for k, v in p.items())
+                                     for cell, p in differing.items())
+        rows.append([md(row), md(text)])
+    if rows:
+        lines.append(_table(rows, ["algorithm", "every hyper-parameter of its runs"]))
+    return "\n".join(lines)
+
+
+def _summary(values, metric: str) -> str:
+    return summary_text(stats.summarize([v for v in values if v == v]), metric)
+
+
+def protocols_table(layout: Layout, runs) -> Optional[str]:
+    """Both selections side by side, per row and column, with the selected epochs."""
+    ok = runs[runs["status"] == "ok"]
+    if ok.empty:
+        return None
+    lines = []
+    for row in tables.rows(layout, ok):
+        for task, arch in tables.columns(layout, ok):
+            group = ok[(ok["label"] == row) & (ok["task_label"] == task) & (ok["arch"] == arch)]
+            if group.empty:
+                continue
+            metric = layout.metrics[task][0]
+            lines.append([md(row), md(f"{task}/{arch}"), md(metric),
+                          _summary(group["clean_test"], metric),
+                          f"{group['clean_epoch'].mean():.1f}",
+                          _summary(group["paper_test"], metric),
+                          f"{group['paper_epoch'].mean():.1f}",
+                          int(group["epochs_run"].max())])
+    return _table(lines, ["algorithm", "task/arch", "metric", "clean: test at best-val epoch",
+                          "mean epoch", "paper: best test epoch", "mean epoch", "epochs run"])
+
+
+def validation_table(layout: Layout, runs) -> Optional[str]:
+    """How a sweep chooses: for every plugin run in two or more configurations on a task/arch,
+    each configuration's best validation metric, its epoch and (for the record) the test
+    metric there; in bold each plugin's best validation mean. None when nothing is swept."""
+    ok = runs[(runs["status"] == "ok") & runs["clean_val"].notna()]
+    if ok.empty:
+        return None
+    lines = []
+    for task, arch in tables.columns(layout, ok):
+        metric, direction = layout.metrics[task]
+        here = ok[(ok["task_label"] == task) & (ok["arch"] == arch)]
+        means = here.groupby("label")["clean_val"].mean()
+        plugin_of = dict(zip(here["label"], here["algorithm"]))
+        best: dict[str, str] = {}
+        for row, mean in means.items():
+            plugin = plugin_of[row]
+            if plugin not in best or ((mean > means[best[plugin]]) if direction == "max"
+                                      else (mean < means[best[plugin]])):
+                best[plugin] = row
+        configurations = here.groupby("algorithm")["label"].nunique()
+        for row in tables.rows(layout, here):
+            plugin = plugin_of[row]
+            if configurations[plugin] < 2:
+                continue
+            group = here[here["label"] == row]
+            chosen = best[plugin] == row
+            value = _summary(group["clean_val"], metric)
+            lines.append([md(plugin), md(f"{task}/{arch}"),
+                          f"**{md(row)}**" if chosen else md(row),
+                          f"**{value}**" if chosen else value,
+                          f"{group['clean_epoch'].mean():.1f}",
+                          _summary(group["clean_test"], metric)])
+    if not lines:
+        return None
+    return _table(lines, ["plugin", "task/arch", "configuration", "best validation",
+                          "at epoch", "test at that epoch"])
+
+
+def metrics_table(layout: Layout, runs, epochs, protocol: str) -> Optional[str]:
+    """Every test metric a task records (baselines such as persistence, bits per character,
+    the loss) at the epoch the protocol selects; one table per task/arch."""
+    ok = runs[runs["status"] == "ok"]
+    chosen = ok[["key", f"{protocol}_epoch"]].dropna()
+    if chosen.empty:
+        return None
+    picked = epochs.merge(chosen, left_on=["run_key", "epoch"],
+                          right_on=["key", f"{protocol}_epoch"])
+    parts = []
+    for task, arch in tables.columns(layout, ok):
+        here = picked[(picked["task_label"] == task) & (picked["arch"] == arch)]
+        names = [c[len("test_"):] for c in sorted(here.columns)
+                 if c.startswith("test_") and here[c].notna().any()]
+        if len(names) <= 2:   # the primary metric and the loss: the results table says it all
+            continue
+        lines = [[md(row)] + [_summary(here[here["label"] == row][f"test_{m}"], m)
+                              for m in names] for row in tables.rows(layout, here)]
+        parts.append(f"**{md(task)}/{md(arch)}**\n\n" + _table(
+            lines, ["algorithm"] + [md(n) for n in names]))
+    return "\n\n".join(parts) or None
+
+
+def fingerprint_table(runs) -> Optional[str]:
+    """The source each run was made with: one row per (algorithm, task, digests)."""
+    import json
+    done = runs[runs["status"] != "skipped"]
+    if done.empty:
+        return None
+    counts: dict[tuple, int] = {}
+    for algorithm, task, text in zip(done["algorithm"], done["task"], done["fingerprint"]):
+        parts = json.loads(text) if isinstance(text, str) and text else {}
+        line = (algorithm, task, parts.get("algorithm", "?"), parts.get("task", "?"),
+                parts.get("engine", "?"))
+        counts[line] = counts.get(line, 0) + 1
+    lines = [[md(a), md(t), f"`{alg}`", f"`{tsk}`", f"`{eng}`", n]
+             for (a, t, alg, tsk, eng), n in sorted(counts.items())]
+    return _table(lines, ["algorithm", "task", "algorithm source", "task source",
+                          "engine source", "runs"])
+
+
+def environment_table(sessions, runs) -> Optional[str]:
+    used = sessions[sessions["id"].isin(runs["session_id"].dropna().astype(int))]
+    if used.empty:
+        return None
+    columns = ["started_at", "python", "torch", "project_version", "git_commit", "cpu",
+               "cores", "gpu", "jobs", "threads", "backend", "device"]
+    lines = [[md(v) for v in row] for row in used[columns].values.tolist()]
+    return _table(lines, columns)
+
+
+def cells_text(cells: tuple[str, ...], limit: int = 6) -> str:
+    shown = "; ".join(cells[:limit])
+    return shown + (f"; … ({len(cells) - limit} more)" if len(cells) > limit else "")

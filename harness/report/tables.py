@@ -1,0 +1,187 @@
+"""What the report's tables say, computed from the runs (no formatting here; see render.py).
+
+Every cell is a mean over seeds with its 95% t interval and n (``harness.stats``); "best" is
+marked only where the best row is distinguishable from every other row of its column
+(Holm-corrected tests, paired by seed where both rows ran the same seeds), ties as ties; each
+row's difference to the suite's baseline comes with its interval and its Holm-corrected
+p-value across the table. Diverged runs are left out of the statistics and counted beside
+them.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+from harness import profiles, stats
+from harness.report.layout import Layout
+
+PROTOCOL_COLUMN = {"clean": "clean_test", "paper": "paper_test"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    summary: stats.Summary
+    mark: Optional[str]                      # best | tied | None
+    diverged: int                            # runs left out: their metric went non-finite
+    reference: Optional[tuple[float, Optional[float]]]
+    delta_reference: Optional[float]         # measured mean − published mean
+
+
+def ok_runs(runs):
+    return runs[runs["status"] == "ok"]
+
+
+def columns(layout: Layout, runs) -> list[tuple[str, str]]:
+    present = set(zip(runs["task_label"], runs["arch"]))
+    return [c for c in layout.column_order if c in present]
+
+
+def rows(layout: Layout, runs) -> list[str]:
+    present = set(runs["label"])
+    return [r for r in layout.row_order if r in present]
+
+
+def reference(layout: Layout, row: str, algorithm: str, task: str, arch: str):
+    entry = row.split(" (")[0]
+    for key in ((row, task, arch), (entry, task, arch), (algorithm, task, arch)):
+        if key in layout.references:
+            return layout.references[key]
+    return None
+
+
+def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
+    """(row, task, arch) → :class:`Cell` of the protocol's selected test metric."""
+    value = PROTOCOL_COLUMN[protocol]
+    counted = runs[runs["status"].isin(["ok", "diverged"])]
+    ok = ok_runs(runs).dropna(subset=[value])
+    summaries = stats.cell_summaries(ok, value) if len(ok) else {}
+    # "best" is never claimed from one seed: rows with a single seed take no part (no mark)
+    seeded = ok.groupby(["label", "task_label", "arch"])[value].transform("count") >= 2
+    contenders = ok[seeded]
+    marks = stats.best_rows(contenders, value, {t: d for t, (_, d) in layout.metrics.items()}) \
+        if len(contenders) else {}
+    rivals = contenders.groupby(["task_label", "arch"])["label"].nunique().to_dict()
+    marks = {k: m for k, m in marks.items() if rivals.get(k[1:], 0) >= 2}   # alone: no contest
+    algorithm_of = dict(zip(counted["label"], counted["algorithm"]))
+    out = {}
+    for (row, task, arch), group in counted.groupby(["label", "task_label", "arch"]):
+        summary = summaries.get((row, task, arch), stats.summarize([]))
+        ref = reference(layout, row, algorithm_of.get(row, row), task, arch)
+        delta = summary.mean - ref[0] if ref and summary.mean is not None else None
+        out[(row, task, arch)] = Cell(summary, marks.get((row, task, arch)),
+                                      int((group["status"] == "diverged").sum()), ref, delta)
+    return out
+
+
+def baseline_differences(layout: Layout, runs, protocol: str) -> dict[tuple, stats.Difference]:
+    """(row, task, arch) → the row minus the baseline (paired by seed where possible), Holm
+    across the table; empty without a baseline that ran."""
+    value = PROTOCOL_COLUMN[protocol]
+    ok = ok_runs(runs).dropna(subset=[value])
+    if not layout.baseline or layout.baseline not in set(ok["label"]):
+        return {}
+    return stats.baseline_differences(ok, value, layout.baseline)
+
+
+def aggregate(layout: Layout, runs, protocol: str):
+    """(IQM per row of baseline-normalised scores, performance profile) across task/arch
+    cells; (None, None) without a baseline or with fewer than two cells."""
+    value = PROTOCOL_COLUMN[protocol]
+    ok = ok_runs(runs).dropna(subset=[value])
+    ok = ok[ok[value] > 0]
+    if not layout.baseline or layout.baseline not in set(ok["label"]):
+        return None, None
+    base_cells = set(zip(ok[ok["label"] == layout.baseline]["task_label"],
+                         ok[ok["label"] == layout.baseline]["arch"]))
+    ok = ok[[c in base_cells for c in zip(ok["task_label"], ok["arch"])]]
+    if len(base_cells) < 2:
+        return None, None
+    directions = {t: d for t, (_, d) in layout.metrics.items()}
+    iqm = profiles.interquartile_means(ok, value, directions, layout.baseline)
+    profile = profiles.performance_profile(ok, value, directions)
+    return iqm, profile
+
+
+@dataclass(frozen=True)
+class Timing:
+    row: str
+    task: str
+    arch: str
+    epoch_s: stats.Summary          # per-run median seconds per training epoch (warm-up out)
+    ratio: Optional[stats.Summary]  # per-run medians ÷ the baseline's mean in the cell
+    eval_s: float
+    memory_mb: Optional[float]
+    train_hours: float              # every epoch of every run of the cell, warm-up included
+
+
+def timing(layout: Layout, runs, epochs) -> list[Timing]:
+    counted = epochs[epochs["status"].isin(["ok", "diverged"])]
+    if counted.empty:
+        return []
+    timed = counted[~counted["warmup"]] if (~counted["warmup"]).any() else counted
+    per_run = timed.groupby(["label", "task_label", "arch", "run_key"])["train_time_s"].median()
+    base = {}
+    if layout.baseline:
+        for (task, arch), group in per_run[per_run.index.get_level_values(0)
+                                           == layout.baseline].groupby(level=[1, 2]):
+            base[(task, arch)] = float(group.mean())
+    out = []
+    for row in rows(layout, counted):
+        for task, arch in columns(layout, counted):
+            key = (row, task, arch)
+            try:
+                medians = per_run.loc[key].tolist()
+            except KeyError:
+                continue
+            here = counted[(counted["label"] == row) & (counted["task_label"] == task)
+                           & (counted["arch"] == arch)]
+            memory = runs[(runs["label"] == row) & (runs["task_label"] == task)
+                          & (runs["arch"] == arch)]["peak_memory_mb"].max()
+            ratio = stats.summarize([m / base[(task, arch)] for m in medians]) \
+                if (task, arch) in base else None
+            out.append(Timing(row, task, arch, stats.summarize(medians), ratio,
+                              float(here["eval_time_s"].mean()),
+                              None if memory != memory else float(memory),
+                              float(here["train_time_s"].sum()) / 3600.0))
+    return out
+
+
+def compute_per_rule(timings: list[Timing]) -> dict[str, float]:
+    """Row → training hours spent over every cell and run (the cost of its column of results)."""
+    total: dict[str, float] = {}
+    for t in timings:
+        total[t.row] = total.get(t.row, 0.0) + t.train_hours
+    return total
+
+
+def row_parameters(layout: Layout) -> list[tuple[str, dict, dict]]:
+    """(row, hyper-parameters common to all its cells, per-cell differences {task/arch: {…}})
+    from the plan: every parameter a run of the row was made with."""
+    by_row: dict[str, list[tuple[str, dict]]] = {}
+    for entry in layout.plan:
+        by_row.setdefault(entry["label"], []).append(
+            (f"{entry['task']}/{entry['arch']}", dict(entry.get("params") or {},
+                                                       batch_size=entry.get("batch_size"),
+                                                       epochs=entry.get("epochs"))))
+    out = []
+    for row in layout.row_order:
+        cells = by_row.get(row, [])
+        if not cells:
+            continue
+        keys = set().union(*(p.keys() for _, p in cells))
+        common = {k: cells[0][1].get(k) for k in sorted(keys)
+                  if all(json.dumps(p.get(k)) == json.dumps(cells[0][1].get(k)) for _, p in cells)}
+        differing: dict[str, dict] = {}
+        for cell, params in cells:
+            extra = {k: v for k, v in params.items() if k not in common}
+            if extra:
+                differing.setdefault(cell, extra)
+        out.append((row, common, differing))
+    return out
+
+
+def median_or_none(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
