@@ -30,10 +30,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", "-j", type=int, default=1, help="parallel runs (default 1)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     run.add_argument("--backend", default="local", help="local (default: joblib threads, "
-                     "each supervising one run process) or dask (with --scheduler ADDRESS for a "
-                     "cluster)")
+                     "each supervising one run process), dask (with --scheduler ADDRESS for a "
+                     "cluster) or slurm (job arrays through submitit; --slurm-* below)")
     run.add_argument("--scheduler", default=None, metavar="ADDRESS",
                      help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
+    slurm = run.add_argument_group(
+        "--backend slurm", "each run a task of a Slurm job array (at most --jobs at once)")
+    slurm.add_argument("--slurm-partition", default=None, metavar="NAME",
+                       help="partition(s) to submit to (default: the cluster's default)")
+    slurm.add_argument("--slurm-gpus-per-task", type=int, default=None, metavar="N",
+                       help="GPUs per run (then --device auto means cuda)")
+    slurm.add_argument("--slurm-cpus-per-task", type=int, default=None, metavar="N",
+                       help="CPUs per run; also its torch threads unless --threads")
+    slurm.add_argument("--slurm-mem", default=None, metavar="SIZE",
+                       help="memory per run's job, e.g. 8G or 16000M")
+    slurm.add_argument("--slurm-time", default=None, metavar="TIME",
+                       help="time limit per run's job: minutes, HH:MM:SS or D-HH:MM:SS "
+                       "(default: the partition's)")
+    slurm.add_argument("--slurm-extra", action="append", default=[], metavar="--FLAG[=V]",
+                       help="another sbatch flag, repeatable, written with '=': "
+                       "--slurm-extra=--account=abc --slurm-extra=--qos=high")
+    slurm.add_argument("--slurm-array-parallelism", type=int, default=None, metavar="N",
+                       help="array tasks running at once (default: --jobs)")
+    slurm.add_argument("--slurm-folder", type=Path, default=None, metavar="DIR",
+                       help="submitit's job files and logs, on a shared filesystem "
+                       "(default: slurm/<suite>/ beside the store, i.e. results/slurm/<suite>/)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per run (default: cores // jobs)")
     run.add_argument("--store", default=None, help="result store path "
@@ -191,6 +212,22 @@ def _current_sources(specs) -> dict[str, str]:
     return out
 
 
+def _slurm_options(args):
+    """The --slurm-* options, checked (before anything loads or is submitted)."""
+    from harness.slurm import SlurmOptions
+    options = SlurmOptions(
+        partition=args.slurm_partition, gpus_per_task=args.slurm_gpus_per_task,
+        cpus_per_task=args.slurm_cpus_per_task, mem=args.slurm_mem, time=args.slurm_time,
+        extra=tuple(args.slurm_extra), array_parallelism=args.slurm_array_parallelism,
+        folder=args.slurm_folder)
+    if args.backend != "slurm":
+        if options.given():
+            raise UserError(f"{', '.join(options.given())}: for --backend slurm only")
+        return None
+    options.check(need_sbatch=not args.dry_run)
+    return options
+
+
 def cmd_run(args) -> int:
     from harness import parallel
     if args.jobs < 1:
@@ -199,7 +236,8 @@ def cmd_run(args) -> int:
         raise UserError(f"--threads: must be ≥ 1, not {args.threads}")
     if args.run_timeout is not None and not args.run_timeout > 0:
         raise UserError(f"--run-timeout: a number of seconds > 0, not {args.run_timeout}")
-    device = parallel.resolve_device(args.device)
+    slurm = _slurm_options(args)
+    device = slurm.device(args.device) if slurm else parallel.resolve_device(args.device)
     suite = _load_suite(args, device=device)
     specs = _only(suite, args.only)
     sources = _current_sources(suite.specs)
@@ -212,7 +250,7 @@ def cmd_run(args) -> int:
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
         rerun_stale=args.rerun_stale, sources=sources, run_timeout=args.run_timeout,
         progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv),
-        suite_name=suite.name, structure=suite.structure())
+        suite_name=suite.name, structure=suite.structure(), slurm=slurm)
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
           f"skipped {c['skipped']}, already stored {summary.already_stored}"

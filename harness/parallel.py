@@ -1,6 +1,7 @@
 """Run a suite's grid: data first (in this process), then the runs through joblib — threads that
-each supervise one run process on this machine (:mod:`harness.worker`), or a Dask cluster —
-each result entering the store as soon as it arrives.
+each supervise one run process on this machine (:mod:`harness.worker`), or a Dask cluster — or
+as Slurm job arrays (:mod:`harness.slurm`), each result entering the store as soon as it
+arrives.
 
 Every run is *claimed* in the store just before it starts, so two processes on one store never
 compute the same run; a claim whose process is gone is taken over. A run whose process dies or
@@ -10,6 +11,7 @@ store, a run cut off leaves nothing, and running the suite again picks up where 
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import statistics
 import sys
@@ -26,7 +28,7 @@ from harness.registry import plugin_folders, tasks
 from harness.runner import epoch_line, now, threads_for
 from harness.store import Owner, Store, environment
 
-BACKENDS = ("local", "dask")
+BACKENDS = ("local", "dask", "slurm")
 HEARTBEAT_S = 60.0
 
 
@@ -136,6 +138,8 @@ def _executor(backend: str, jobs: int, scheduler: Optional[str]):
         return client, joblib.parallel_config(backend="dask")
     if scheduler:
         raise UserError("--scheduler is for --backend dask only")
+    if backend == "slurm":     # harness.slurm submits and polls: no joblib
+        return None, contextlib.nullcontext()
     # threads that each start one run process and wait for it: the runs are processes
     return None, joblib.parallel_config(backend="threading")
 
@@ -170,15 +174,24 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
         rerun_stale: bool = False, sources: Optional[dict[str, str]] = None,
         run_timeout: Optional[float] = None, progress: bool = True, log_epochs: bool = False,
         command: str = "", suite_name: str = "", structure: Optional[dict] = None,
-        estimates: Optional[dict] = None,
+        estimates: Optional[dict] = None, slurm=None,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Summary:
+    """``slurm``: the jobs' resources (a :class:`harness.slurm.SlurmOptions`) with
+    ``backend="slurm"``; ``estimates``: key → :class:`harness.estimate.Estimate`, for the
+    progress bar."""
     import joblib
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "slurm":
+        from harness import slurm as slurm_mod
+        slurm = slurm or slurm_mod.SlurmOptions()
+        slurm.check()
+    elif slurm is not None and slurm.given():
+        raise UserError(f"{', '.join(slurm.given())}: for --backend slurm only")
     summary = Summary()
     the_plan = plan(specs, store_path, rerun, retry_errors, rerun_stale, sources)
     summary.already_stored, summary.stale = len(the_plan.done), len(the_plan.stale)
-    threads = threads or threads_for(jobs)
+    threads = threads or (slurm.threads() if backend == "slurm" else threads_for(jobs))
     device = specs[0].device if specs else "cpu"
     plugin_paths = tuple(dict.fromkeys([*map(str, plugin_paths), *plugin_folders()]))
     with Store(store_path) as store:       # a store that cannot be written fails here, first
@@ -223,14 +236,22 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
             if log_epochs:
                 bar.write(epoch_line(spec, record, metric_of[spec.task]), file=sys.stderr)
         handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        results = None
         try:
             with config:
-                results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
-                                          pre_dispatch="n_jobs")(
-                    joblib.delayed(worker.supervise)(
-                        spec, str(data_dir), threads, plugin_paths,
-                        on_epoch if backend == "local" else None, run_timeout)
-                    for spec in claimed())
+                if backend == "slurm":   # every run claimed, then submitted; the heartbeat
+                    results = slurm_mod.results(   # keeps the claims while the jobs queue
+                        list(claimed()), slurm, data_dir=str(data_dir), threads=threads,
+                        plugin_paths=plugin_paths, timeout=run_timeout, jobs=jobs,
+                        folder=slurm.job_folder(store_path, suite_name), name=suite_name,
+                        log=lambda m: bar.write(m, file=sys.stderr))
+                else:
+                    results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
+                                              pre_dispatch="n_jobs")(
+                        joblib.delayed(worker.supervise)(
+                            spec, str(data_dir), threads, plugin_paths,
+                            on_epoch if backend == "local" else None, run_timeout)
+                        for spec in claimed())
                 for result in results:
                     if result is None:
                         continue
@@ -248,6 +269,8 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
             bar.write("interrupted: every finished run is in the store; run the suite again "
                       "to continue", file=sys.stderr)
         finally:
+            if backend == "slurm" and results is not None:
+                results.close()          # cancels the jobs that have not ended
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             worker.stop_all()
