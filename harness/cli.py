@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a suite (resumes: stored runs are skipped)")
     run.add_argument("suite", type=Path)
-    run.add_argument("--jobs", "-j", type=int, default=1, help="parallel runs (default 1)")
+    run.add_argument("--jobs", "-j", type=int, default=None,
+                     help="parallel runs (default 1; with --device cuda one per GPU slot)")
+    run.add_argument("--per-gpu", type=int, default=1, metavar="K",
+                     help="with --device cuda: runs sharing one GPU (default 1); runs are "
+                     "spread over every visible GPU, each pinned to its own")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     run.add_argument("--backend", default="local", help="local (default: joblib threads, "
                      "each supervising one run process), dask (with --scheduler ADDRESS for a "
@@ -230,14 +234,19 @@ def _slurm_options(args):
 
 def cmd_run(args) -> int:
     from harness import parallel
-    if args.jobs < 1:
-        raise UserError(f"--jobs: must be ≥ 1, not {args.jobs}")
+    from harness.slots import default_jobs
+    if args.per_gpu < 1:
+        raise UserError(f"--per-gpu: must be ≥ 1, not {args.per_gpu}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: must be ≥ 1, not {args.threads}")
     if args.run_timeout is not None and not args.run_timeout > 0:
         raise UserError(f"--run-timeout: a number of seconds > 0, not {args.run_timeout}")
     slurm = _slurm_options(args)
     device = slurm.device(args.device) if slurm else parallel.resolve_device(args.device)
+    args.jobs = default_jobs(device if args.backend == "local" else "cpu", args.per_gpu,
+                             args.jobs)
+    if args.jobs < 1:
+        raise UserError(f"--jobs: must be ≥ 1, not {args.jobs}")
     suite = _load_suite(args, device=device)
     specs = _only(suite, args.only)
     sources = _current_sources(suite.specs)
@@ -250,7 +259,8 @@ def cmd_run(args) -> int:
         plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
         rerun_stale=args.rerun_stale, sources=sources, run_timeout=args.run_timeout,
         progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv),
-        suite_name=suite.name, structure=suite.structure(), slurm=slurm)
+        suite_name=suite.name, structure=suite.structure(), slurm=slurm,
+        per_gpu=args.per_gpu)
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
           f"skipped {c['skipped']}, already stored {summary.already_stored}"

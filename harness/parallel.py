@@ -26,6 +26,7 @@ from harness import worker
 from harness.api import DONE_STATUSES, RunResult, RunSpec, Status, UserError
 from harness.registry import plugin_folders, tasks
 from harness.runner import epoch_line, now, threads_for
+from harness.slots import DeviceSlots
 from harness.store import Owner, Store, environment
 
 BACKENDS = ("local", "dask", "slurm")
@@ -174,11 +175,13 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
         rerun_stale: bool = False, sources: Optional[dict[str, str]] = None,
         run_timeout: Optional[float] = None, progress: bool = True, log_epochs: bool = False,
         command: str = "", suite_name: str = "", structure: Optional[dict] = None,
-        estimates: Optional[dict] = None, slurm=None,
+        estimates: Optional[dict] = None, slurm=None, per_gpu: int = 1,
+        gpu_count: Optional[int] = None,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Summary:
     """``slurm``: the jobs' resources (a :class:`harness.slurm.SlurmOptions`) with
     ``backend="slurm"``; ``estimates``: key → :class:`harness.estimate.Estimate`, for the
-    progress bar."""
+    progress bar; ``per_gpu``: runs sharing one GPU when the specs' device is ``cuda`` (they
+    are spread over every visible GPU: harness.slots; ``gpu_count`` overrides the count)."""
     import joblib
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -246,10 +249,12 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                         folder=slurm.job_folder(store_path, suite_name), name=suite_name,
                         log=lambda m: bar.write(m, file=sys.stderr))
                 else:
+                    slots = DeviceSlots(device, per_gpu, gpu_count) if backend == "local" \
+                        else DeviceSlots("cpu")
                     results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
                                               pre_dispatch="n_jobs")(
-                        joblib.delayed(worker.supervise)(
-                            spec, str(data_dir), threads, plugin_paths,
+                        joblib.delayed(_on_a_slot)(
+                            slots, spec, str(data_dir), threads, plugin_paths,
                             on_epoch if backend == "local" else None, run_timeout)
                         for spec in claimed())
                 for result in results:
@@ -286,6 +291,15 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                 client.close()
             worker.reset()
     return summary
+
+
+def _on_a_slot(slots: DeviceSlots, spec: RunSpec, *args) -> Optional[RunResult]:
+    """Supervise one run on the next free device slot (its GPU, with --device cuda)."""
+    device = slots.acquire()
+    try:
+        return worker.supervise(slots.pinned(spec, device) if slots.pooled else spec, *args)
+    finally:
+        slots.release(device)
 
 
 class _Progress:
