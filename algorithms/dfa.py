@@ -134,6 +134,18 @@ class DFALearner(ModuleLearner):
         self.network.backward_direct(output, hidden, error)
         return {"loss": loss}
 
+    def feedback_signals(self, x, y):
+        """(hidden layer, e B_i): the error DFA sends each hidden layer's output (diagnostics
+        compare it with BP's error there); none for the RNN."""
+        if not isinstance(self.network, DFANetwork):
+            return []
+        with torch.no_grad():
+            output, hidden = self.network.forward_local(x)
+            _, error = loss_and_grad(self.info, output, y, self.label_smoothing)
+            flat = error.reshape(error.shape[0], -1)
+            return [(f"layer{i}", flat.matmul(self.network.feedback(i)).reshape(h.shape))
+                    for i, h in enumerate(hidden)]
+
 
 @algorithms.register("dfa", aliases=("direct_feedback_alignment",))
 class DirectFeedbackAlignment(Algorithm):

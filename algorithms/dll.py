@@ -204,6 +204,16 @@ class FeedForwardDLL(Learner):
                 theta.grad = self.theta_grad(spec, theta.shape, g, below, n)
             err = below
 
+    def layer_weights(self):
+        weighted = [(w, b) for _, w, _, b in self.layers if w is not None]
+        return [(f"layer{i}", w, b) for i, (w, b) in enumerate(weighted)]
+
+    def feedback_pairs(self):
+        """(layer, Θ, W): Θ carries the error down where BP would use W."""
+        weighted = [(w, theta) for _, w, theta, _ in self.layers if w is not None]
+        return [(f"layer{i}", theta, w) for i, (w, theta) in enumerate(weighted)
+                if theta is not None]
+
     def state_dict(self):
         state = {f"W{i}": w.detach() for i, w in enumerate(self.weights)}
         state.update({f"Theta{i + 1}": t.detach() for i, t in enumerate(self.thetas)})
@@ -238,6 +248,9 @@ class ReleasedMLP(FeedForwardDLL):
     (raw pixels included) but softmax on the last hidden layer, a linear output and the error
     y_smooth − u_L; Θ (N(0, 1)) never trains. The softmax's derivative is taken elementwise,
     s(1 − s), as in the released code's per-unit error."""
+
+    def layer_weights(self):
+        return None            # the outer form is not the architecture's plain network
 
     def _transfer(self, index: int):
         dense = [i for i, layer in enumerate(self.layers) if isinstance(layer[0], Dense)]
@@ -367,6 +380,13 @@ class RecurrentDLL(Learner):
         if self.learn_theta:
             self.theta_y.grad = self.as_grad(-total(e_y, e_h), scale)
             self.theta_h.grad = self.as_grad(-total(g[:, 1:], e_h[:, :-1]), scale)
+
+    def layer_weights(self):
+        return [("input", self.w_x, None), ("recurrent", self.w_h, None),
+                ("readout", self.w_y, self.b_y)]
+
+    def feedback_pairs(self):
+        return [("recurrent", self.theta_h, self.w_h), ("readout", self.theta_y, self.w_y)]
 
     def state_dict(self):
         names = ("w_x", "w_h", "w_y", "theta_y", "theta_h") + (("b_y",) if self.b_y is not None

@@ -143,13 +143,20 @@ class DTPLearner(ModuleLearner):
     def parameter_groups(self) -> list[dict]:
         return [{"params": self.network.forward_parameters()}]
 
+    def layer_weights(self):
+        net = self.network
+        return [(f"layer{i}", w, net.biases[net.bias_of[i]] if i in net.bias_of else None)
+                for i, w in enumerate(net.weights)]
+
     def train_step(self, x, y):
         net, p = self.network, self.p
         with torch.no_grad():
             hs = net.activations(x)
+        reconstruction = None
         for _ in range(p.inverse_updates):
             self.inverse_optimizer.zero_grad(set_to_none=True)
-            inverse_loss(net, hs, p.inverse_noise).backward()
+            reconstruction = inverse_loss(net, hs, p.inverse_noise)
+            reconstruction.backward()
             self.inverse_optimizer.step()
         with torch.no_grad():
             loss, out_grad = loss_and_grad(self.info, hs[-1], y, p.label_smoothing)
@@ -157,7 +164,10 @@ class DTPLearner(ModuleLearner):
             targets = difference_targets(net, hs, output_target)
             for weight, grad in zip(net.forward_parameters(), forward_gradients(net, hs, targets)):
                 weight.grad = grad
-        return {"loss": loss}
+        stats = {"loss": loss}
+        if reconstruction is not None:      # logged: averaged over the epoch, split "train"
+            stats["inverse_loss"] = reconstruction.detach()
+        return stats
 
 
 @algorithms.register("dtp", aliases=("target_propagation", "difference_target_propagation"))

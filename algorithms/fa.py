@@ -163,6 +163,26 @@ class FAParams(TrainParams):
                                   "matters, the sweep 0.005-0.5 moved nothing)", min=0.0)
 
 
+class FALearner(ModuleLearner):
+    """BP's learner on the FA network, which says what its feedback is (for diagnostics)."""
+
+    def feedback_pairs(self):
+        """(layer, B, what BP uses there): B against Wᵀ (kernels against W); the RNN's B_h
+        against W_h (both in W_h's layout) and its read-out's B_y against W_yᵀ."""
+        if hasattr(self.network, "w_h"):
+            readout = self.network.readout
+            return [("recurrent", self.network.feedback, self.network.w_h),
+                    ("readout", readout.feedback, readout.weight.t())]
+        pairs = []
+        for name, weight, _ in self.layer_weights()[1:]:   # nothing goes below the first
+            module = next(m for m in self.network.modules() if getattr(m, "weight", None) is weight)
+            if isinstance(module, FALinear):
+                pairs.append((name, module.feedback, weight.t()))
+            elif isinstance(module, FAConv2d):
+                pairs.append((name, module.feedback, weight))
+        return pairs
+
+
 @algorithms.register("fa", aliases=("feedback_alignment",))
 class FeedbackAlignment(Algorithm):
     """Feedback alignment: errors go down through fixed random matrices (dense, conv, RNN)."""
@@ -173,4 +193,4 @@ class FeedbackAlignment(Algorithm):
     def build(self, arch: Arch, info: TaskInfo, params: FAParams, ctx: RunContext) -> Learner:
         network = build_fa_network(arch, params.init_std, params.feedback_init,
                                    params.feedback_scale, feedback_generator(ctx.seed))
-        return ModuleLearner(network.to(ctx.device), info, params)
+        return FALearner(network.to(ctx.device), info, params)

@@ -284,6 +284,18 @@ class Learner:
     def state_dict(self) -> dict:
         raise NotImplementedError
 
+    # optional, for diagnostics (harness/diagnostics.py) ---------------------------------------
+    def layer_weights(self) -> Optional[list]:
+        """``[(name, weight, bias or None), …]`` of the weighted layers in the architecture's
+        order, in torch's layout (dense: out × in): what the alignment diagnostics compare
+        with backprop's gradient of the same network. None: the rule does not take part (its
+        network is not the architecture's plain one)."""
+        return None
+
+    # A rule with feedback may also give ``feedback_pairs() → [(layer name, feedback, what BP
+    # uses there)]`` (FA's B and Wᵀ, DLL's Θ and W) or ``feedback_signals(x, y) → [(layer name,
+    # the error it sends that hidden layer's output)]`` (DFA's e·B_i).
+
 
 class Algorithm:
     """Base of learning-algorithm plugins. The class docstring's first line is its description.
@@ -365,6 +377,7 @@ class Status(_Word):
 STATUSES = tuple(s.value for s in Status)
 DONE_STATUSES = (Status.OK, Status.DIVERGED, Status.ERROR)  # a re-run skips these
 PROTOCOLS = ("clean", "paper")
+DIAGNOSTICS = ("alignment",)   # what a suite may ask to measure per epoch (harness/diagnostics.py)
 
 
 def _canonical(value: Any) -> Any:
@@ -399,6 +412,8 @@ class RunSpec:
     patience: Optional[int] = None
     algorithm_version: int = 1
     task_version: int = 1
+    diagnostics: tuple[str, ...] = ()   # e.g. ("alignment",): extra measurements per epoch
+    diagnostics_every: int = 1
     label: str = ""                 # the suite's row label (entry name and grid values)
     task_label: str = ""            # the suite's task entry name (column of the report)
     suite: str = ""
@@ -411,7 +426,10 @@ class RunSpec:
                 "arch": self.arch.to_json(), "seed": self.seed, "epochs": self.epochs,
                 "batch_size": self.batch_size, "device": device_kind(self.device),
                 "protocol": self.protocol, "validation": self.validation,
-                "patience": self.patience}
+                "patience": self.patience,
+                # only when asked for, so that runs without them keep their keys
+                **({"diagnostics": list(self.diagnostics),
+                    "diagnostics_every": self.diagnostics_every} if self.diagnostics else {})}
 
     def key(self) -> str:
         cached = self.__dict__.get("_key")

@@ -125,7 +125,8 @@ def select(specs: Iterable[RunSpec], selectors: list[Selector], names: Names) ->
 
 
 def expand(task_entries, alg_entries, overrides, excludes, *, seeds, epochs, batch_size,
-           patience, protocol, validation, device, suite, where) -> tuple[list, list, list]:
+           patience, protocol, validation, device, suite, where, diagnostics=(),
+           diagnostics_every=1) -> tuple[list, list, list]:
     """(specs, row labels in order, (task label, arch) columns in order)."""
     names = Names(frozenset(e.label for e in alg_entries), frozenset(t.label for t in task_entries))
     specs: list[RunSpec] = []
@@ -169,7 +170,9 @@ def expand(task_entries, alg_entries, overrides, excludes, *, seeds, epochs, bat
                             params=resolved, task=task.task, task_version=task.version,
                             task_params=task.params, arch=arch, seed=seed, epochs=run_epochs,
                             batch_size=run_batch, device=device, protocol=protocol,
-                            validation=validation, patience=run_patience, label=row,
+                            validation=validation, patience=run_patience,
+                            diagnostics=diagnostics, diagnostics_every=diagnostics_every,
+                            label=row,
                             task_label=task.label, suite=suite, skip_reason=reason))
     _check_identities(specs, where)
     return specs, [r for r in rows if any(s.label == r for s in specs)], columns

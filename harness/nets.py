@@ -251,3 +251,19 @@ def feedback_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
     """Every fixed feedback tensor of a network, by name (buffers named ``feedback…``)."""
     return {name: buf for name, buf in network.named_buffers()
             if name.rsplit(".", 1)[-1].startswith("feedback")}
+
+
+def weighted_layers(network: nn.Module) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+    """(name, weight, bias or None) of each weighted layer of a network built here, in the
+    architecture's order: ``input``, ``recurrent``, ``readout`` for the RNN; ``layer<i>`` (the
+    index among the weighted layers) for feed-forward nets."""
+    if hasattr(network, "w_x") and hasattr(network, "w_h") and hasattr(network, "readout"):
+        readout = network.readout
+        return [("input", network.w_x, None), ("recurrent", network.w_h, None),
+                ("readout", readout.weight, getattr(readout, "bias", None))]
+    out = []
+    for module in network.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and module is not network:
+            out.append((f"layer{len(out)}", weight, getattr(module, "bias", None)))
+    return out

@@ -189,7 +189,7 @@ class Stepper:
 
     def __init__(self, learner, params, epochs: int = 1):
         from harness.toolkit import make_optimizer
-        self.learner = learner
+        self.learner, self.params = learner, params
         self.optimizer, self.schedules = make_optimizer(
             learner.parameter_groups(), learner.optimizer_settings(params), epochs)
 
@@ -215,6 +215,10 @@ def _train(spec, task, data, stepper: Stepper, result, device, on_epoch=None) ->
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     evaluated = [(split, split.x.to(device), split.y.to(device)) for split in (data.val, data.test)]
     watch_split = Split.VAL if spec.protocol == "clean" and len(data.val) else Split.TEST
+    probe = None
+    if spec.diagnostics:                 # a fixed batch of the training split, every epoch
+        from harness import diagnostics
+        probe = diagnostics.probe_batch(x_train, y_train, spec.seed)
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
     n, batch = len(y_train), spec.batch_size
     best, since_best = None, 0
@@ -247,6 +251,11 @@ def _train(spec, task, data, stepper: Stepper, result, device, on_epoch=None) ->
                       if metric in values and not _finite(values[metric])]
         if means:                                  # what train_step returned beside the loss
             metrics[Split.TRAIN.value] = means
+        if probe is not None and epoch % spec.diagnostics_every == 0:
+            found = diagnostics.alignment(learner, spec.arch, info, *probe,
+                                          getattr(stepper.params, "label_smoothing", 0.0))
+            if found:
+                metrics[Split.DIAGNOSTICS.value] = found
         metrics = {split: {name: (value if _finite(value) else None)   # a secondary metric
                            for name, value in values.items()}           # that is not finite
                    for split, values in metrics.items()}                # is stored as null

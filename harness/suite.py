@@ -35,15 +35,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness import params as P
-from harness.api import PROTOCOLS, Arch, RunContext, RunSpec, UserError
+from harness.api import DIAGNOSTICS, PROTOCOLS, Arch, RunContext, RunSpec, UserError
 from harness.archspec import parse_archs
 from harness.grid import Names, Override, Selector, expand
 from harness.registry import algorithms, tasks
 
 MAX_SUITE_BYTES = 256 * 1024
 TOP_KEYS = ("name", "description", "store", "seeds", "epochs", "batch_size", "protocol",
-            "validation", "patience", "baseline", "tasks", "algorithms", "overrides", "exclude",
-            "reference")
+            "validation", "patience", "baseline", "diagnostics", "diagnostics_every", "tasks",
+            "algorithms", "overrides", "exclude", "reference")
 TASK_KEYS = ("task", "archs", "params")
 OVERRIDE_KEYS = ("match", "params", "batch_size", "epochs", "patience")
 MATCH_KEYS = ("task", "algorithm", "arch")
@@ -428,6 +428,14 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None,
         raise UserError(f"{where}: exclude: a list of rules like {{algorithm: bp, arch: cnn}}")
     excludes = tuple(_selector(rule, EXCLUDE_KEYS, f"{where}: exclude[{i}]", names)
                      for i, rule in enumerate(excludes_raw))
+    diagnostics = raw.get("diagnostics") or []
+    if isinstance(diagnostics, str):
+        diagnostics = [diagnostics]
+    if not isinstance(diagnostics, list) or any(d not in DIAGNOSTICS for d in diagnostics):
+        raise UserError(f"{where}: diagnostics: a list of {', '.join(DIAGNOSTICS)}, not "
+                        f"{raw.get('diagnostics')!r}")
+    diagnostics_every = _int(raw.get("diagnostics_every", 1), f"{where}: diagnostics_every",
+                             low=1)
     baseline = raw.get("baseline")
     entry_labels = [e.label for e in alg_entries]
     if baseline is None:
@@ -439,7 +447,8 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None,
     specs, rows, columns = expand(
         task_entries, alg_entries, overrides, excludes, seeds=seeds, epochs=epochs,
         batch_size=batch_size, patience=patience, protocol=protocol,
-        validation=float(validation), device=device, suite=name, where=where)
+        validation=float(validation), device=device, suite=name, where=where,
+        diagnostics=tuple(dict.fromkeys(diagnostics)), diagnostics_every=diagnostics_every)
     references, source = _references(raw.get("reference"), where, names)
     store_raw = store or raw.get("store")
     if store_raw is not None and not isinstance(store_raw, str):

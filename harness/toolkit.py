@@ -88,6 +88,10 @@ class ModuleLearner(Learner):
     def state_dict(self):
         return self.network.state_dict()
 
+    def layer_weights(self):
+        from harness.nets import weighted_layers
+        return weighted_layers(self.network)
+
 
 # --------------------------------------------------------------------------------------------
 # Losses

@@ -171,6 +171,8 @@ def _figures(layout: Layout, runs, epochs, out_dir: Path) -> list[tuple[str, str
     made = plots.learning_curves(layout, epochs, out_dir, colours)
     made += plots.metric_vs_time(layout, epochs, out_dir, colours)
     made += plots.time_ratio(layout, epochs, out_dir, colours, layout.baseline)
+    made += plots.alignment(layout, epochs, out_dir, colours)
+    made += plots.logged(layout, epochs, out_dir, colours)
     _, profile = tables.aggregate(layout, runs, layout.protocol)
     if profile is not None:
         figure = profiles.plot_profile(profile, colours, title="Performance profile "

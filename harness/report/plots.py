@@ -176,3 +176,89 @@ def time_ratio(layout: Layout, epochs, out_dir: Path, colours: dict,
     fig.tight_layout()
     _save(fig, out_dir, "time_ratio.png")
     return [(f"Time per epoch relative to {baseline}", "time_ratio.png")]
+
+
+def alignment(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
+    """Per task/arch with diagnostics: a panel per rule, the angle between each layer's update
+    and BP's gradient (solid) and between its feedback and BP's (dashed) over epochs."""
+    plt = _pyplot()
+    frame = _ok(epochs)
+    columns = [c for c in frame.columns if c.startswith("diagnostics_update_angle/")]
+    if frame.empty or not columns:
+        return []
+    made = []
+    for task, arch in _cells(layout, frame):
+        here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
+        rows = [r for r in layout.row_order if r in set(here["label"])
+                and here[here["label"] == r][columns].notna().any().any()]
+        if not rows:
+            continue
+        layers = sorted({c.split("/", 1)[1] for c in here.columns
+                         if c.startswith("diagnostics_") and "angle/" in c
+                         and here[c].notna().any()})
+        shades = dict(zip(layers, plt.cm.viridis([i / max(1, len(layers) - 1) * 0.85
+                                                  for i in range(len(layers))])))
+        fig, axes = plt.subplots(1, len(rows), squeeze=False, sharey=True,
+                                 figsize=(3.4 * len(rows), 3.2))
+        for ax, row in zip(axes[0], rows):
+            group = here[here["label"] == row]
+            for layer in layers:
+                for kind, style in (("update", "-"), ("feedback", "--")):
+                    column = f"diagnostics_{kind}_angle/{layer}"
+                    if column in group and group[column].notna().any():
+                        stats = group.groupby("epoch")[column].mean()
+                        ax.plot(stats.index, stats.values, style, color=shades[layer], lw=1.5,
+                                label=f"{layer} {kind}")
+            ax.set_title(row, fontsize=9, color=colours[row])
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_ylim(-3, 183)
+            ax.set_yticks([0, 45, 90, 135, 180])
+            ax.tick_params(labelsize=7)
+            _integer_epochs(ax)
+        axes[0][0].set_ylabel("degrees to BP's", fontsize=8)
+        handles, labels = [], []
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(labels), 6), frameon=False, fontsize=7)
+        fig.suptitle(f"{task}/{arch}: angle between each layer's update and BP's gradient "
+                     "(solid) and between its feedback and BP's (dashed)", y=1.03, fontsize=10)
+        fig.tight_layout()
+        name = f"alignment_{task}_{arch}.png".replace("/", "_")
+        _save(fig, out_dir, name)
+        made.append((f"Alignment with backprop on {task}/{arch}", name))
+    return made
+
+
+def logged(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
+    """Every scalar a rule's train_step returned beside the loss (split ``train``), by name,
+    per epoch."""
+    plt = _pyplot()
+    frame = _ok(epochs)
+    names = sorted(c[len("train_"):] for c in frame.columns
+                   if c.startswith("train_") and c not in ("train_time_s", "train_loss")
+                   and frame[c].notna().any())
+    if frame.empty or not names:
+        return []
+    cells = _cells(layout, frame)
+    fig, axes = plt.subplots(len(names), len(cells), squeeze=False,
+                             figsize=(4.2 * len(cells), 2.9 * len(names)))
+    rows = [r for r in layout.row_order if r in set(frame["label"])]
+    for i, name in enumerate(names):
+        for j, (task, arch) in enumerate(cells):
+            ax = axes[i][j]
+            here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
+            for row in rows:
+                _band(ax, here[here["label"] == row], "epoch", f"train_{name}", colours[row])
+            ax.set_title(f"{task}/{arch}: {name}", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.tick_params(labelsize=7)
+            _integer_epochs(ax)
+    _legend(fig, colours, rows)
+    fig.suptitle("Scalars the rules log (mean over seeds; band: min–max)", y=1.0)
+    fig.tight_layout()
+    _save(fig, out_dir, "logged.png")
+    return [("Logged scalars", "logged.png")]
