@@ -252,15 +252,20 @@ def cmd_run(args) -> int:
     sources = _current_sources(suite.specs)
     if args.dry_run:
         return _dry_run(suite, specs, args, sources)
-    estimates = _estimates(suite, specs, args, measure=False)   # stored or cached: no timing
-    summary = parallel.run(
-        specs, suite.store_path, jobs=args.jobs, backend=args.backend, estimates=estimates,
-        scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
-        plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
-        rerun_stale=args.rerun_stale, sources=sources, run_timeout=args.run_timeout,
-        progress=not args.no_progress, log_epochs=args.log_epochs, command=" ".join(sys.argv),
-        suite_name=suite.name, structure=suite.structure(), slurm=slurm,
-        per_gpu=args.per_gpu)
+    def run_specs(batch, structure=None):
+        return parallel.run(
+            batch, suite.store_path, jobs=args.jobs, backend=args.backend,
+            estimates=_estimates(suite, batch, args, measure=False),   # stored or cached
+            scheduler=args.scheduler, threads=args.threads, data_dir=_data_dir(args),
+            plugin_paths=tuple(args.plugins), rerun=args.rerun, retry_errors=args.retry_errors,
+            rerun_stale=args.rerun_stale, sources=_current_sources(batch),
+            run_timeout=args.run_timeout, progress=not args.no_progress,
+            log_epochs=args.log_epochs, command=" ".join(sys.argv), suite_name=suite.name,
+            structure=structure, slurm=slurm, per_gpu=args.per_gpu)
+    if suite.tune is None:
+        summary = run_specs(specs, suite.structure())
+    else:
+        summary = _tune(suite, specs, run_specs)
     c = summary.counts
     print(f"{suite.name}: ok {c['ok']}, diverged {c['diverged']}, error {c['error']}, "
           f"skipped {c['skipped']}, already stored {summary.already_stored}"
@@ -275,6 +280,36 @@ def cmd_run(args) -> int:
         with Store(suite.store_path, readonly=True) as store:
             print(f"report: {report.build(store)}")
     return 130 if summary.interrupted else 0
+
+
+def _tune(suite, specs, run_specs):
+    """A suite with a tune: block: every row's trials, then its chosen settings (harness.tune);
+    the store records the plan as it grows, so an interrupted tuning reports what it has."""
+    from harness import parallel, tune
+    from harness.store import Store
+    total = parallel.Summary()
+
+    def batch_runner(batch):
+        summary = run_specs(batch)
+        for status, count in summary.counts.items():
+            total.counts[status] = total.counts.get(status, 0) + count
+        total.already_stored += summary.already_stored
+        total.stale += summary.stale
+        total.elsewhere += summary.elsewhere
+        if summary.interrupted:
+            total.interrupted = True
+            raise KeyboardInterrupt
+    studies: list = []
+    try:
+        tune.run(suite, specs, batch_runner, suite.store_path,
+                 log=lambda m: print(m, file=sys.stderr), studies=studies)
+    except KeyboardInterrupt:
+        total.interrupted = True
+    finally:
+        if studies or suite.store_path.exists():
+            with Store(suite.store_path) as store:
+                store.record_suite(suite.name, suite.structure(tune.plan(suite, studies)))
+    return total
 
 
 def _only(suite, rules: list[str]):

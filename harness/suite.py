@@ -42,9 +42,9 @@ from harness.registry import algorithms, tasks
 
 MAX_SUITE_BYTES = 256 * 1024
 TOP_KEYS = ("name", "description", "store", "seeds", "epochs", "batch_size", "protocol",
-            "validation", "patience", "baseline", "diagnostics", "diagnostics_every", "tasks",
-            "algorithms", "overrides", "exclude", "reference")
-TASK_KEYS = ("task", "archs", "params")
+            "validation", "patience", "baseline", "diagnostics", "diagnostics_every", "tune",
+            "tasks", "algorithms", "overrides", "exclude", "reference")
+TASK_KEYS = ("task", "archs", "params", "target")
 OVERRIDE_KEYS = ("match", "params", "batch_size", "epochs", "patience")
 MATCH_KEYS = ("task", "algorithm", "arch")
 EXCLUDE_KEYS = ("task", "algorithm", "arch", "seed")
@@ -140,6 +140,7 @@ class TaskEntry:
     params: tuple                   # resolved task params (every field, sorted)
     archs: tuple[Arch, ...]
     metrics: tuple[tuple[str, str], ...]   # (metric, direction), the primary first
+    target: Optional[float] = None  # a validation score to reach: the report's time to target
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ class Suite:
     column_order: tuple[tuple[str, str], ...]
     references: dict = field(default_factory=dict)   # (row, task label, arch) -> (mean, std)
     reference_source: str = ""
+    tune: Optional[Any] = None                       # harness.tune.Tune: equal tuning budgets
 
     def names(self) -> Names:
         return Names(frozenset(e.label for e in self.algorithms),
@@ -182,10 +184,13 @@ class Suite:
         """Task label → (primary metric, direction)."""
         return {t.label: t.metrics[0] for t in self.tasks}
 
-    def structure(self) -> dict:
+    def structure(self, plan: Optional[list] = None) -> dict:
         """What a report needs besides the runs, as plain data: recorded in the store when the
-        suite runs, so that reports are rebuilt without the YAML, the plugins or torch."""
+        suite runs, so that reports are rebuilt without the YAML, the plugins or torch.
+        ``plan``: (spec, role, trial) of every run when it is not the grid itself (a tuned
+        suite: its trials and its final runs)."""
         from harness.api import _canonical
+        plan = plan if plan is not None else [(s, None, None) for s in self.specs]
         rows = []
         for spec in self.specs:
             if spec.label not in [r["label"] for r in rows]:
@@ -199,15 +204,21 @@ class Suite:
             "patience": self.patience, "rows": rows,
             "columns": [{"task": task, "arch": arch} for task, arch in self.column_order],
             "tasks": {t.label: {"task": t.task, "metrics": [list(m) for m in t.metrics],
-                                "params": dict(t.params)} for t in self.tasks},
+                                "params": dict(t.params), "target": t.target}
+                      for t in self.tasks},
             "references": [{"row": r, "task": t, "arch": a, "mean": m, "std": s}
                            for (r, t, a), (m, s) in self.references.items()],
             "reference_source": self.reference_source,
+            "tune": None if self.tune is None else {"trials": self.tune.trials,
+                                                    "sampler": self.tune.sampler,
+                                                    "seeds": list(self.tune.seeds),
+                                                    "epochs": self.tune.epochs},
             "plan": [{"key": s.key(), "label": s.label, "algorithm": s.algorithm,
                       "task": s.task_label, "arch": s.arch.name, "seed": s.seed,
                       "epochs": s.epochs, "batch_size": s.batch_size,
-                      "params": dict(s.params), "skip_reason": s.skip_reason}
-                     for s in self.specs]})
+                      "params": dict(s.params), "skip_reason": s.skip_reason,
+                      **({"role": role, "trial": trial} if role else {})}
+                     for s, role, trial in plan]})
 
 
 def _relative(path: Path) -> str:
@@ -271,8 +282,12 @@ def _task_entries(raw: Any, where: str, ctx: RunContext) -> tuple[TaskEntry, ...
         archs = parse_archs(task, P.build(task.Params, resolved), body.get("archs"),
                             f"{at}.archs", ctx)
         metrics = tuple(task.metrics.items())
+        target = body.get("target")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
+            raise UserError(f"{at}.target: a value of {metrics[0][0]} to reach on validation, "
+                            f"not {target!r}")
         out.append(TaskEntry(str(label), name, int(task.version), resolved, tuple(archs),
-                             metrics))
+                             metrics, None if target is None else float(target)))
     return tuple(out)
 
 
@@ -450,6 +465,8 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None,
         validation=float(validation), device=device, suite=name, where=where,
         diagnostics=tuple(dict.fromkeys(diagnostics)), diagnostics_every=diagnostics_every)
     references, source = _references(raw.get("reference"), where, names)
+    from harness import tune as tune_mod
+    tune = tune_mod.parse(raw.get("tune"), where, alg_entries)
     store_raw = store or raw.get("store")
     if store_raw is not None and not isinstance(store_raw, str):
         raise UserError(f"{where}: store: a file path, not {store_raw!r}")
@@ -459,4 +476,5 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None,
                  validation=float(validation), patience=patience, baseline=baseline,
                  tasks=task_entries, algorithms=alg_entries, overrides=overrides,
                  excludes=excludes, specs=tuple(specs), row_order=tuple(rows),
-                 column_order=tuple(columns), references=references, reference_source=source)
+                 column_order=tuple(columns), references=references, reference_source=source,
+                 tune=tune)

@@ -240,3 +240,26 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     assert next(l for l in out.splitlines() if l.startswith("| close")).endswith("REGRESSION |")
     status, out, _ = cli("compare", data, worse, "--threshold", "3")   # beyond what moved
     assert status == 0
+
+
+def test_time_to_target(write_suite, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_suite(f"""
+        name: ttt
+        store: {tmp_path / 'ttt.sqlite'}
+        seeds: 2
+        epochs: 3
+        tasks:
+          blobs: {{archs: [mlp], params: {{n_train: 256, n_test: 64}}, target: 90}}
+        algorithms: {{bp: {{lr: 0.01}}, slow: {{algorithm: bp, lr: 1.0e-7}}}}
+    """, "ttt")
+    status, _, err = cli("run", path, "--device", "cpu", "--no-progress")
+    assert status == 0, err
+    text = (tmp_path / "reports" / "ttt" / "report.md").read_text()
+    part = text.split("## Time to target")[1].split("\n## ")[0]
+    bp = next(l for l in part.splitlines() if l.startswith("| bp"))
+    slow = next(l for l in part.splitlines() if l.startswith("| slow"))
+    assert "2 of 2" in bp and "not reached (0 of 2)" in slow
+    status, _, err = cli("validate", write_suite(
+        "tasks: {blobs: {target: high}}\nalgorithms: {bp: {}}\n", "badttt"))
+    assert status == 2 and "tasks.blobs.target" in err

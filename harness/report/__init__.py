@@ -42,10 +42,31 @@ def layout_of(store, layout: Optional[Layout] = None) -> Layout:
     return Layout.of(structure)
 
 
+def frames_for(store, layout: Layout) -> store_mod.Frames:
+    """The store's runs and epochs as the suite's plan names them: each planned run under its
+    row label, task entry and role (a run planned twice — a tuning trial that is also a final
+    run — appears under both); runs the plan does not name are left out."""
+    import pandas as pd
+    frames = store_mod.frames(store, keys=layout.keys())
+    plan = pd.DataFrame([{"key": p["key"], "label": p["label"], "task_label": p["task"],
+                          "role": p.get("role") or "", "trial": p.get("trial")}
+                         for p in layout.plan])
+    if plan.empty or frames.runs.empty:
+        runs = frames.runs.assign(role="", trial=None)
+        return store_mod.Frames(runs, frames.epochs.assign(role=""), frames.sessions)
+    plan = plan.drop_duplicates(["key", "label", "task_label", "role"])
+    runs = frames.runs.drop(columns=["label", "task_label"]).merge(plan, on="key")
+    epochs = frames.epochs.drop(columns=["label", "task_label"]).merge(
+        plan[["key", "label", "task_label", "role"]], left_on="run_key", right_on="key"
+    ).drop(columns=["key"])
+    return store_mod.Frames(runs, epochs, frames.sessions)
+
+
 def headline(store, layout: Optional[Layout] = None) -> str:
     """The results table of the suite's protocol, as the report opens with it."""
     layout = layout_of(store, layout)
-    runs = store_mod.frames(store, keys=layout.keys()).runs
+    runs = frames_for(store, layout).runs
+    runs = runs[runs["role"] != "trial"]
     return render.results_table(layout, runs, layout.protocol) or "(no finished runs yet)"
 
 
@@ -58,7 +79,7 @@ def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = No
     from harness.api import UserError
     from harness.exchange import write_jsonl
     layout = layout_of(store, layout)
-    frames = store_mod.frames(store, keys=layout.keys())
+    frames = frames_for(store, layout)
     out_dir = Path(out_root) / layout.name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,14 +108,18 @@ def _section(lines: list[str], title: str, body: Optional[str], caption: str = "
 def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     from harness.api import UserError
     from harness.report import plots
-    runs, epochs, sessions = frames
+    all_runs, all_epochs, sessions = frames
+    trials = all_runs[all_runs["role"] == "trial"]
+    runs = all_runs[all_runs["role"] != "trial"]
+    epochs = all_epochs[all_epochs["role"] != "trial"]
     protocol = layout.protocol
     other = "paper" if protocol == "clean" else "clean"
-    counts = runs["status"].value_counts().to_dict()
+    counts = all_runs.drop_duplicates("key")["status"].value_counts().to_dict()
     lines = [f"# Report: {layout.name}", ""]
     if layout.description:
         lines += [layout.description.strip(), ""]
-    lines += [f"{len(runs)} of {len(layout.plan)} planned runs stored (" + ", ".join(
+    stored = all_runs["key"].nunique() if len(all_runs) else 0
+    lines += [f"{stored} of {len(set(layout.keys()))} planned runs stored (" + ", ".join(
         f"{k} {v}" for k, v in sorted(counts.items())) + "). Every number below comes from the "
               f"runs in `runs.jsonl` beside this file; regenerate with `{regenerate}`.", ""]
     lines += [f"Protocol: **{protocol}** — " + (
@@ -106,7 +131,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     lines.append("")
     _section(lines, f"## Results ({protocol} protocol)",
              render.results_table(layout, runs, protocol))
-    missing = coverage.missing_cells(layout, runs)
+    missing = coverage.missing_cells(layout, all_runs)
     if missing:
         rows = [[md(m.row), md(f"{m.task}/{m.arch}"), f"{len(m.seeds)} of {m.planned}",
                  f"`{m.command}`"] for m in missing]
@@ -127,6 +152,13 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
                  "baseline), their interquartile mean per rule with a 95% stratified bootstrap "
                  "interval (Agarwal et al. 2021); the performance profile below shows the "
                  "fraction of cells where each rule is within a factor τ of the best.")
+    if len(trials):
+        _section(lines, "## Tuning", render.tuning_table(layout, trials),
+                 render.tuning_caption(layout))
+    _section(lines, "## Time to target", render.time_to_target_table(layout, epochs),
+             "Training seconds (every epoch's, the first included) and epochs until the "
+             "validation metric first reached the suite's target for the task; over the seeds "
+             "that reached it.")
     _section(lines, f"## Results ({other} protocol)", render.results_table(layout, runs, other))
     _section(lines, "## Both protocols, per run group", render.protocols_table(layout, runs))
     _section(lines, "## Selection on validation", render.validation_table(layout, runs),
@@ -137,9 +169,9 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     _section(lines, "## Time per epoch and memory", render.timing_table(layout, runs, epochs),
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
              "ratios in one process.")
-    for title, name in _figures(layout, runs, epochs, out_dir):
+    for title, name in _figures(layout, runs, epochs, out_dir, trials):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
-    grouped = coverage.problems(layout, runs)
+    grouped = coverage.problems(layout, all_runs)
     if grouped:
         rows = [[p.status, p.count, md(p.reason), md(render.cells_text(p.cells))]
                 for p in grouped]
@@ -161,7 +193,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     return path
 
 
-def _figures(layout: Layout, runs, epochs, out_dir: Path) -> list[tuple[str, str]]:
+def _figures(layout: Layout, runs, epochs, out_dir: Path, trials) -> list[tuple[str, str]]:
     import seaborn as sns
 
     from harness import profiles
@@ -173,6 +205,7 @@ def _figures(layout: Layout, runs, epochs, out_dir: Path) -> list[tuple[str, str
     made += plots.time_ratio(layout, epochs, out_dir, colours, layout.baseline)
     made += plots.alignment(layout, epochs, out_dir, colours)
     made += plots.logged(layout, epochs, out_dir, colours)
+    made += plots.tuning(layout, trials, out_dir, colours)
     _, profile = tables.aggregate(layout, runs, layout.protocol)
     if profile is not None:
         figure = profiles.plot_profile(profile, colours, title="Performance profile "

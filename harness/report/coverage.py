@@ -37,20 +37,23 @@ def missing_cells(layout: Layout, runs) -> list[MissingCell]:
     stored = set(runs["key"]) if len(runs) else set()
     by_cell: dict[tuple, list] = {}
     for entry in layout.plan:
-        cell = (entry["label"], entry["task"], entry["arch"])
+        row = entry["label"].split(" · trial ")[0]      # a tuning trial: its row runs it
+        cell = (row, entry["task"], entry["arch"])
         by_cell.setdefault(cell, []).append(entry)
     suite = layout.raw.get("path") or f"suites/{layout.name}.yaml"
     all_seeds = {e["seed"] for e in layout.plan}
     out = []
     for (row, task, arch), entries in by_cell.items():
-        seeds = tuple(sorted(e["seed"] for e in entries if e["key"] not in stored))
+        seeds = tuple(sorted({e["seed"] for e in entries if e["key"] not in stored}))
         if not seeds:
             continue
         parts = ["python", "bench.py", suite, "--only", f"algorithm={row}", "--only",
                  f"task={task}", "--only", f"arch={arch}"]
-        if set(seeds) != {e["seed"] for e in entries} or set(seeds) != all_seeds:
+        if any(e.get("role") == "trial" for e in entries):
+            pass                        # a tuned row: its trials and finals run together
+        elif set(seeds) != {e["seed"] for e in entries} or set(seeds) != all_seeds:
             parts += ["--only", "seed=" + ",".join(map(str, seeds))]
-        out.append(MissingCell(row, task, arch, seeds, len(entries),
+        out.append(MissingCell(row, task, arch, seeds, len({e["seed"] for e in entries}),
                                " ".join(shlex.quote(p) for p in parts)))
     order = {r: i for i, r in enumerate(layout.row_order)}
     columns = {c: i for i, c in enumerate(layout.column_order)}

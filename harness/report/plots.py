@@ -262,3 +262,35 @@ def logged(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[s
     fig.tight_layout()
     _save(fig, out_dir, "logged.png")
     return [("Logged scalars", "logged.png")]
+
+
+def tuning(layout: Layout, trials, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
+    """Best validation so far against the trial, one line per rule, a panel per task/arch."""
+    from harness.report.render import _trial_values, best_so_far
+    if trials is None or len(trials) == 0:
+        return []
+    plt = _pyplot()
+    values = _trial_values(trials)
+    cells = [c for c in layout.column_order if any(k[1:] == c for k in values)]
+    fig, axes = plt.subplots(1, len(cells), squeeze=False, figsize=(4.4 * len(cells), 3.3))
+    rows = [r for r in layout.row_order if any(k[0] == r for k in values)]
+    for ax, (task, arch) in zip(axes[0], cells):
+        metric, direction = layout.metrics[task]
+        for row in rows:
+            found = values.get((row, task, arch))
+            if not found:
+                continue
+            curve = best_so_far(found, direction)
+            ax.plot([i for i, _, _ in found], curve, color=colours[row], lw=1.8,
+                    marker="o", ms=3, drawstyle="steps-post")
+        ax.set_title(f"{task}/{arch}", fontsize=9)
+        ax.set_xlabel("trial", fontsize=8)
+        ax.set_ylabel(f"best validation {metric} so far", fontsize=8)
+        ax.tick_params(labelsize=7)
+        _integer_epochs(ax)
+    _legend(fig, colours, rows)
+    fig.suptitle("Tuning: the best validation score found so far, per rule (equal budgets)",
+                 y=1.02, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out_dir, "tuning.png")
+    return [("Tuning: best validation so far per trial", "tuning.png")]

@@ -299,3 +299,88 @@ def environment_table(sessions, runs) -> Optional[str]:
 def cells_text(cells: tuple[str, ...], limit: int = 6) -> str:
     shown = "; ".join(cells[:limit])
     return shown + (f"; … ({len(cells) - limit} more)" if len(cells) > limit else "")
+
+
+def _trial_values(trials):
+    """(row, task, arch) → [(trial index, objective, params)] in trial order: the objective is
+    the mean over the trial's seeds of their best validation metric."""
+    out: dict[tuple, list] = {}
+    for (row, task, arch, trial), group in trials.groupby(["label", "task_label", "arch",
+                                                           "trial"]):
+        base = row.split(" · trial ")[0]
+        ok = group[group["status"] == "ok"]["clean_val"].dropna()
+        params = group["params"].iloc[0]
+        out.setdefault((base, task, arch), []).append(
+            (int(trial), float(ok.mean()) if len(ok) else None, params))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items()}
+
+
+def best_so_far(values: list, direction: str) -> list[Optional[float]]:
+    best, out = None, []
+    for _, value, _ in values:
+        if value is not None and (best is None or (value > best if direction == "max"
+                                                   else value < best)):
+            best = value
+        out.append(best)
+    return out
+
+
+def tuning_caption(layout: Layout) -> str:
+    tune = layout.raw.get("tune") or {}
+    epochs = f"{tune['epochs']} epochs" if tune.get("epochs") else "the suite's epochs"
+    return (f"Every rule got the same budget: {tune.get('trials')} trials ({tune.get('sampler')} "
+            f"sampler, seeds {tune.get('seeds')}, {epochs} each), each selected on validation "
+            "(its best validation metric); the best trial's settings then ran with the "
+            "suite's seeds (the results above). *Still improving*: the best came in the last "
+            "quarter of the trials — a larger budget might have found better.")
+
+
+def tuning_table(layout: Layout, trials) -> Optional[str]:
+    import json
+    values = _trial_values(trials)
+    if not values:
+        return None
+    planned = (layout.raw.get("tune") or {}).get("trials")
+    lines = []
+    for row in layout.row_order:
+        for task, arch in layout.column_order:
+            found = values.get((row, task, arch))
+            if not found:
+                continue
+            metric, direction = layout.metrics[task]
+            scored = [(v, i) for i, v, _ in found if v is not None]
+            if not scored:
+                lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}", "–",
+                              "", "", ""])
+                continue
+            best_value, best_index = (max if direction == "max" else min)(scored)
+            all_params = [json.loads(p) if isinstance(p, str) else p for _, _, p in found]
+            varied = sorted(k for k in all_params[0]
+                            if len({json.dumps(p.get(k)) for p in all_params}) > 1)
+            chosen = next(p for (i, _, _), p in zip(found, all_params) if i == best_index)
+            improving = planned and best_index >= 0.75 * (planned - 1) and planned > 1
+            lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}",
+                          fmt(best_value, metric), best_index,
+                          md(", ".join(f"{k}={chosen[k]:.3g}" if isinstance(chosen[k], float)
+                                       else f"{k}={chosen[k]}" for k in varied)),
+                          "still improving" if improving else ""])
+    return _table(lines, ["algorithm", "task/arch", "trials", "best validation", "at trial",
+                          "chosen settings", ""])
+
+
+def time_to_target_table(layout: Layout, epochs) -> Optional[str]:
+    found = tables.time_to_target(layout, epochs)
+    if not found:
+        return None
+    lines = []
+    for t in found:
+        metric = layout.metrics[t.task][0]
+        if not t.reached:
+            lines.append([md(t.row), md(f"{t.task}/{t.arch}"), fmt(t.target, metric),
+                          f"not reached (0 of {t.runs})", "–"])
+            continue
+        lines.append([md(t.row), md(f"{t.task}/{t.arch}"), fmt(t.target, metric),
+                      f"{t.reached} of {t.runs}: " + summary_text(t.seconds, "s"),
+                      summary_text(t.epochs, "epochs")])
+    return _table(lines, ["algorithm", "task/arch", "validation target",
+                          "training seconds to reach it [95% CI] (seeds)", "epochs"])

@@ -185,3 +185,48 @@ def row_parameters(layout: Layout) -> list[tuple[str, dict, dict]]:
 def median_or_none(values) -> Optional[float]:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+@dataclass(frozen=True)
+class TimeToTarget:
+    row: str
+    task: str
+    arch: str
+    target: float
+    reached: int                     # seeds that reached it
+    runs: int
+    seconds: stats.Summary           # training seconds until the first epoch that reached it
+    epochs: stats.Summary
+
+
+def time_to_target(layout: Layout, epochs) -> list[TimeToTarget]:
+    """Per row and task/arch with a target: training seconds (cumulative, warm-up included)
+    and epochs until the validation metric first reached it, over the seeds that did."""
+    targets = {t: v.get("target") for t, v in layout.raw.get("tasks", {}).items()
+               if v.get("target") is not None}
+    counted = epochs[epochs["status"].isin(["ok", "diverged"])]
+    out = []
+    if counted.empty or not targets:
+        return out
+    for row in rows(layout, counted):
+        for task, arch in columns(layout, counted):
+            if task not in targets:
+                continue
+            metric, direction = layout.metrics[task]
+            here = counted[(counted["label"] == row) & (counted["task_label"] == task)
+                           & (counted["arch"] == arch)]
+            column = f"val_{metric}"
+            if here.empty or column not in here:
+                continue
+            seconds, spent, total = [], [], 0
+            for _, run in here.sort_values("epoch").groupby("run_key"):
+                total += 1
+                good = run[column] >= targets[task] if direction == "max" \
+                    else run[column] <= targets[task]
+                if good.any():
+                    first = run[good.values].iloc[0]["epoch"]
+                    seconds.append(float(run[run["epoch"] <= first]["train_time_s"].sum()))
+                    spent.append(float(first))
+            out.append(TimeToTarget(row, task, arch, targets[task], len(seconds), total,
+                                    stats.summarize(seconds), stats.summarize(spent)))
+    return out

@@ -1,0 +1,74 @@
+"""Equal tuning budgets: a tune: suite gives every rule the same number of trials (Optuna,
+seeded), each an ordinary stored run selected on validation, then its chosen settings with
+the suite's seeds; tuning resumes like any run, and the report draws a curve per rule."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import suite as suite_mod
+
+SUITE = """
+name: tuned
+store: {store}
+seeds: 2
+epochs: 2
+tune:
+  trials: 4
+  epochs: 1
+  seeds: [0]
+  space:
+    lr: {{log_uniform: [1.0e-3, 3.0e-2]}}
+tasks:
+  blobs: {{archs: [mlp], params: {{n_train: 256, n_test: 64}}}}
+algorithms:
+  bp: {{}}
+  fa: {{}}
+"""
+
+
+def test_every_rule_gets_the_same_trials_then_its_final_runs(write_suite, cli, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_suite(SUITE.format(store=tmp_path / "t.sqlite"), "tuned")
+    status, out, err = cli("run", path, "--device", "cpu", "--no-progress", "--jobs", "2")
+    assert status == 0 and "ok 12" in out, err           # 2 rules × (4 trials + 2 seeds)
+    lines = (tmp_path / "reports" / "tuned" / "runs.jsonl").read_text().splitlines()
+    plan = json.loads(lines[0])["structure"]["plan"]
+    trials = [p for p in plan if p.get("role") == "trial"]
+    finals = [p for p in plan if p.get("role") == "final"]
+    for row in ("bp", "fa"):
+        assert len([p for p in trials if p["label"].startswith(row + " · trial")]) == 4
+        assert sorted(p["seed"] for p in finals if p["label"] == row) == [0, 1]
+    assert len({p["params"]["lr"] for p in trials}) == 8      # sampled, not a fixed grid
+    report = (tmp_path / "reports" / "tuned" / "report.md").read_text()
+    tuning = report.split("## Tuning")[1].split("\n## ")[0]
+    assert "| bp " in tuning and "| fa " in tuning and "4 of 4" in tuning
+    assert "](tuning.png)" in report and (tmp_path / "reports" / "tuned" / "tuning.png").exists()
+    chosen = {p["label"]: p["params"]["lr"] for p in finals}
+    runs = [json.loads(l)["run"] for l in lines if l.startswith('{"run"')]
+    for row in ("bp", "fa"):                    # the final runs use the best trial's settings
+        mine = [r for r in runs if any(p["key"] == r["key"] and p["label"].startswith(row + " ·")
+                                       for p in trials)]
+        top = max(mine, key=lambda r: r["clean_val"])
+        assert chosen[row] in {r["params"]["lr"] for r in mine
+                               if r["clean_val"] == top["clean_val"]}
+    status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    assert status == 0 and "already stored 12" in out and "ok 0" in out   # resumes: same trials
+
+
+@pytest.mark.parametrize("block,expected", [
+    ("tune: {trials: 0, space: {lr: {uniform: [0.1, 0.2]}}}", "tune.trials"),
+    ("tune: {trials: 2, space: {lr: {normal: [0.1, 0.2]}}}", "unknown distribution 'normal'"),
+    ("tune: {trials: 2, space: {lr: {log_uniform: [0, 0.1]}}}", "low > 0"),
+    ("tune: {trials: 2, space: {lr: {uniform: [-1, 0.1]}}}", "below the minimum"),
+    ("tune: {trials: 2, space: {colour: {choice: [red]}}}", "no parameter of the space"),
+    ("tune: {trials: 2, sampler: grid, space: {lr: {uniform: [0.1, 0.2]}}}", "tune.sampler"),
+    ("tune: {trials: 2, space: {lr: {uniform: [0.1, 0.2]}}, space_per_algorithm: {xx: {}}}",
+     "unknown algorithm 'xx'"),
+])
+def test_bad_tune_blocks_are_one_line(write_suite, cli, block, expected):
+    path = write_suite(block + "\ntasks: {blobs: {}}\nalgorithms: {bp: {}}\n", "badtune")
+    status, _, err = cli("validate", path)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
