@@ -1,0 +1,376 @@
+"""Difference target propagation for conv nets, with feedback learned by L-DRL (Ernoult et al.,
+ICML 2022, "Towards scaling difference target propagation by learning backprop targets").
+
+Why this variant. Three published routes take DTP to conv nets: DDTP (Meulemans et al. 2020:
+direct feedback from the output, trained with a difference reconstruction loss, whose targets
+approach Gauss-Newton's, not BP's), the locally connected DTP of Bartunov et al. 2018 (no weight
+sharing: many times the parameters and the cost of a conv net, and 98.5 % on MNIST at best) and
+L-DRL (Ernoult et al. 2022: layer-wise feedback trained so that each feedback Jacobian matches
+the *transpose* of its forward Jacobian, which makes the difference targets BP's targets at small
+β; the best DTP results on CIFAR-10 and ImageNet 32×32). The bars here (the DLL paper's DTP CNN,
+96.4 % MNIST, 88 % FashionMNIST) are well below what BP reaches on these nets (≥ 99 %, ≥ 91 %),
+so the variant that tracks BP is the one most likely to meet them, and it keeps BP's shape of
+computation (one conv per layer per sweep), so its cost stays within a small factor of BP's.
+DDTP's direct output-to-layer feedback would need a dense map from 10 outputs to every conv
+feature map and aims at Gauss-Newton targets; Bartunov's variant gives up the conv structure.
+
+What differs from the paper. Ernoult et al. mirror each forward block in the feedback path
+(transposed conv, the forward nonlinearity, max-unpool) and train it with many L-DRL iterations
+per batch (20–55 in their CIFAR-10 runs), because that feedback family cannot represent J_Fᵀ
+exactly. Here the feedback of each weighted layer is chosen so that J_Fᵀ lies inside it:
+
+    forward layer i    y_i = f(W_i ⊛ h_i),  h_{i+1} = P_i(y_i)  (P_i: the pools/flatten after it)
+    feedback           G_i(u) = B_iᵀ ⊛ ψ(u)  on y_i's space, ψ′(y) = f′(f⁻¹(y))
+                       (tanh: ψ(y) = y − y³/3; linear: y; sigmoid: y²/2 − y³/3;
+                       relu: y on the active units, 0 on the others)
+
+B_i has W_i's shape; B_iᵀ ⊛ is the transposed convolution (conv2d's input gradient) with kernel
+B_i, or the product with B_iᵀ for a dense layer. The Jacobian of G_i at y_i is
+B_iᵀ diag(f′(a_i)), so B_i = W_i gives exactly J_{F_i}ᵀ = W_iᵀ diag(f′(a_i)) at every sample:
+that is what "exact feedback" means in tests/test_dtp_conv.py. Pools and flatten have no weights;
+their feedback is fixed at their own transposed Jacobian at the forward pass — max-pool sends a
+difference to the unit that won (its argmax), average-pool spreads it evenly (/size²), flatten
+reshapes — as DLL routes its errors (algorithms/dll.py).
+
+Per batch (⟨·,·⟩ and ‖·‖ summed over a sample, then averaged over the N samples):
+
+    feedback  (k = feedback_updates times, forward weights fixed; its own Adam):
+              ε ~ N(0, σ²) at h_i,  η ~ N(0, σ²) at y_i,
+              r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i),   s = ψ(y_i + η) − ψ(y_i)
+              L_i(B_i) = (‖B_iᵀ ⊛ s‖² − 2⟨ε, B_iᵀ ⊛ r⟩) / (2σ²)             (L-DRL)
+              ∂L_i/∂B_i = [C(B_iᵀ ⊛ s, s) − C(ε, r)] / σ²
+    targets   Δ_L = t_L − h_L = −β ∂ℓ/∂h_L                      (ℓ: the per-sample task loss)
+              d_i = P_iᵀ Δ_{i+1}                                 (the pools' fixed feedback)
+              Δ_i = G_i(y_i + d_i) − G_i(y_i) = B_iᵀ ⊛ [ψ(y_i + d_i) − ψ(y_i)]
+              t_i = h_i + Δ_i                                    (difference correction)
+    forward   min_{W_i} ½‖P_i(f(W_i ⊛ h_i)) − t_{i+1}‖²          (h_i held fixed):
+              ∂W_i = C(h_i, −d_i ⊙ f′(a_i)) / N,  stepped by the harness's optimiser
+
+where C(a, b) = Σ_n b_nᵀ a_n is a layer's weight-shaped contraction (conv2d's weight gradient
+for a conv layer). With noise small, E[L_i] = σ⁻²·(½E‖J_{G_i} η‖² − E⟨ε, J_{G_i} J_{F_i} ε⟩)
+= ½‖J_G‖² − tr(J_G J_F) = ½‖J_G − J_Fᵀ‖² − ½‖J_F‖², minimal at J_G = J_Fᵀ, i.e. B_i = W_i;
+its gradient, 𝔼[(B_i − W_i)·f′(a_i)²] per output unit, is a relaxation of B_i towards W_i that
+only uses quantities at layer i (the two noises, the layer's response to them). With B_i = W_i
+and β → 0, Δ_i → −β ∂ℓ/∂h_i, so ∂W_i → β·∂(mean loss)/∂W_i: BP's gradient. At finite β the
+targets are nonlinear (ψ's curvature), and with B_i ≠ W_i they are what the learned feedback
+makes of them. ψ(y + d) − ψ(y) is evaluated in closed form (d·(1 − y² − yd − d²/3) for tanh),
+so small target differences do not cancel in float32. The first weighted layer needs no
+feedback (no target below it). Evaluation is a forward pass.
+
+Cost (multiply-accumulates per sample; one "conv" = one forward pass of a layer). BP: forward
+F, input gradients F − F_0 (none below the first layer), weight gradients F: 3F − F_0. This
+method: forward F, target differences F − F_0 (one transposed conv or product per layer above
+the first), forward weight gradients F, and per feedback update, for every layer above the
+first, one conv of the noisy input, one transposed conv of s and one weight contraction over
+2N samples (two convs' worth): 4(F − F_0). Total 3F − F_0 + 4k(F − F_0). For the MNIST CNN
+(F ≈ 2.42 M, F_0 = conv1 ≈ 0.46 M) with k = 1: 14.6 M against BP's 6.8 M, a ratio of 2.15;
+for the FashionMNIST CNN (F ≈ 17.3 M, F_0 ≈ 0.92 M): 117 M against 51 M, 2.3. Elementwise work
+(ψ, noise) comes on top; measured times are in the benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from harness.api import Arch, Conv, Dense, Flatten, Learner, Pool, TaskInfo
+from harness.toolkit import (activation, fast_step_options, init_weight, layer_shapes,
+                             loss_and_grad, make_optimizer, weight_shape)
+
+
+def psi_difference(act: str, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """ψ(y + d) − ψ(y) for ψ′(y) = f′(f⁻¹(y)), in closed form (no cancellation)."""
+    if act == "tanh":           # ψ(y) = y − y³/3
+        return d * (1.0 - y * y - y * d - d * d / 3.0)
+    if act == "sigmoid":        # ψ(y) = y²/2 − y³/3
+        return d * (y + 0.5 * d - y * y - y * d - d * d / 3.0)
+    if act == "relu":           # f′ is 1 on active units, 0 on the others: ψ is linear there
+        return d * (y > 0).to(d.dtype)
+    if act == "linear":
+        return d
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def _avg_pool_adjoint(d: torch.Tensor, size: int, in_shape: torch.Size) -> torch.Tensor:
+    spread = d.repeat_interleave(size, dim=2).repeat_interleave(size, dim=3) / (size * size)
+    pad_h, pad_w = in_shape[-2] - spread.shape[-2], in_shape[-1] - spread.shape[-1]
+    return F.pad(spread, (0, pad_w, 0, pad_h)) if pad_h or pad_w else spread
+
+
+def conv_unsupported(arch: Arch) -> Optional[str]:
+    """Why the conv DTP cannot build ``arch`` (None when it can)."""
+    try:
+        shapes = layer_shapes(arch)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    if not shapes or not isinstance(shapes[-1][0], (Dense, Conv)):
+        return "dtp needs a weighted (dense) output layer"
+    for layer, in_shape, _ in shapes:
+        if not isinstance(layer, (Dense, Conv, Pool, Flatten)):
+            return f"dtp's conv path builds conv/pool/flatten/dense layers, not {layer}"
+        if isinstance(layer, Dense) and len(in_shape) != 1:
+            return "dtp's conv path needs a flatten before its dense layers"
+        if isinstance(layer, Pool) and layer.kind not in ("max", "avg"):
+            return f"unknown pool kind {layer.kind!r}"
+    return None
+
+
+@dataclass
+class LayerState:
+    """What the forward pass leaves at weighted layer i: its input h_i, its activation
+    y_i = f(a_i), the pools' argmax indices / input shapes after it, and its block's output."""
+
+    h_in: torch.Tensor
+    y: torch.Tensor
+    post: list
+    h_out: torch.Tensor
+
+
+class ConvDTPNetwork(nn.Module):
+    """Weighted layers W_0 … W_{L−1} (conv or dense, no bias), each followed by the weightless
+    layers up to the next one, and feedback kernels B_1 … B_{L−1} of the same shapes
+    (``feedbacks[i − 1]`` carries targets from layer i's output down to its input)."""
+
+    def __init__(self, arch: Arch, init_std: float, feedback_init_std: Optional[float] = None):
+        super().__init__()
+        reason = conv_unsupported(arch)
+        if reason:
+            raise ValueError(f"{arch.name}: {reason}")
+        self.pre: list = []             # weightless layers before the first weighted one
+        self.specs: list = []
+        self.posts: list[list] = []
+        weights = []
+        for layer, in_shape, _ in layer_shapes(arch):
+            if isinstance(layer, (Dense, Conv)):
+                self.specs.append(layer)
+                self.posts.append([])
+                weights.append(nn.Parameter(init_weight(weight_shape(layer, in_shape), init_std)))
+            elif self.specs:
+                self.posts[-1].append(layer)
+            else:
+                self.pre.append(layer)
+        self.weights = nn.ParameterList(weights)
+        std = init_std if feedback_init_std is None else feedback_init_std
+        self.feedbacks = nn.ParameterList(nn.Parameter(init_weight(tuple(w.shape), std))
+                                          for w in weights[1:])
+
+    # ---- the layer-level operations -------------------------------------------------------
+
+    def linear(self, i: int, h: torch.Tensor, kernel: Optional[torch.Tensor] = None):
+        """W_i ⊛ h (or ``kernel`` ⊛ h)."""
+        w = self.weights[i] if kernel is None else kernel
+        spec = self.specs[i]
+        if isinstance(spec, Dense):
+            return h.matmul(w.t())
+        return F.conv2d(h, w, padding=spec.padding)
+
+    def feedback(self, i: int, e: torch.Tensor, in_shape: torch.Size,
+                 kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B_iᵀ ⊛ e: the transposed conv (or product) with the feedback kernel, for i ≥ 1."""
+        b = self.feedbacks[i - 1] if kernel is None else kernel
+        spec = self.specs[i]
+        if isinstance(spec, Dense):
+            return e.matmul(b)
+        return conv2d_input(in_shape, b, e, padding=spec.padding)
+
+    def contract(self, i: int, below: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+        """C(below, above) = Σ_n above_nᵀ below_n, in W_i's shape."""
+        spec = self.specs[i]
+        if isinstance(spec, Dense):
+            return above.t().matmul(below)
+        return conv2d_weight(below, self.weights[i].shape, above, padding=spec.padding)
+
+    def act(self, i: int):
+        return activation(self.specs[i].act)
+
+    def _post(self, i: int, y: torch.Tensor, keep: bool):
+        states, h = [], y
+        for layer in self.posts[i]:
+            if isinstance(layer, Flatten):
+                state, out = h.shape, h.flatten(1)
+            elif layer.kind == "max":
+                out, state = F.max_pool2d(h, layer.size, return_indices=True)
+                state = (state, h.shape)
+            else:
+                state, out = h.shape, F.avg_pool2d(h, layer.size)
+            if keep:
+                states.append(state)
+            h = out
+        return h, states
+
+    def post_adjoint(self, i: int, post: list, d: torch.Tensor) -> torch.Tensor:
+        """P_iᵀ d: a difference at layer i's block output carried to y_i (the pools' and the
+        flatten's transposed Jacobians at the forward pass)."""
+        for layer, state in zip(reversed(self.posts[i]), reversed(post)):
+            if isinstance(layer, Flatten):
+                d = d.reshape(state)
+            elif layer.kind == "max":
+                indices, shape = state
+                d = F.max_unpool2d(d, indices, layer.size, output_size=shape[-2:])
+            else:
+                d = _avg_pool_adjoint(d, layer.size, state)
+        return d
+
+    # ---- passes ----------------------------------------------------------------------------
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.pre:
+            if isinstance(layer, Flatten):
+                x = x.flatten(1)
+            elif layer.kind == "max":
+                x = F.max_pool2d(x, layer.size)
+            else:
+                x = F.avg_pool2d(x, layer.size)
+        return x
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[LayerState]]:
+        """The forward pass, keeping each weighted layer's state."""
+        h = self._pre(x)
+        states = []
+        for i in range(len(self.specs)):
+            y = self.act(i)[0](self.linear(i, h))
+            out, post = self._post(i, y, keep=True)
+            states.append(LayerState(h, y, post, out))
+            h = out
+        return h, states
+
+    def forward(self, x):
+        h = self._pre(x)
+        for i in range(len(self.specs)):
+            h = self._post(i, self.act(i)[0](self.linear(i, h)), keep=False)[0]
+        return h
+
+
+# --------------------------------------------------------------------------------------------
+# Targets, forward updates, feedback training
+# --------------------------------------------------------------------------------------------
+
+def target_differences(net: ConvDTPNetwork, states: list[LayerState],
+                       output_difference: torch.Tensor) -> list[torch.Tensor]:
+    """Δ_{i+1} = t_{i+1} − h_{i+1} at each weighted layer's block output, top-down from
+    Δ_L = ``output_difference``: Δ_i = B_iᵀ ⊛ [ψ(y_i + P_iᵀ Δ_{i+1}) − ψ(y_i)]."""
+    deltas: list[torch.Tensor] = [output_difference] * len(states)
+    for i in range(len(states) - 1, 0, -1):
+        d = net.post_adjoint(i, states[i].post, deltas[i])
+        e = psi_difference(net.specs[i].act, states[i].y, d)
+        deltas[i - 1] = net.feedback(i, e, states[i].h_in.shape)
+    return deltas
+
+
+def difference_targets(net: ConvDTPNetwork, states: list[LayerState],
+                       output_target: torch.Tensor) -> list[torch.Tensor]:
+    """t_{i+1} for each weighted layer i's block output (the last is ``output_target``)."""
+    deltas = target_differences(net, states, output_target - states[-1].h_out)
+    return [s.h_out + d for s, d in zip(states, deltas)]
+
+
+def forward_gradients(net: ConvDTPNetwork, states: list[LayerState],
+                      deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """∂/∂W_i of ½‖P_i(f(W_i ⊛ h_i)) − t_{i+1}‖² / N with h_i fixed, from Δ_{i+1} = t_{i+1} −
+    h_{i+1}: C(h_i, −P_iᵀΔ_{i+1} ⊙ f′(a_i)) / N. Only layer i's own quantities enter."""
+    n = states[0].h_in.shape[0]
+    grads = []
+    for i, (state, delta) in enumerate(zip(states, deltas)):
+        d = net.post_adjoint(i, state.post, delta)
+        g = d * net.act(i)[1](state.y) * (-1.0 / n)
+        grads.append(net.contract(i, state.h_in, g))
+    return grads
+
+
+def feedback_noise(states: list[LayerState], sigma: float,
+                   generator: Optional[torch.Generator] = None) -> list[tuple]:
+    """(ε at h_i, η at y_i) for every layer with feedback (i ≥ 1)."""
+    def normal(like):
+        return sigma * torch.randn(like.shape, generator=generator, device=like.device,
+                                   dtype=like.dtype)
+    return [(normal(s.h_in), normal(s.y)) for s in states[1:]]
+
+
+def _responses(net: ConvDTPNetwork, i: int, state: LayerState, eps, eta):
+    """r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i) and s = ψ(y_i + η) − ψ(y_i), forward weights fixed."""
+    act = net.specs[i].act
+    with torch.no_grad():
+        noisy = net.act(i)[0](net.linear(i, state.h_in + eps).detach())
+        r = psi_difference(act, state.y, noisy - state.y)
+        s = psi_difference(act, state.y, eta)
+    return r, s
+
+
+def feedback_loss(net: ConvDTPNetwork, states: list[LayerState], noise: list[tuple],
+                  sigma: float) -> torch.Tensor:
+    """Σ_i L_i(B_i) (L-DRL, per sample, divided by 2σ²), differentiable in the B_i: what
+    :func:`feedback_gradients` differentiates by hand."""
+    n = states[0].h_in.shape[0]
+    total = states[0].h_in.new_zeros(())
+    for i, (state, (eps, eta)) in enumerate(zip(states[1:], noise), start=1):
+        r, s = _responses(net, i, state, eps, eta)
+        shape = state.h_in.shape
+        total = total + (net.feedback(i, s, shape).pow(2).sum()
+                         - 2.0 * (eps * net.feedback(i, r, shape)).sum())
+    return total / (2.0 * sigma * sigma * n)
+
+
+def feedback_gradients(net: ConvDTPNetwork, states: list[LayerState], noise: list[tuple],
+                       sigma: float) -> list[torch.Tensor]:
+    """∂L_i/∂B_i = [C(B_iᵀ ⊛ s, s) − C(ε, r)] / (σ² N): one contraction over both pairs."""
+    n = states[0].h_in.shape[0]
+    grads = []
+    for i, (state, (eps, eta)) in enumerate(zip(states[1:], noise), start=1):
+        r, s = _responses(net, i, state, eps, eta)
+        back = net.feedback(i, s, state.h_in.shape)
+        both_below = torch.cat([back, -eps])
+        both_above = torch.cat([s, r]) * (1.0 / (sigma * sigma * n))
+        grads.append(net.contract(i, both_below, both_above))
+    return grads
+
+
+def feedback_alignment(net: ConvDTPNetwork) -> list[float]:
+    """cos(B_i, W_i) per layer with feedback: 1 when the feedback is exact (a diagnostic; the
+    learning rule never reads W_i)."""
+    return [float(F.cosine_similarity(b.detach().flatten(), w.detach().flatten(), dim=0))
+            for b, w in zip(net.feedbacks, list(net.weights)[1:])]
+
+
+class ConvDTPLearner(Learner):
+    """Forward weights stepped by the harness's optimiser (``make_optimizer``); the feedback
+    kernels by their own Adam (the declared exception)."""
+
+    def __init__(self, network: ConvDTPNetwork, info: TaskInfo, params, epochs: int):
+        self.network = network
+        self.info = info
+        self.p = params
+        self.optimizer, self.schedulers = make_optimizer(network.weights.parameters(), params,
+                                                         epochs)
+        feedbacks = list(network.feedbacks.parameters())
+        self.feedback_optimizer = (torch.optim.Adam(feedbacks, lr=params.feedback_lr,
+                                                    **fast_step_options(feedbacks))
+                                   if feedbacks else None)
+
+    @torch.no_grad()
+    def train_step(self, x, y):
+        net, p = self.network, self.p
+        output, states = net.run(x)
+        if self.feedback_optimizer is not None:
+            for _ in range(p.feedback_updates):
+                noise = feedback_noise(states, p.feedback_noise)
+                for b, grad in zip(net.feedbacks,
+                                   feedback_gradients(net, states, noise, p.feedback_noise)):
+                    b.grad = grad
+                self.feedback_optimizer.step()
+        loss, out_grad = loss_and_grad(self.info, output, y, p.label_smoothing)
+        deltas = target_differences(net, states, -p.target_step * out_grad * output.shape[0])
+        for w, grad in zip(net.weights, forward_gradients(net, states, deltas)):
+            w.grad = grad
+        self.optimizer.step()
+        return {"loss": loss}
+
+    def predict(self, x):
+        with torch.no_grad():
+            return self.network(x)
+
+    def state_dict(self):
+        return self.network.state_dict()
