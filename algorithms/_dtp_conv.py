@@ -70,6 +70,7 @@ for the FashionMNIST CNN (F ≈ 17.3 M, F_0 ≈ 0.92 M): 117 M against 51 M, 2.3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -84,8 +85,9 @@ from harness.toolkit import (activation, fast_step_options, init_weight, layer_s
 
 def psi_difference(act: str, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """ψ(y + d) − ψ(y) for ψ′(y) = f′(f⁻¹(y)), in closed form (no cancellation)."""
-    if act == "tanh":           # ψ(y) = y − y³/3
-        return d * (1.0 - y * y - y * d - d * d / 3.0)
+    if act == "tanh":           # ψ(y) = y − y³/3:  d − d·[y(y + d) + d²/3]
+        inner = torch.add(y, d).mul_(y).addcmul_(d, d, value=1.0 / 3.0)
+        return torch.addcmul(d, d, inner, value=-1.0)
     if act == "sigmoid":        # ψ(y) = y²/2 − y³/3
         return d * (y + 0.5 * d - y * y - y * d - d * d / 3.0)
     if act == "relu":           # f′ is 1 on active units, 0 on the others: ψ is linear there
@@ -93,6 +95,15 @@ def psi_difference(act: str, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     if act == "linear":
         return d
     raise ValueError(f"unknown activation {act!r}")
+
+
+def local_error(act: str, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d ⊙ f′(a) with y = f(a): the target difference at a layer's pre-activation."""
+    if act == "tanh":
+        return torch.addcmul(d, d * y, y, value=-1.0)
+    if act == "linear":
+        return d
+    return d * activation(act)[1](y)
 
 
 def _avg_pool_adjoint(d: torch.Tensor, size: int, in_shape: torch.Size) -> torch.Tensor:
@@ -122,7 +133,8 @@ def conv_unsupported(arch: Arch) -> Optional[str]:
 @dataclass
 class LayerState:
     """What the forward pass leaves at weighted layer i: its input h_i, its activation
-    y_i = f(a_i), the pools' argmax indices / input shapes after it, and its block's output."""
+    y_i = f(a_i), what the pools and flatten after it need to route differences back (input
+    shapes; a max-pool's argmax indices and output) and its block's output h_{i+1}."""
 
     h_in: torch.Tensor
     y: torch.Tensor
@@ -193,8 +205,8 @@ class ConvDTPNetwork(nn.Module):
             if isinstance(layer, Flatten):
                 state, out = h.shape, h.flatten(1)
             elif layer.kind == "max":
-                out, state = F.max_pool2d(h, layer.size, return_indices=True)
-                state = (state, h.shape)
+                out, indices = F.max_pool2d(h, layer.size, return_indices=True)
+                state = (indices, h.shape, out)
             else:
                 state, out = h.shape, F.avg_pool2d(h, layer.size)
             if keep:
@@ -202,18 +214,36 @@ class ConvDTPNetwork(nn.Module):
             h = out
         return h, states
 
-    def post_adjoint(self, i: int, post: list, d: torch.Tensor) -> torch.Tensor:
-        """P_iᵀ d: a difference at layer i's block output carried to y_i (the pools' and the
-        flatten's transposed Jacobians at the forward pass)."""
-        for layer, state in zip(reversed(self.posts[i]), reversed(post)):
+    def _adjoint(self, layers: list, post: list, d: torch.Tensor) -> torch.Tensor:
+        for layer, state in zip(reversed(layers), reversed(post)):
             if isinstance(layer, Flatten):
                 d = d.reshape(state)
             elif layer.kind == "max":
-                indices, shape = state
+                indices, shape, _ = state
                 d = F.max_unpool2d(d, indices, layer.size, output_size=shape[-2:])
             else:
                 d = _avg_pool_adjoint(d, layer.size, state)
         return d
+
+    def post_adjoint(self, i: int, post: list, d: torch.Tensor) -> torch.Tensor:
+        """P_iᵀ d: a difference at layer i's block output carried to y_i (the pools' and the
+        flatten's transposed Jacobians at the forward pass)."""
+        return self._adjoint(self.posts[i], post, d)
+
+    def at_activation(self, i: int, state: "LayerState", delta: torch.Tensor, *fns):
+        """[fn(y_i, P_iᵀ Δ) for fn in fns], for elementwise fns with fn(y, 0) = 0. When a
+        max-pool follows the activation they are evaluated at the pool's output (exactly the
+        same numbers: P_iᵀΔ is 0 off the argmax, and y_i there is the pooled value) and routed
+        to the argmax afterwards: a quarter of the elementwise work."""
+        posts, post = self.posts[i], state.post
+        pooled = bool(posts) and isinstance(posts[0], Pool) and posts[0].kind == "max"
+        if not pooled:
+            d = self._adjoint(posts, post, delta)
+            return [fn(state.y, d) for fn in fns]
+        d = self._adjoint(posts[1:], post[1:], delta)
+        indices, shape, out = post[0]
+        return [F.max_unpool2d(fn(out, d), indices, posts[0].size, output_size=shape[-2:])
+                for fn in fns]
 
     # ---- passes ----------------------------------------------------------------------------
 
@@ -255,8 +285,8 @@ def target_differences(net: ConvDTPNetwork, states: list[LayerState],
     Δ_L = ``output_difference``: Δ_i = B_iᵀ ⊛ [ψ(y_i + P_iᵀ Δ_{i+1}) − ψ(y_i)]."""
     deltas: list[torch.Tensor] = [output_difference] * len(states)
     for i in range(len(states) - 1, 0, -1):
-        d = net.post_adjoint(i, states[i].post, deltas[i])
-        e = psi_difference(net.specs[i].act, states[i].y, d)
+        act = net.specs[i].act
+        e, = net.at_activation(i, states[i], deltas[i], partial(psi_difference, act))
         deltas[i - 1] = net.feedback(i, e, states[i].h_in.shape)
     return deltas
 
@@ -271,22 +301,37 @@ def difference_targets(net: ConvDTPNetwork, states: list[LayerState],
 def forward_gradients(net: ConvDTPNetwork, states: list[LayerState],
                       deltas: list[torch.Tensor]) -> list[torch.Tensor]:
     """∂/∂W_i of ½‖P_i(f(W_i ⊛ h_i)) − t_{i+1}‖² / N with h_i fixed, from Δ_{i+1} = t_{i+1} −
-    h_{i+1}: C(h_i, −P_iᵀΔ_{i+1} ⊙ f′(a_i)) / N. Only layer i's own quantities enter."""
+    h_{i+1}: −C(h_i, P_iᵀΔ_{i+1} ⊙ f′(a_i)) / N. Only layer i's own quantities enter."""
     n = states[0].h_in.shape[0]
     grads = []
     for i, (state, delta) in enumerate(zip(states, deltas)):
-        d = net.post_adjoint(i, state.post, delta)
-        g = d * net.act(i)[1](state.y) * (-1.0 / n)
-        grads.append(net.contract(i, state.h_in, g))
+        g, = net.at_activation(i, state, delta, partial(local_error, net.specs[i].act))
+        grads.append(net.contract(i, state.h_in, g).mul_(-1.0 / n))
     return grads
+
+
+def targets_and_gradients(net: ConvDTPNetwork, states: list[LayerState],
+                          output_difference: torch.Tensor):
+    """:func:`target_differences` and :func:`forward_gradients` in one top-down sweep (each
+    layer's routed difference computed once): (Δ's, ∂W's)."""
+    n = states[0].h_in.shape[0]
+    deltas: list[torch.Tensor] = [output_difference] * len(states)
+    grads: list[torch.Tensor] = [output_difference] * len(states)
+    for i in range(len(states) - 1, -1, -1):
+        act = net.specs[i].act
+        fns = [partial(local_error, act)] + ([partial(psi_difference, act)] if i else [])
+        outs = net.at_activation(i, states[i], deltas[i], *fns)
+        grads[i] = net.contract(i, states[i].h_in, outs[0]).mul_(-1.0 / n)
+        if i:
+            deltas[i - 1] = net.feedback(i, outs[1], states[i].h_in.shape)
+    return deltas, grads
 
 
 def feedback_noise(states: list[LayerState], sigma: float,
                    generator: Optional[torch.Generator] = None) -> list[tuple]:
     """(ε at h_i, η at y_i) for every layer with feedback (i ≥ 1)."""
     def normal(like):
-        return sigma * torch.randn(like.shape, generator=generator, device=like.device,
-                                   dtype=like.dtype)
+        return torch.empty_like(like).normal_(0.0, sigma, generator=generator)
     return [(normal(s.h_in), normal(s.y)) for s in states[1:]]
 
 
@@ -294,8 +339,8 @@ def _responses(net: ConvDTPNetwork, i: int, state: LayerState, eps, eta):
     """r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i) and s = ψ(y_i + η) − ψ(y_i), forward weights fixed."""
     act = net.specs[i].act
     with torch.no_grad():
-        noisy = net.act(i)[0](net.linear(i, state.h_in + eps).detach())
-        r = psi_difference(act, state.y, noisy - state.y)
+        noisy = net.act(i)[0](net.linear(i, state.h_in + eps))
+        r = psi_difference(act, state.y, noisy.sub_(state.y))
         s = psi_difference(act, state.y, eta)
     return r, s
 
@@ -316,15 +361,14 @@ def feedback_loss(net: ConvDTPNetwork, states: list[LayerState], noise: list[tup
 
 def feedback_gradients(net: ConvDTPNetwork, states: list[LayerState], noise: list[tuple],
                        sigma: float) -> list[torch.Tensor]:
-    """∂L_i/∂B_i = [C(B_iᵀ ⊛ s, s) − C(ε, r)] / (σ² N): one contraction over both pairs."""
+    """∂L_i/∂B_i = [C(B_iᵀ ⊛ s, s) − C(ε, r)] / (σ² N)."""
     n = states[0].h_in.shape[0]
     grads = []
     for i, (state, (eps, eta)) in enumerate(zip(states[1:], noise), start=1):
         r, s = _responses(net, i, state, eps, eta)
         back = net.feedback(i, s, state.h_in.shape)
-        both_below = torch.cat([back, -eps])
-        both_above = torch.cat([s, r]) * (1.0 / (sigma * sigma * n))
-        grads.append(net.contract(i, both_below, both_above))
+        grad = net.contract(i, back, s).sub_(net.contract(i, eps, r))
+        grads.append(grad.mul_(1.0 / (sigma * sigma * n)))
     return grads
 
 
@@ -362,8 +406,9 @@ class ConvDTPLearner(Learner):
                     b.grad = grad
                 self.feedback_optimizer.step()
         loss, out_grad = loss_and_grad(self.info, output, y, p.label_smoothing)
-        deltas = target_differences(net, states, -p.target_step * out_grad * output.shape[0])
-        for w, grad in zip(net.weights, forward_gradients(net, states, deltas)):
+        _, grads = targets_and_gradients(net, states,
+                                         out_grad.mul_(-p.target_step * output.shape[0]))
+        for w, grad in zip(net.weights, grads):
             w.grad = grad
         self.optimizer.step()
         return {"loss": loss}

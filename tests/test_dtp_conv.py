@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from algorithms._dtp_conv import (ConvDTPLearner, ConvDTPNetwork, difference_targets,
                                   feedback_alignment, feedback_gradients, feedback_loss,
                                   feedback_noise, forward_gradients, psi_difference,
-                                  target_differences)
+                                  target_differences, targets_and_gradients)
 from algorithms.dtp import DTPLearner, DTPParams
 from harness.api import Arch, Conv, Dense, Flatten, Pool, RunContext, TaskInfo
 from harness.registry import algorithms
@@ -89,6 +89,9 @@ def test_exact_feedback_gives_bp_targets_and_bp_updates_at_small_beta():
         _, out_grad = loss_and_grad(INFO, out, y)
         deltas = target_differences(net, states, -beta * n * out_grad)
         grads = forward_gradients(net, states, deltas)
+        fused_deltas, fused_grads = targets_and_gradients(net, states, -beta * n * out_grad)
+    for a, b in zip(fused_deltas + fused_grads, deltas + grads):   # what the learner runs
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     for delta, h_grad in zip(deltas[:-1], h_grads):
         assert _cos(delta, -h_grad) > 1 - 1e-10
         assert _relative(delta, -beta * n * h_grad) < 1e-5
