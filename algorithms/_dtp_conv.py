@@ -399,10 +399,13 @@ class ConvDTPLearner(Learner):
         net, p = self.network, self.p
         output, states = net.run(x)
         if self.feedback_optimizer is not None:
+            m = p.feedback_samples
+            sample = states if not m or m >= x.shape[0] else \
+                [LayerState(s.h_in[:m], s.y[:m], [], s.h_out[:m]) for s in states]
             for _ in range(p.feedback_updates):
-                noise = feedback_noise(states, p.feedback_noise)
+                noise = feedback_noise(sample, p.feedback_noise)
                 for b, grad in zip(net.feedbacks,
-                                   feedback_gradients(net, states, noise, p.feedback_noise)):
+                                   feedback_gradients(net, sample, noise, p.feedback_noise)):
                     b.grad = grad
                 self.feedback_optimizer.step()
         loss, out_grad = loss_and_grad(self.info, output, y, p.label_smoothing)

@@ -119,6 +119,8 @@ class DTPParams(TrainParams):
                                   "in the feedback (L-DRL) loss", min=1e-6)
     feedback_updates: int = param(1, "CNN: feedback Adam steps per batch (before the targets)",
                                   min=0)
+    feedback_samples: int = param(0, "CNN: how many of the batch's samples the feedback loss "
+                                  "uses (0 = all): its cost scales with it", min=0)
 
 
 class DTPLearner(ModuleLearner):
