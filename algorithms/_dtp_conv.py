@@ -32,13 +32,22 @@ their feedback is fixed at their own transposed Jacobian at the forward pass —
 difference to the unit that won (its argmax), average-pool spreads it evenly (/size²), flatten
 reshapes — as DLL routes its errors (algorithms/dll.py).
 
-Per batch (⟨·,·⟩ and ‖·‖ summed over a sample, then averaged over the N samples):
+The L-DRL loss of layer i, with noise ε ~ N(0, σ²) at its input and η ~ N(0, σ²) at its output,
+is (‖G_i(y_i + η) − G_i(y_i)‖² − 2⟨ε, G_i(F_i(h_i + ε)) − G_i(y_i)⟩) / 2σ² (scaled by 1/2σ²
+here so that σ does not scale the gradient). Because G_i is linear in B_i after a fixed ψ, the
+η term's expectation has a closed form, E_η‖B_iᵀ ⊛ (ψ(y_i + η) − ψ(y_i))‖² = σ² Σ B_i² ⊙ w_i
+to first order in σ, with w_i = C(1, f′(a_i)²) (f′² summed over the samples and the output
+positions that each kernel offset reaches). It is used in place of a sampled η: the same loss
+in expectation, with no output noise, no transposed conv of it and half the gradient's variance
+(a sampled η was measured too: on FashionMNIST the lower layers' feedback aligned more slowly).
+It is a weight decay of each feedback synapse scaled by its presynaptic unit's f′², so it stays
+local to the layer. Per batch (⟨·,·⟩ and ‖·‖ summed over a sample, then averaged over N):
 
-    feedback  (k = feedback_updates times, forward weights fixed; its own Adam):
-              ε ~ N(0, σ²) at h_i,  η ~ N(0, σ²) at y_i,
-              r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i),   s = ψ(y_i + η) − ψ(y_i)
-              L_i(B_i) = (‖B_iᵀ ⊛ s‖² − 2⟨ε, B_iᵀ ⊛ r⟩) / (2σ²)             (L-DRL)
-              ∂L_i/∂B_i = [C(B_iᵀ ⊛ s, s) − C(ε, r)] / σ²
+    feedback  (k = feedback_updates times, on the first m = feedback_samples samples (0: all),
+              forward weights fixed; the feedback kernels' own Adam):
+              ε ~ N(0, σ²) at h_i,   r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i)
+              L_i(B_i) = ½ Σ B_i² ⊙ w_i − ⟨ε, B_iᵀ ⊛ r⟩ / σ²                 (L-DRL)
+              ∂L_i/∂B_i = B_i ⊙ w_i − C(ε, r) / σ²
     targets   Δ_L = t_L − h_L = −β ∂ℓ/∂h_L                      (ℓ: the per-sample task loss)
               d_i = P_iᵀ Δ_{i+1}                                 (the pools' fixed feedback)
               Δ_i = G_i(y_i + d_i) − G_i(y_i) = B_iᵀ ⊛ [ψ(y_i + d_i) − ψ(y_i)]
@@ -47,25 +56,27 @@ Per batch (⟨·,·⟩ and ‖·‖ summed over a sample, then averaged over the
               ∂W_i = C(h_i, −d_i ⊙ f′(a_i)) / N,  stepped by the harness's optimiser
 
 where C(a, b) = Σ_n b_nᵀ a_n is a layer's weight-shaped contraction (conv2d's weight gradient
-for a conv layer). With noise small, E[L_i] = σ⁻²·(½E‖J_{G_i} η‖² − E⟨ε, J_{G_i} J_{F_i} ε⟩)
-= ½‖J_G‖² − tr(J_G J_F) = ½‖J_G − J_Fᵀ‖² − ½‖J_F‖², minimal at J_G = J_Fᵀ, i.e. B_i = W_i;
-its gradient, 𝔼[(B_i − W_i)·f′(a_i)²] per output unit, is a relaxation of B_i towards W_i that
-only uses quantities at layer i (the two noises, the layer's response to them). With B_i = W_i
-and β → 0, Δ_i → −β ∂ℓ/∂h_i, so ∂W_i → β·∂(mean loss)/∂W_i: BP's gradient. At finite β the
-targets are nonlinear (ψ's curvature), and with B_i ≠ W_i they are what the learned feedback
-makes of them. ψ(y + d) − ψ(y) is evaluated in closed form (d·(1 − y² − yd − d²/3) for tanh),
-so small target differences do not cancel in float32. The first weighted layer needs no
-feedback (no target below it). Evaluation is a forward pass.
+for a conv layer). With noise small, E[L_i] = ½‖J_{G_i}‖² − tr(J_{G_i} J_{F_i})
+= ½‖J_G − J_Fᵀ‖² − ½‖J_F‖² per sample (J_G = B_iᵀ D_i, J_F = D_i W_i, D_i = diag f′(a_i)),
+minimal at J_G = J_Fᵀ, i.e. B_i = W_i; its gradient, (B_i − W_i) ⊙ w_i in expectation, relaxes
+B_i towards W_i using only quantities at layer i (the input noise, the layer's response to it,
+f′ of its units, B_i itself): W_i is never read. With B_i = W_i and β → 0, Δ_i → −β ∂ℓ/∂h_i,
+so ∂W_i → β·∂(mean loss)/∂W_i: BP's gradient. At finite β the targets are nonlinear (ψ's
+curvature), and with B_i ≠ W_i they are what the learned feedback makes of them.
+ψ(y + d) − ψ(y) is evaluated in closed form (d·(1 − y² − yd − d²/3) for tanh), so small target
+differences do not cancel in float32. The first weighted layer needs no feedback (no target
+below it). Evaluation is a forward pass.
 
-Cost (multiply-accumulates per sample; one "conv" = one forward pass of a layer). BP: forward
-F, input gradients F − F_0 (none below the first layer), weight gradients F: 3F − F_0. This
-method: forward F, target differences F − F_0 (one transposed conv or product per layer above
-the first), forward weight gradients F, and per feedback update, for every layer above the
-first, one conv of the noisy input, one transposed conv of s and one weight contraction over
-2N samples (two convs' worth): 4(F − F_0). Total 3F − F_0 + 4k(F − F_0). For the MNIST CNN
-(F ≈ 2.42 M, F_0 = conv1 ≈ 0.46 M) with k = 1: 14.6 M against BP's 6.8 M, a ratio of 2.15;
-for the FashionMNIST CNN (F ≈ 17.3 M, F_0 ≈ 0.92 M): 117 M against 51 M, 2.3. Elementwise work
-(ψ, noise) comes on top; measured times are in the benchmarks.
+Cost (multiply-accumulates per sample; F = a forward pass, F_0 = its first weighted layer).
+BP: forward F, input gradients F − F_0 (none below the first layer), weight gradients F:
+3F − F_0. This method: forward F, target differences F − F_0 (one transposed conv or product
+per layer above the first), forward weight gradients F, and per feedback update, for every
+layer above the first, one conv of the noisy input and one weight contraction, on m of the
+batch's N samples: 2(m/N)(F − F_0) (w_i, a one-channel contraction, adds under 1 %). Total
+3F − F_0 + 2k(m/N)(F − F_0). MNIST CNN (F = 2.418 M, F_0 = 0.461 M): 10.71 M against BP's
+6.79 M with the defaults (k = 1, m = N), a ratio of 1.58; FashionMNIST CNN (F = 9.033 M,
+F_0 = 0.922 M): 42.40 M against 26.18 M, 1.62. Elementwise work (ψ, noise, pooling) comes on
+top; benchmarks/bench_dtp_cnn.py measures the epoch times.
 """
 from __future__ import annotations
 
@@ -328,47 +339,58 @@ def targets_and_gradients(net: ConvDTPNetwork, states: list[LayerState],
 
 
 def feedback_noise(states: list[LayerState], sigma: float,
-                   generator: Optional[torch.Generator] = None) -> list[tuple]:
-    """(ε at h_i, η at y_i) for every layer with feedback (i ≥ 1)."""
-    def normal(like):
-        return torch.empty_like(like).normal_(0.0, sigma, generator=generator)
-    return [(normal(s.h_in), normal(s.y)) for s in states[1:]]
+                   generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """ε ~ N(0, σ²) at the input h_i of every layer with feedback (i ≥ 1)."""
+    return [torch.empty_like(s.h_in).normal_(0.0, sigma, generator=generator)
+            for s in states[1:]]
 
 
-def _responses(net: ConvDTPNetwork, i: int, state: LayerState, eps, eta):
-    """r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i) and s = ψ(y_i + η) − ψ(y_i), forward weights fixed."""
-    act = net.specs[i].act
+def _response(net: ConvDTPNetwork, i: int, state: LayerState, eps: torch.Tensor):
+    """r = ψ(f(W_i ⊛ (h_i + ε))) − ψ(y_i): the layer's response to input noise, in ψ's terms
+    (forward weights fixed)."""
     with torch.no_grad():
         noisy = net.act(i)[0](net.linear(i, state.h_in + eps))
-        r = psi_difference(act, state.y, noisy.sub_(state.y))
-        s = psi_difference(act, state.y, eta)
-    return r, s
+        return psi_difference(net.specs[i].act, state.y, noisy.sub_(state.y))
 
 
-def feedback_loss(net: ConvDTPNetwork, states: list[LayerState], noise: list[tuple],
+def output_noise_weights(net: ConvDTPNetwork, i: int, state: LayerState) -> torch.Tensor:
+    """w_i = C(1, f′(a_i)²): Σ over samples and output positions of f′², per output unit and
+    kernel offset (offsets that fall on the padding count no positions), broadcastable to
+    B_i's shape. E_η‖B_iᵀ ⊛ (f′(a_i) ⊙ η)‖² = σ² Σ B_i² ⊙ w_i."""
+    d2 = net.act(i)[1](state.y).pow(2)
+    spec, b = net.specs[i], net.feedbacks[i - 1]
+    if isinstance(spec, Dense):
+        return d2.sum(0).unsqueeze(1)
+    ones = torch.ones((d2.shape[0], 1) + tuple(state.h_in.shape[2:]), dtype=d2.dtype,
+                      device=d2.device)
+    return conv2d_weight(ones, (b.shape[0], 1) + tuple(b.shape[2:]), d2, padding=spec.padding)
+
+
+def feedback_loss(net: ConvDTPNetwork, states: list[LayerState], noise: list[torch.Tensor],
                   sigma: float) -> torch.Tensor:
-    """Σ_i L_i(B_i) (L-DRL, per sample, divided by 2σ²), differentiable in the B_i: what
-    :func:`feedback_gradients` differentiates by hand."""
+    """Σ_i L_i(B_i) = Σ_i [½ Σ B_i² ⊙ w_i − ⟨ε, B_iᵀ ⊛ r⟩ / σ²] / N, differentiable in the
+    B_i: what :func:`feedback_gradients` differentiates by hand."""
     n = states[0].h_in.shape[0]
     total = states[0].h_in.new_zeros(())
-    for i, (state, (eps, eta)) in enumerate(zip(states[1:], noise), start=1):
-        r, s = _responses(net, i, state, eps, eta)
-        shape = state.h_in.shape
-        total = total + (net.feedback(i, s, shape).pow(2).sum()
-                         - 2.0 * (eps * net.feedback(i, r, shape)).sum())
-    return total / (2.0 * sigma * sigma * n)
+    for i, (state, eps) in enumerate(zip(states[1:], noise), start=1):
+        r = _response(net, i, state, eps)
+        w = output_noise_weights(net, i, state)
+        back = net.feedback(i, r, state.h_in.shape)
+        total = total + 0.5 * (net.feedbacks[i - 1].pow(2) * w).sum() \
+            - (eps * back).sum() / (sigma * sigma)
+    return total / n
 
 
-def feedback_gradients(net: ConvDTPNetwork, states: list[LayerState], noise: list[tuple],
+def feedback_gradients(net: ConvDTPNetwork, states: list[LayerState], noise: list[torch.Tensor],
                        sigma: float) -> list[torch.Tensor]:
-    """∂L_i/∂B_i = [C(B_iᵀ ⊛ s, s) − C(ε, r)] / (σ² N)."""
+    """∂L_i/∂B_i = [B_i ⊙ w_i − C(ε, r) / σ²] / N."""
     n = states[0].h_in.shape[0]
     grads = []
-    for i, (state, (eps, eta)) in enumerate(zip(states[1:], noise), start=1):
-        r, s = _responses(net, i, state, eps, eta)
-        back = net.feedback(i, s, state.h_in.shape)
-        grad = net.contract(i, back, s).sub_(net.contract(i, eps, r))
-        grads.append(grad.mul_(1.0 / (sigma * sigma * n)))
+    for i, (state, eps) in enumerate(zip(states[1:], noise), start=1):
+        r = _response(net, i, state, eps)
+        hebbian = net.contract(i, eps, r).mul_(1.0 / (sigma * sigma))
+        decay = net.feedbacks[i - 1].detach() * output_noise_weights(net, i, state)
+        grads.append(decay.sub_(hebbian).mul_(1.0 / n))
     return grads
 
 

@@ -113,10 +113,10 @@ class DTPParams(TrainParams):
                                  "reconstruction loss", min=0.0)
     inverse_lr: float = param(3e-4, "learning rate of the inverses' own Adam", min=0.0)
     inverse_updates: int = param(1, "inverse Adam steps per batch (before the targets)", min=0)
-    feedback_lr: float = param(1e-3, "CNN: learning rate of the feedback kernels' own Adam "
+    feedback_lr: float = param(3e-3, "CNN: learning rate of the feedback kernels' own Adam "
                                "(L-DRL)", min=0.0)
-    feedback_noise: float = param(0.05, "CNN: σ of the noise at each layer's input and output "
-                                  "in the feedback (L-DRL) loss", min=1e-6)
+    feedback_noise: float = param(0.05, "CNN: σ of the noise at each layer's input in the "
+                                  "feedback (L-DRL) loss", min=1e-6)
     feedback_updates: int = param(1, "CNN: feedback Adam steps per batch (before the targets)",
                                   min=0)
     feedback_samples: int = param(0, "CNN: how many of the batch's samples the feedback loss "

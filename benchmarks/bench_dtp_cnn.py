@@ -6,9 +6,10 @@ operation count of algorithms/_dtp_conv.py's docstring computed from the layer s
 
 Batch 64, Adam, each algorithm at its default parameters. Multiply-accumulates per sample:
 BP = 3F − F_0 (forward, weight gradients, input gradients of every layer above the first);
-DTP = 3F − F_0 + 4k(F − F_0) (forward, weight gradients, target differences, and per feedback
-update one noisy conv, one transposed conv and a two-pair weight contraction per layer above the
-first), with F the forward MACs and F_0 those of the first weighted layer.
+DTP = 3F − F_0 + 2k(m/N)(F − F_0) (forward, weight gradients, target differences, and per
+feedback update one noisy conv and one weight contraction per layer above the first, on
+m = feedback_samples of the N = 64 samples), with F the forward MACs and F_0 those of the first
+weighted layer.
 """
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ def forward_macs(arch) -> list[int]:
     return macs
 
 
-def op_counts(arch, feedback_updates: int) -> tuple[float, float]:
+def op_counts(arch, feedback_updates: int, fraction: float = 1.0) -> tuple[float, float]:
     macs = forward_macs(arch)
     total, first = sum(macs), macs[0]
     bp = 3 * total - first
-    return bp, bp + 4 * feedback_updates * (total - first)
+    return bp, bp + 2 * feedback_updates * fraction * (total - first)
 
 
 def main() -> None:
@@ -58,8 +59,9 @@ def main() -> None:
     times = interleaved_epoch_times(names, "cnn", task=args.task, repeats=args.repeats,
                                     train_subset=args.subset, epochs=args.epochs,
                                     threads=args.threads, device=args.device, batch_size=64)
-    k = DTPParams().feedback_updates
-    bp_ops, dtp_ops = op_counts(arch, k)
+    k, m = DTPParams().feedback_updates, DTPParams().feedback_samples
+    fraction = 1.0 if not m else min(1.0, m / 64)
+    bp_ops, dtp_ops = op_counts(arch, k, fraction)
     print(f"{args.task} CNN ({arch.describe()}), epoch of {args.subset} images, batch 64, "
           f"Adam, {args.threads} thread(s), {args.device}")
     for name in names:
@@ -67,8 +69,8 @@ def main() -> None:
               + ", ".join(f"{t:.3f}" for t in times[name]) + ")")
     ratio = median(times["dtp"]) / median(times["bp"])
     print(f"  ratio dtp/bp = {ratio:.2f}  (operation count with {k} feedback update(s) per "
-          f"batch: {dtp_ops / 1e6:.2f} M / {bp_ops / 1e6:.2f} M MACs per sample = "
-          f"{dtp_ops / bp_ops:.2f})")
+          f"batch on {m or 64} of 64 samples: {dtp_ops / 1e6:.2f} M / {bp_ops / 1e6:.2f} M MACs "
+          f"per sample = {dtp_ops / bp_ops:.2f})")
 
 
 if __name__ == "__main__":

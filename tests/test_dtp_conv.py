@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from algorithms._dtp_conv import (ConvDTPLearner, ConvDTPNetwork, difference_targets,
                                   feedback_alignment, feedback_gradients, feedback_loss,
-                                  feedback_noise, forward_gradients, psi_difference,
+                                  feedback_noise, forward_gradients, output_noise_weights,
+                                  psi_difference,
                                   target_differences, targets_and_gradients)
 from algorithms.dtp import DTPLearner, DTPParams
 from harness.api import Arch, Conv, Dense, Flatten, Pool, RunContext, TaskInfo
@@ -18,8 +19,8 @@ from harness.registry import algorithms
 from harness.toolkit import activation, loss_and_grad, loss_value
 
 INFO = TaskInfo(loss="cross_entropy", output_size=5, input_shape=(1, 10, 10))
-# padding, a max-pool, an average-pool with a remainder (3 → 1), flatten, two dense layers
-CNN = Arch("cnn", (1, 10, 10), (Conv(4, 3, 1), Pool("max", 2), Conv(6, 3), Pool("avg", 2),
+# padding, a max-pool, an average-pool with a remainder (5 → 2), flatten, two dense layers
+CNN = Arch("cnn", (1, 10, 10), (Conv(4, 3, 1), Pool("max", 2), Conv(6, 3, 1), Pool("avg", 2),
                                 Flatten(), Dense(7), Dense(5, "linear")), 5)
 
 
@@ -126,11 +127,35 @@ def test_feedback_gradient_is_the_gradient_of_the_ldrl_loss():
         torch.testing.assert_close(grad, b.grad)
 
 
+def test_the_output_noise_term_is_the_expectation_of_the_sampled_one():
+    """Σ B_i² ⊙ w_i = E_η‖B_iᵀ ⊛ (f′(a_i) ⊙ η)‖² / σ² = Σ_j f′_j² ‖B_iᵀ ⊛ e_j‖² over every unit
+    j of layer i's output (basis vectors e_j), padding included: the closed form that replaces
+    L-DRL's sampled output noise."""
+    torch.manual_seed(3)
+    net = ConvDTPNetwork(CNN, 0.3).double()
+    x, _ = _data(n=3, seed=3, dtype=torch.float64)
+    with torch.no_grad():
+        _, states = net.run(x)
+        for i, state in enumerate(states[1:], start=1):
+            y = state.y
+            units = y[0].numel()
+            basis = torch.eye(units, dtype=y.dtype).reshape((units,) + tuple(y.shape[1:]))
+            expected = 0.0
+            for n in range(y.shape[0]):   # each sample's units through the feedback at once
+                scaled = basis * net.act(i)[1](y[n]).unsqueeze(0)
+                back = net.feedback(i, scaled, (units,) + tuple(state.h_in.shape[1:]))
+                expected += float(back.pow(2).sum())
+            closed = float((net.feedbacks[i - 1].pow(2) * output_noise_weights(net, i, state))
+                           .sum())
+            assert closed == pytest.approx(expected, rel=1e-10), i
+
+
 def test_feedback_loss_falls_and_feedback_aligns_when_only_feedback_trains():
     """lr 0: the forward weights stay put; the L-DRL loss (measured with fixed noise on a fixed
     batch) falls and cos(B_i, W_i) rises from ≈ 0 towards 1, on a stream of small batches."""
     torch.manual_seed(4)
-    params = DTPParams(lr=0.0, feedback_lr=1e-2, feedback_noise=0.05, feedback_updates=1)
+    params = DTPParams(lr=0.0, feedback_lr=1e-2, feedback_noise=0.05, feedback_updates=1,
+                       feedback_samples=0)
     learner = ConvDTPLearner(ConvDTPNetwork(CNN, 0.3), INFO, params, epochs=1)
     net = learner.network
     forward = [w.detach().clone() for w in net.weights]
