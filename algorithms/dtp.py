@@ -109,10 +109,11 @@ def forward_gradients(net: DTPNetwork, hs: list[torch.Tensor],
 @dataclass(frozen=True)
 class DTPParams(TrainParams):
     target_step: float = param(0.5, "β: the output target is h_L − β ∂ℓ/∂h_L", min=0.0)
-    inverse_noise: float = param(0.1, "σ of the Gaussian corruption in the inverses' "
+    inverse_noise: float = param(0.1, "MLP: σ of the Gaussian corruption in the inverses' "
                                  "reconstruction loss", min=0.0)
-    inverse_lr: float = param(3e-4, "learning rate of the inverses' own Adam", min=0.0)
-    inverse_updates: int = param(1, "inverse Adam steps per batch (before the targets)", min=0)
+    inverse_lr: float = param(3e-4, "MLP: learning rate of the inverses' own Adam", min=0.0)
+    inverse_updates: int = param(1, "MLP: inverse Adam steps per batch (before the targets)",
+                                 min=0)
     feedback_lr: float = param(3e-3, "CNN: learning rate of the feedback kernels' own Adam "
                                "(L-DRL)", min=0.0)
     feedback_noise: float = param(0.05, "CNN: σ of the noise at each layer's input in the "
