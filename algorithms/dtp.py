@@ -15,8 +15,11 @@ so t_L − h_L = −β·(softmax − onehot). The difference correction makes t_
 t_{i+1} = h_{i+1}, whatever the inverse's error, and with exact linear inverses gives
 t_i = W_i⁻¹ t_{i+1} (tests/test_pc_dtp.py). Evaluation is a forward pass.
 
-Convolutional nets are declared unsupported: DTP's conv variant needs learned conv inverses
-(DDTP, Meulemans et al. 2020), which this plugin does not have.
+Convolutional nets (``arch.kind == "cnn"``) are trained by :mod:`algorithms._dtp_conv`: the
+same difference targets and layer-local losses, with each layer's feedback learned by L-DRL
+(Ernoult et al. 2022) so that it approaches the transposed forward Jacobian; pools and flatten
+carry targets through their own transposed Jacobians. Its parameters are ``target_step`` (shared)
+and the ``feedback_*`` ones; the ``inverse_*`` ones are the MLP's.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from algorithms._dtp_conv import ConvDTPLearner, ConvDTPNetwork, conv_unsupported
 from harness.api import (Algorithm, Arch, Dense, Flatten, Learner, RunContext, TaskInfo,
                          TrainParams, param)
 from harness.registry import algorithms
@@ -122,10 +126,19 @@ def forward_gradients(net: DTPNetwork, hs: list[torch.Tensor],
 @dataclass(frozen=True)
 class DTPParams(TrainParams):
     target_step: float = param(0.5, "β: the output target is h_L − β ∂ℓ/∂h_L", min=0.0)
-    inverse_noise: float = param(0.1, "σ of the Gaussian corruption in the inverses' "
+    inverse_noise: float = param(0.1, "MLP: σ of the Gaussian corruption in the inverses' "
                                  "reconstruction loss", min=0.0)
-    inverse_lr: float = param(3e-4, "learning rate of the inverses' own Adam", min=0.0)
-    inverse_updates: int = param(1, "inverse Adam steps per batch (before the targets)", min=0)
+    inverse_lr: float = param(3e-4, "MLP: learning rate of the inverses' own Adam", min=0.0)
+    inverse_updates: int = param(1, "MLP: inverse Adam steps per batch (before the targets)",
+                                 min=0)
+    feedback_lr: float = param(3e-3, "CNN: learning rate of the feedback kernels' own Adam "
+                               "(L-DRL)", min=0.0)
+    feedback_noise: float = param(0.05, "CNN: σ of the noise at each layer's input in the "
+                                  "feedback (L-DRL) loss", min=1e-6)
+    feedback_updates: int = param(1, "CNN: feedback Adam steps per batch (before the targets)",
+                                  min=0)
+    feedback_samples: int = param(0, "CNN: how many of the batch's samples the feedback loss "
+                                  "uses (0 = all): its cost scales with it", min=0)
 
 
 class DTPLearner(ModuleLearner):
@@ -172,16 +185,19 @@ class DTPLearner(ModuleLearner):
 
 @algorithms.register("dtp", aliases=("target_propagation", "difference_target_propagation"))
 class DifferenceTargetPropagation(Algorithm):
-    """Difference target propagation: learned inverses carry targets down; local losses (MLP)."""
+    """Difference target propagation: learned inverses/feedback carry targets; local losses."""
 
-    supports = frozenset({"mlp"})     # the CNN gets its own reason below
+    supports = frozenset({"mlp", "cnn"})
     Params = DTPParams
 
     def unsupported(self, arch: Arch, params) -> Optional[str]:
-        if arch.kind == "cnn":
-            return ("dtp: convolutional layers need learned convolutional inverses (DDTP, "
-                    "Meulemans et al. 2020), not implemented; DTP runs the MLP only")
-        return super().unsupported(arch, params)
+        reason = super().unsupported(arch, params)
+        if reason is None and arch.kind == "cnn":
+            reason = conv_unsupported(arch)
+        return reason
 
     def build(self, arch: Arch, info: TaskInfo, params: DTPParams, ctx: RunContext) -> Learner:
+        if arch.kind == "cnn":
+            return ConvDTPLearner(ConvDTPNetwork(arch, params.init_std).to(ctx.device), info,
+                                  params)
         return DTPLearner(DTPNetwork(arch, params.init_std).to(ctx.device), info, params)

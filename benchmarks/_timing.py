@@ -34,7 +34,8 @@ def harness_epoch_times(algorithm: str, arch: str = "mlp", *, task: str = "mnist
     arch_spec = task_obj.presets(P.build(task_obj.Params, task_params), RunContext())[arch]
     spec = RunSpec(algorithm=algorithms.canonical(algorithm), params=P.resolve(alg.Params, params),
                    task=task, task_params=task_params, arch=arch_spec, seed=seed, epochs=epochs,
-                   batch_size=batch_size, device=device, protocol="clean", validation=0.05)
+                   batch_size=batch_size, device=device, protocol="clean", validation=0.05,
+                   algorithm_version=alg.version, task_version=task_obj.version)
     result = execute(spec, str(default_data_dir()), threads=threads)
     if result.status != "ok":
         raise SystemExit(f"{algorithm} run failed: {result.reason}\n{result.traceback}")

@@ -155,9 +155,9 @@ def test_dtp_inverse_loss_falls_when_only_inverses_train():
         torch.testing.assert_close(w.detach(), f)
 
 
-def test_dtp_declares_cnn_unsupported_with_a_reason():
-    reason = algorithms.get("dtp").unsupported(CNN, DTPParams())
-    assert reason and "conv" in reason
+def test_dtp_supports_the_cnn_and_the_mlp():
+    """The CNN runs the conv path (algorithms/_dtp_conv.py, tests/test_dtp_conv.py)."""
+    assert algorithms.get("dtp").unsupported(CNN, DTPParams()) is None
     assert algorithms.get("dtp").unsupported(MLP, DTPParams()) is None
 
 
