@@ -93,7 +93,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from harness.api import Arch, Conv, Dense, Flatten, Learner, Pool, TaskInfo
+from harness.api import Arch, Conv, Dense, Flatten, Pool, TaskInfo
+from harness.nets import avg_pool_adjoint, max_pool_adjoint
 from harness.toolkit import (ModuleLearner, activation, fast_step_options, init_weight,
                              layer_shapes, loss_and_grad, weight_shape)
 
@@ -119,12 +120,6 @@ def local_error(act: str, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     if act == "linear":
         return d
     return d * activation(act)[1](y)
-
-
-def _avg_pool_adjoint(d: torch.Tensor, size: int, in_shape: torch.Size) -> torch.Tensor:
-    spread = d.repeat_interleave(size, dim=2).repeat_interleave(size, dim=3) / (size * size)
-    pad_h, pad_w = in_shape[-2] - spread.shape[-2], in_shape[-1] - spread.shape[-1]
-    return F.pad(spread, (0, pad_w, 0, pad_h)) if pad_h or pad_w else spread
 
 
 def conv_unsupported(arch: Arch) -> Optional[str]:
@@ -227,13 +222,22 @@ class ConvDTPNetwork(nn.Module):
     def act(self, i: int):
         return activation(self.specs[i].act)
 
-    def _post(self, i: int, y: torch.Tensor, keep: bool):
+    def _pools_first(self, i: int) -> bool:
+        posts = self.posts[i]
+        return bool(posts) and isinstance(posts[0], Pool) and posts[0].kind == "max"
+
+    def _post(self, i: int, y: torch.Tensor, keep: bool, act=None):
+        """The pools and flatten after layer i, from its activation y; with ``act`` given, y is
+        the pre-activation and ``act`` is applied after the leading max-pool (monotone: the
+        same values and winners)."""
         states, h = [], y
-        for layer in self.posts[i]:
+        for position, layer in enumerate(self.posts[i]):
             if isinstance(layer, Flatten):
                 state, out = h.shape, h.flatten(1)
             elif layer.kind == "max":
                 out, indices = F.max_pool2d(h, layer.size, return_indices=True)
+                if act is not None and position == 0:
+                    out = act(out)
                 state = (indices, h.shape, out)
             else:
                 state, out = h.shape, F.avg_pool2d(h, layer.size)
@@ -248,9 +252,9 @@ class ConvDTPNetwork(nn.Module):
                 d = d.reshape(state)
             elif layer.kind == "max":
                 indices, shape, _ = state
-                d = F.max_unpool2d(d, indices, layer.size, output_size=shape[-2:])
+                d = max_pool_adjoint(d, indices, layer.size, shape)
             else:
-                d = _avg_pool_adjoint(d, layer.size, state)
+                d = avg_pool_adjoint(d, layer.size, state)
         return d
 
     def post_adjoint(self, i: int, post: list, d: torch.Tensor) -> torch.Tensor:
@@ -270,7 +274,7 @@ class ConvDTPNetwork(nn.Module):
             return [fn(state.y, d) for fn in fns]
         d = self._adjoint(posts[1:], post[1:], delta)
         indices, shape, out = post[0]
-        return [F.max_unpool2d(fn(out, d), indices, posts[0].size, output_size=shape[-2:])
+        return [max_pool_adjoint(fn(out, d), indices, posts[0].size, shape)
                 for fn in fns]
 
     # ---- passes ----------------------------------------------------------------------------
@@ -286,12 +290,18 @@ class ConvDTPNetwork(nn.Module):
         return x
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[LayerState]]:
-        """The forward pass, keeping each weighted layer's state."""
+        """The forward pass, keeping each weighted layer's state. The first layer has no feedback,
+        so nothing needs its activation at every unit: when a max-pool follows it, the pool goes
+        first and f runs on the winners only (its y is then None)."""
         h = self._pre(x)
         states = []
         for i in range(len(self.specs)):
-            y = self.act(i)[0](self.linear(i, h))
-            out, post = self._post(i, y, keep=True)
+            f = self.act(i)[0]
+            if i == 0 and self._pools_first(i):
+                y, (out, post) = None, self._post(i, self.linear(i, h), keep=True, act=f)
+            else:
+                y = f(self.linear(i, h))
+                out, post = self._post(i, y, keep=True)
             states.append(LayerState(h, y, post, out))
             h = out
         return h, states
@@ -299,7 +309,9 @@ class ConvDTPNetwork(nn.Module):
     def forward(self, x):
         h = self._pre(x)
         for i in range(len(self.specs)):
-            h = self._post(i, self.act(i)[0](self.linear(i, h)), keep=False)[0]
+            f = self.act(i)[0]
+            h = (self._post(i, self.linear(i, h), keep=False, act=f)[0] if self._pools_first(i)
+                 else self._post(i, f(self.linear(i, h)), keep=False)[0])
         return h
 
 
@@ -372,8 +384,16 @@ def targets_and_gradients(net: ConvDTPNetwork, states: list[LayerState],
 def feedback_noise(states: list[LayerState], sigma: float,
                    generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
     """ε ~ N(0, σ²) at the input h_i of every layer with feedback (i ≥ 1)."""
-    return [torch.empty_like(s.h_in).normal_(0.0, sigma, generator=generator)
+    # drawn in the default (row-major) order and then laid out like h_i: the same numbers in
+    # either memory format, and normal_ is slow on a channels-last tensor
+    return [torch.empty(s.h_in.shape, dtype=s.h_in.dtype, device=s.h_in.device)
+            .normal_(0.0, sigma, generator=generator).to(memory_format=_format_of(s.h_in))
             for s in states[1:]]
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def _response(net: ConvDTPNetwork, i: int, state: LayerState, eps: torch.Tensor):
@@ -467,7 +487,8 @@ class ConvDTPLearner(ModuleLearner):
         if self.feedback_optimizer is not None and p.feedback_updates:
             m = p.feedback_samples
             sample = states if not m or m >= x.shape[0] else \
-                [LayerState(s.h_in[:m], s.y[:m], [], s.h_out[:m]) for s in states]
+                [LayerState(s.h_in[:m], None if s.y is None else s.y[:m], [], s.h_out[:m])
+                 for s in states]
             for _ in range(p.feedback_updates):
                 noise = feedback_noise(sample, p.feedback_noise)
                 for b, grad in zip(net.feedbacks,

@@ -21,6 +21,7 @@ class Backprop(Algorithm):
     """Backpropagation (autograd), the reference every other rule is measured against."""
 
     supports = frozenset({"mlp", "cnn", "rnn"})
+    channels_last = True    # its conv steps run faster so on the CPU (harness.nets)
     Params = BPParams
 
     def build(self, arch: Arch, info: TaskInfo, params: BPParams, ctx: RunContext) -> Learner:

@@ -39,7 +39,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, RunContext,
                          TaskInfo, TrainParams, param)
-from harness.nets import rnn_layers, unroll
+from harness.nets import avg_pool_adjoint, max_pool_adjoint, rnn_layers, unroll
 from harness.registry import algorithms
 from harness.toolkit import (activation, init_weight, layer_shapes, loss_and_grad, loss_value,
                              weight_shape)
@@ -72,18 +72,16 @@ class DLLFAParams(DLLParams):
 # Feed-forward (MLP and CNN), the paper's form
 # --------------------------------------------------------------------------------------------
 
-def _avg_pool_adjoint(err: torch.Tensor, size: int, in_shape: torch.Size) -> torch.Tensor:
-    spread = err.repeat_interleave(size, dim=2).repeat_interleave(size, dim=3) / (size * size)
-    pad_h, pad_w = in_shape[-2] - spread.shape[-2], in_shape[-1] - spread.shape[-1]
-    return F.pad(spread, (0, pad_w, 0, pad_h)) if pad_h or pad_w else spread
-
-
-def _contract(spec, shape, g: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
-    """Σ_n g_nᵀ b_n: a dense layer's weight-shaped contraction of the error at its output with
-    a tensor at its input (u for ΔW, ξ for ΔΘ); conv2d's weight gradient for a conv layer."""
+def _contract(spec, shape, g: torch.Tensor, below: torch.Tensor,
+              scale: float = 1.0) -> torch.Tensor:
+    """scale · Σ_n g_nᵀ b_n: a dense layer's weight-shaped contraction of the error at its
+    output with a tensor at its input (u for ΔW, ξ for ΔΘ); conv2d's weight gradient for a conv
+    layer. The scale goes on the smaller side: the error (batch × units) of a dense layer, the
+    kernel-shaped result of a conv layer (its error maps are far larger than its kernels)."""
     if isinstance(spec, Dense):
-        return g.t().matmul(below)
-    return conv2d_weight(below, shape, g, padding=spec.padding)
+        return (g if scale == 1.0 else g * scale).t().matmul(below)
+    out = conv2d_weight(below, shape, g, padding=spec.padding)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 def _sum_over_units(spec, g: torch.Tensor) -> torch.Tensor:
@@ -127,18 +125,37 @@ class FeedForwardDLL(Learner):
             groups.append({"params": self.thetas, "lr": self.p.lr * self.p.theta_lr_ratio})
         return groups
 
+    @property
+    def _pooled_first(self) -> frozenset:
+        """Conv layers followed by a max-pool: there the pool goes before the activation (every
+        activation is monotone, so f(max-pool(a)) = max-pool(f(a)) and the argmax is the same
+        unit), and the error's derivative is taken at the pool's output before it is routed
+        back: the same numbers, with f and f′ on a quarter of the units."""
+        found = self.__dict__.get("_pooled")
+        if found is None:
+            found = frozenset(i for i, (spec, *_) in enumerate(self.layers[:-1])
+                              if isinstance(spec, Conv) and isinstance(self.layers[i + 1][0], Pool)
+                              and self.layers[i + 1][0].kind == "max")
+            self.__dict__["_pooled"] = found
+        return found
+
     def _forward(self, x: torch.Tensor, keep: bool):
         cache = []
         h = x
-        for spec, w, _, b in self.layers:
+        pooled_first = self._pooled_first
+        for index, (spec, w, _, b) in enumerate(self.layers):
             extra = None
             if isinstance(spec, Dense):
                 a = h.matmul(w.t())
                 out = activation(spec.act)[0](a if b is None else a + b)
             elif isinstance(spec, Conv):
-                out = activation(spec.act)[0](F.conv2d(h, w, b, padding=spec.padding))
+                out = F.conv2d(h, w, b, padding=spec.padding)
+                if index not in pooled_first:      # else the pool after it applies f
+                    out = activation(spec.act)[0](out)
             elif isinstance(spec, Pool) and spec.kind == "max":
                 out, extra = F.max_pool2d(h, spec.size, return_indices=True)
+                if index - 1 in pooled_first:
+                    out = activation(self.layers[index - 1][0].act)[0](out)
             elif isinstance(spec, Pool):
                 out = F.avg_pool2d(h, spec.size)
             else:
@@ -166,7 +183,7 @@ class FeedForwardDLL(Learner):
         tensor before the contraction (no extra pass over the weights)."""
         if shape is None:
             return _sum_over_units(spec, g) * (-1.0 / n)
-        return _contract(spec, shape, g * (-1.0 / n), below)
+        return _contract(spec, shape, g, below, -1.0 / n)
 
     def feedback_error(self, error: torch.Tensor) -> torch.Tensor:
         """ξ one layer down, as propagated (the paper keeps it as it is)."""
@@ -174,10 +191,11 @@ class FeedForwardDLL(Learner):
 
     def theta_grad(self, spec, shape, g: torch.Tensor, xi_below: torch.Tensor, n: int):
         """ΔΘ = −⟨gᵀξ⟩: it shrinks ‖ξ‖² (the paper's sign)."""
-        return _contract(spec, shape, g * (1.0 / n), xi_below)
+        return _contract(spec, shape, g, xi_below, 1.0 / n)
 
     def updates(self, cache, err: torch.Tensor, n: int) -> None:
         """The top-down sweep from the output error ``err`` (per sample): sets every .grad."""
+        pooled_first, g_routed = self._pooled_first, None
         for index in range(len(self.layers) - 1, -1, -1):
             spec, w, theta, bias = self.layers[index]
             inp, out, extra = cache[index]
@@ -185,11 +203,19 @@ class FeedForwardDLL(Learner):
                 if isinstance(spec, Flatten):
                     err = err.reshape(inp.shape)
                 elif spec.kind == "max":
-                    err = F.max_unpool2d(err, extra, spec.size, output_size=inp.shape[-2:])
+                    if index - 1 in pooled_first:    # g = e ⊙ f′ at the winners, then routed
+                        act = self.layers[index - 1][0].act
+                        err = err if act == "linear" else err * activation(act)[1](out)
+                        g_routed = max_pool_adjoint(err, extra, spec.size, inp.shape)
+                        continue
+                    err = max_pool_adjoint(err, extra, spec.size, inp.shape)
                 else:
-                    err = _avg_pool_adjoint(err, spec.size, inp.shape)
+                    err = avg_pool_adjoint(err, spec.size, inp.shape)
                 continue
-            g = err if spec.act == "linear" else err * activation(spec.act)[1](out)
+            if g_routed is not None:
+                g, g_routed = g_routed, None
+            else:
+                g = err if spec.act == "linear" else err * activation(spec.act)[1](out)
             w.grad = self.weight_grad(spec, w.shape, g, inp, n)
             if bias is not None:
                 bias.grad = self.weight_grad(spec, None, g, inp, n)
@@ -417,6 +443,7 @@ class DLL(Algorithm):
     """Dendritic Localized Learning: soma errors sent down through a learned Θ (Lv et al. 2025)."""
 
     supports = frozenset({"mlp", "cnn", "rnn"})
+    channels_last = True    # its conv steps run faster so on the CPU (harness.nets)
     Params = DLLParams
 
     def unsupported(self, arch: Arch, params) -> Optional[str]:

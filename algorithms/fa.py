@@ -188,6 +188,7 @@ class FeedbackAlignment(Algorithm):
     """Feedback alignment: errors go down through fixed random matrices (dense, conv, RNN)."""
 
     supports = frozenset({"mlp", "cnn", "rnn"})
+    channels_last = True    # its conv steps run faster so on the CPU (harness.nets)
     Params = FAParams
 
     def build(self, arch: Arch, info: TaskInfo, params: FAParams, ctx: RunContext) -> Learner:

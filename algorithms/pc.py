@@ -229,6 +229,7 @@ class PredictiveCoding(Algorithm):
     """Predictive coding: T inference steps on value nodes, local weight updates (MLP, CNN, RNN)."""
 
     supports = frozenset({"mlp", "cnn", "rnn"})
+    channels_last = True    # its conv steps run faster so on the CPU (harness.nets)
     Params = PCParams
 
     def build(self, arch: Arch, info: TaskInfo, params: PCParams, ctx: RunContext) -> Learner:

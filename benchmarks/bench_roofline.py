@@ -62,7 +62,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import params as P  # noqa: E402
-from harness.api import Arch, Conv, Dense, Recurrent, RunSpec  # noqa: E402
+from harness.api import Arch, Conv, Dense, Recurrent, RunContext, RunSpec  # noqa: E402
 from harness.data import DATASETS, default_data_dir, verify  # noqa: E402
 from harness.registry import algorithms, discover, tasks  # noqa: E402
 from harness.runner import execute  # noqa: E402
@@ -205,8 +205,17 @@ def macs_dtp(arch: Arch, p) -> int:
     """DTP (MLP), what ``algorithms.dtp.DTPLearner.train_step`` computes, with k =
     inverse_updates and the inverses V_i on layers 2…L (U): forward F; per inverse update
     f_i(h_i + ε) (U), g_i of it (U) and ∂V (U) = 3U; targets t_i = g_i(t_{i+1}) + h_i −
-    g_i(h_{i+1}) = 2U; local forward-weight gradients F. Total 2F + (2 + 3k)U."""
+    g_i(h_{i+1}) = 2U; local forward-weight gradients F. Total 2F + (2 + 3k)U.
+
+    CNN (``algorithms._dtp_conv``, k = feedback_updates on m of the batch's N samples): forward
+    F, the target differences through the feedback kernels U, forward-weight gradients F, and
+    per feedback update the noisy input's conv and the L-DRL contraction on m samples,
+    2(m/N)U (the output-noise weights, a one-channel contraction, are under 1 %): 2F + U +
+    2k(m/N)U."""
     f, u = _sums(arch)
+    if arch.kind == "cnn":
+        fraction = 1.0 if not p.feedback_samples else min(1.0, p.feedback_samples / 64)
+        return round(2 * f + u + 2 * p.feedback_updates * fraction * u)
     return 2 * f + (2 + 3 * p.inverse_updates) * u
 
 
@@ -272,7 +281,8 @@ class Case:
                 self.missing = (f"{dataset.name} is not prepared in {default_data_dir()} "
                                 f"(python bench.py data --fetch {dataset.name})")
         self.task_params = P.resolve(self.task.Params, values)
-        self.arch = self.task.presets(P.build(self.task.Params, self.task_params))[case.preset]
+        self.arch = self.task.presets(P.build(self.task.Params, self.task_params),
+                                      RunContext())[case.preset]
 
     def unsupported(self, name: str) -> str:
         alg = algorithms.get(name)
@@ -284,7 +294,8 @@ class Case:
         spec = RunSpec(algorithm=algorithms.canonical(name), params=P.resolve(alg.Params, {}),
                        task=self.case.task, task_params=self.task_params, arch=self.arch,
                        seed=seed, epochs=epochs, batch_size=self.case.batch, device="cpu",
-                       protocol="clean", validation=VALIDATION)
+                       protocol="clean", validation=VALIDATION,
+                       algorithm_version=alg.version, task_version=self.task.version)
         result = execute(spec, str(default_data_dir()), threads=threads)
         if result.status not in ("ok", "diverged"):
             raise SystemExit(f"{name} on {self.key} failed: {result.reason}\n{result.traceback}")
@@ -333,8 +344,6 @@ def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
     from torch.utils._pytree import tree_map
     from torch.utils.flop_counter import flop_registry
 
-    from harness.api import RunContext
-
     def shape(t):
         return t.shape if isinstance(t, torch.Tensor) else t
 
@@ -357,7 +366,7 @@ def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
         ctx = RunContext(validation=VALIDATION, data_dir=str(default_data_dir()),
                          batch_size=case.case.batch, epochs=2)
         data = case.task.load(P.build(case.task.Params, case.task_params), ctx)
-        x, y = data.x_train[:case.case.batch], data.y_train[:case.case.batch]
+        x, y = data.train.x[:case.case.batch], data.train.y[:case.case.batch]
         for name in rules:
             if case.unsupported(name):
                 continue
@@ -419,7 +428,7 @@ def grid_estimate(times: dict, samples: dict, threads: int) -> list[str]:
              f"core-hours), median subset epoch times scaled linearly to {GRID_TRAIN:,} images, "
              f"{GRID_SEEDS} seeds × 20 (MLP) / 50 (CNN) epochs, +{GRID_EVAL:.0%} for "
              f"evaluation, FashionMNIST MLP timed as the MNIST MLP at batch 128 (the suite runs "
-             f"it at 64), dll-released as dll_fa (MLP) / dll (CNN), dtp CNN skipped"]
+             f"it at 64), dll-released as dll_fa (MLP) / dll (CNN)"]
     if missing:
         lines.append(f"  PARTIAL: {len(missing)} of the grid's rows were not measured here and "
                      f"are left out ({', '.join(missing[:6])}{', …' if len(missing) > 6 else ''})")

@@ -310,6 +310,10 @@ class Algorithm:
     version: ClassVar[int] = 1      # bump when the same spec gives other numbers: it is in the key
     supports: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type] = TrainParams
+    # The rule's conv code is measured faster with channels-last tensors on the CPU: the runner
+    # then converts its learner's 4-d tensors (harness.nets.prefer_channels_last). A speed
+    # setting only — the numbers are the same up to float rounding.
+    channels_last: ClassVar[bool] = False
 
     def unsupported(self, arch: Arch, params: Any) -> Optional[str]:
         """Why this algorithm cannot train ``arch`` (None when it can)."""

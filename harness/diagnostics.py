@@ -40,7 +40,8 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _bp_network(arch: Arch, device):
     from harness.nets import RNNNet, build_sequential
-    net = RNNNet(arch, 0.05) if arch.kind == "rnn" else build_sequential(arch, 0.05)
+    net = (RNNNet(arch, 0.05) if arch.kind == "rnn"
+           else build_sequential(arch, 0.05, pool_first=False))   # each layer's output kept
     return net.to(device)
 
 

@@ -249,14 +249,17 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
                         folder=slurm.job_folder(store_path, suite_name), name=suite_name,
                         log=lambda m: bar.write(m, file=sys.stderr))
                 else:
-                    slots = DeviceSlots(device, per_gpu, gpu_count) if backend == "local" \
-                        else DeviceSlots("cpu")
+                    if backend == "local":   # threads here share the node's device slots
+                        slots = DeviceSlots(device, per_gpu, gpu_count)
+                        calls = (joblib.delayed(_on_a_slot)(slots, spec, str(data_dir), threads,
+                                                            plugin_paths, on_epoch, run_timeout)
+                                 for spec in claimed())
+                    else:                     # each Dask worker runs one at a time, as it is
+                        calls = (joblib.delayed(worker.supervise)(spec, str(data_dir), threads,
+                                                                  plugin_paths, None, run_timeout)
+                                 for spec in claimed())
                     results = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
-                                              pre_dispatch="n_jobs")(
-                        joblib.delayed(_on_a_slot)(
-                            slots, spec, str(data_dir), threads, plugin_paths,
-                            on_epoch if backend == "local" else None, run_timeout)
-                        for spec in claimed())
+                                              pre_dispatch="n_jobs")(calls)
                 for result in results:
                     if result is None:
                         continue

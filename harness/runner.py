@@ -154,10 +154,14 @@ def execute(spec: RunSpec, data_dir: str, threads: int = 1, plugin_paths: tuple 
         result.notes.update(data.notes)
         _seed_everything(spec.seed)
         learner = algorithm.build(spec.arch, data.info, alg_params, ctx)
+        channels_last = False
+        if algorithm.channels_last:
+            from harness.nets import prefer_channels_last
+            channels_last = prefer_channels_last(learner, spec.arch, device)
         state = learner.state_dict()
         result.n_parameters = sum(v.numel() for v in state.values() if hasattr(v, "numel"))
         _train(spec, task, data, Stepper(learner, alg_params, spec.epochs), result, device,
-               on_epoch)
+               on_epoch, channels_last)
         result.selection = summarize(result.epochs, task.primary_metric,
                                      task.metrics[task.primary_metric])
     except UserError as exc:
@@ -208,12 +212,18 @@ class Stepper:
             schedule.step()
 
 
-def _train(spec, task, data, stepper: Stepper, result, device, on_epoch=None) -> None:
+def _train(spec, task, data, stepper: Stepper, result, device, on_epoch=None,
+           channels_last: bool = False) -> None:
     import torch
+
+    def placed(x):   # batches cut from a channels-last set keep its order (one copy, here)
+        x = x.to(device)
+        return x.clone(memory_format=torch.channels_last) if channels_last and x.dim() == 4 \
+            else x
     metric, direction = task.primary_metric, task.metrics[task.primary_metric]
     info = data.info
-    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
-    evaluated = [(split, split.x.to(device), split.y.to(device)) for split in (data.val, data.test)]
+    x_train, y_train = placed(data.train.x), data.train.y.to(device)
+    evaluated = [(split, placed(split.x), split.y.to(device)) for split in (data.val, data.test)]
     watch_split = Split.VAL if spec.protocol == "clean" and len(data.val) else Split.TEST
     probe = None
     if spec.diagnostics:                 # a fixed batch of the training split, every epoch

@@ -134,6 +134,7 @@ def test_dfa_one_hidden_layer_with_output_transpose_gives_bp_gradient():
 
 
 def test_dfa_sends_output_error_to_every_hidden_layer_conv_included():
+    torch.manual_seed(0)      # the weights: not whatever the tests before left in the stream
     net = build_dfa_network(CNN, 0.3, "normal", 1.0, False, feedback_generator(0))
     x, y = _batch()
     output, hidden = net.forward_local(x)
@@ -146,7 +147,7 @@ def test_dfa_sends_output_error_to_every_hidden_layer_conv_included():
         x, conv1.weight.shape,
         (error @ net.feedback(0)).reshape(hidden[0].shape) * (1 - hidden[0].detach() ** 2),
         padding=1)
-    torch.testing.assert_close(conv1.weight.grad, manual, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv1.weight.grad, manual, rtol=1e-5, atol=1e-5)  # float32 sums
 
 
 def test_dfa_shared_feedback_is_one_matrix_sliced():

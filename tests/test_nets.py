@@ -154,3 +154,69 @@ def test_the_readme_task_example_trains_with_bp_and_dll(tmp_path):
         result = execute(spec, str(tmp_path))
         assert result.status == "ok", result.traceback
         assert result.epochs[-1].metrics["test"]["accuracy"] > 85, name
+
+
+POOLED = Arch("pooled", (1, 10, 10), (Conv(4, 3, 1, bias=True), Pool("max", 2), Conv(6, 3, 1),
+                                      Pool("avg", 2), Flatten(), Dense(5, "linear")), 5)
+
+
+def test_pool_first_is_the_same_network_with_the_same_gradients():
+    """build_sequential puts a max-pool before the activation it follows (monotone: the same
+    values and winners); outputs and gradients equal the spec-order network's."""
+    torch.manual_seed(0)
+    first = build_sequential(POOLED, 0.3)
+    spec_order = build_sequential(POOLED, 0.3, pool_first=False)
+    spec_order.load_state_dict(first.state_dict())
+    assert [type(m).__name__ for m in first][:3] == ["Conv2d", "MaxPool2d", "Tanh"]
+    assert [type(m).__name__ for m in spec_order][:3] == ["Conv2d", "Tanh", "MaxPool2d"]
+    x, y = _batch(POOLED, INFO, seed=1, n=16)
+    for net in (first, spec_order):
+        loss_value(INFO, net(x), y).backward()
+    torch.testing.assert_close(first(x), spec_order(x), rtol=0, atol=0)
+    for a, b in zip(first.parameters(), spec_order.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_pool_adjoints_are_the_pools_own_backward():
+    from harness.nets import avg_pool_adjoint, max_pool_adjoint
+    g = torch.Generator().manual_seed(2)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        h = torch.randn(3, 4, 11, 11, generator=g).to(memory_format=layout).requires_grad_(True)
+        out, indices = torch.nn.functional.max_pool2d(h, 2, return_indices=True)
+        d = torch.randn(out.shape, generator=g).to(memory_format=layout)
+        out.backward(d)
+        assert torch.equal(max_pool_adjoint(d, indices, 2, h.shape), h.grad)
+        h.grad = None
+        out = torch.nn.functional.avg_pool2d(h, 2)         # 11 → 5: the last row gets none
+        out.backward(d)
+        routed = avg_pool_adjoint(d, 2, h.shape)
+        assert torch.equal(routed, h.grad) and routed.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("name", ["bp", "fa", "dfa", "pc", "dll", "dll_fa", "dtp"])
+def test_channels_last_changes_speed_not_numbers(name):
+    """prefer_channels_last converts every 4-d tensor of a learner in place (one-channel kernels
+    too), the optimiser built after it steps the same tensors, and a few steps give the same
+    weights as the default layout, up to float rounding."""
+    import copy
+
+    from harness.nets import prefer_channels_last
+    alg = algorithms.get(name)
+    params = alg.Params(lr=1e-3)
+    torch.manual_seed(3)
+    plain = alg.build(POOLED, INFO, params, RunContext(epochs=1))
+    fast = copy.deepcopy(plain)
+    assert prefer_channels_last(fast, POOLED, "cpu")
+    kernels = [p for group in fast.parameter_groups() for p in group["params"] if p.dim() == 4]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) and
+                           k.stride()[1] == 1 for k in kernels)       # the 1-channel one too
+    steppers = [Stepper(plain, params), Stepper(fast, params)]
+    for step in range(4):
+        x, y = _batch(POOLED, INFO, seed=10 + step, n=16)
+        for i, stepper in enumerate(steppers):
+            torch.manual_seed(step)
+            stepper.step(x.to(memory_format=torch.channels_last) if i else x, y)
+    for a, b in zip([p for g in plain.parameter_groups() for p in g["params"]],
+                    [p for g in fast.parameter_groups() for p in g["params"]]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not prefer_channels_last(copy.deepcopy(plain), MLP_BIAS, "cpu")   # no convs: no-op
