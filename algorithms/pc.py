@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.api import (Algorithm, Arch, Conv, Dense, Learner, RunContext, TaskInfo,
+from harness.api import (Algorithm, Arch, Conv, Dense, Learner, Pool, RunContext, TaskInfo,
                          TrainParams, param)
 from harness.nets import Affine, layer_modules, recurrence, rnn_layers
 from harness.registry import algorithms
@@ -69,8 +69,11 @@ class PCFeedForward(nn.Module):
         for layer, module, act in layer_modules(arch, init_std):
             if isinstance(layer, (Dense, Conv)):
                 blocks.append([module] + ([act] if act is not None else []))
-            else:                                # pools and flatten close the block above
-                (blocks[-1] if blocks else stem).append(module)
+            elif (blocks and isinstance(layer, Pool) and layer.kind == "max"
+                  and len(blocks[-1]) == 2):     # [conv, f] + max-pool → [conv, max-pool, f]:
+                blocks[-1].insert(1, module)     # f monotone, the same node values and
+            else:                                # gradients, f on a quarter of the units
+                (blocks[-1] if blocks else stem).append(module)   # pools, flatten close it
         self.stem = nn.Sequential(*stem)
         self.blocks = nn.ModuleList(nn.Sequential(*b) for b in blocks)
 
