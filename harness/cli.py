@@ -405,11 +405,33 @@ def _dry_run(suite, specs, args, sources) -> int:
               f"timed steps for {sources_count['timed']}"
               + (f", no estimate for {sources_count['unknown']} (data not ready)"
                  if sources_count["unknown"] else ""))
+    if suite.tune is not None:
+        _dry_run_tuning(suite, runnable, estimates)
     if stale:
         print(f"{len(stale)} stored run(s) were made with source other than the current code "
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
                               else "they are to run again (--rerun-stale)"))
     return 0
+
+
+def _dry_run_tuning(suite, runnable, estimates) -> None:
+    """The trials a tune: block adds before the runs listed (which run at each row's chosen
+    settings): how many, and their time at the rows' current speed per epoch."""
+    from harness.estimate import human
+    t = suite.tune
+    cells = {}
+    for spec in runnable:          # one study per row × task × arch
+        cells.setdefault((spec.label, spec.task_label or spec.task, spec.arch.name), spec)
+    epochs = t.epochs or suite.epochs
+    seconds = 0.0
+    for spec in cells.values():
+        guess = estimates.get(spec.key())
+        if guess and guess.seconds is not None:
+            seconds += guess.seconds / spec.epochs * epochs * len(t.seeds) * t.trials
+    trials = len(cells) * t.trials * len(t.seeds)
+    print(f"tune: first {len(cells)} studies × {t.trials} trials × {len(t.seeds)} seed(s) = "
+          f"{trials} trial runs of {epochs} epochs (stored ones are not run again), about "
+          f"{human(seconds)} of run time; the runs above then use each row's chosen settings")
 
 
 def cmd_report(args) -> int:

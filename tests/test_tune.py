@@ -72,3 +72,11 @@ def test_bad_tune_blocks_are_one_line(write_suite, cli, block, expected):
     path = write_suite(block + "\ntasks: {blobs: {}}\nalgorithms: {bp: {}}\n", "badtune")
     status, _, err = cli("validate", path)
     assert status == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_dry_run_says_what_tuning_adds(write_suite, cli, tmp_path):
+    path = write_suite(SUITE.format(store=tmp_path / "d.sqlite"), "tuned_dry")
+    status, out, err = cli("run", path, "--device", "cpu", "--dry-run")
+    assert status == 0, err
+    assert "tune: first 2 studies × 4 trials × 1 seed(s) = 8 trial runs of 1 epochs" in out
+    assert not (tmp_path / "d.sqlite").exists()                    # a dry run runs nothing
