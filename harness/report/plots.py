@@ -81,7 +81,7 @@ def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> lis
     cells = _cells(layout, frame)
     panels = [("val", "validation {metric}"), ("test", "test {metric}"), (None, "training loss")]
     fig, axes = plt.subplots(len(panels), len(cells), squeeze=False,
-                             figsize=(4.2 * len(cells), 2.9 * len(panels)))
+                             figsize=(max(6.4, 4.2 * len(cells)), 2.9 * len(panels)))
     rows = [r for r in layout.row_order if r in set(frame["label"])]
     for j, (task, arch) in enumerate(cells):
         here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
@@ -116,7 +116,8 @@ def metric_vs_time(layout: Layout, epochs, out_dir: Path, colours: dict) -> list
         return []
     frame["train_seconds"] = frame.groupby("run_key")["train_time_s"].cumsum()
     cells = _cells(layout, frame)
-    fig, axes = plt.subplots(1, len(cells), squeeze=False, figsize=(4.2 * len(cells), 3.2))
+    fig, axes = plt.subplots(1, len(cells), squeeze=False,
+                             figsize=(max(6.4, 4.2 * len(cells)), 3.2))
     rows = [r for r in layout.row_order if r in set(frame["label"])]
     for ax, (task, arch) in zip(axes[0], cells):
         here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
@@ -198,32 +199,40 @@ def alignment(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tupl
                          and here[c].notna().any()})
         shades = dict(zip(layers, plt.cm.viridis([i / max(1, len(layers) - 1) * 0.85
                                                   for i in range(len(layers))])))
-        fig, axes = plt.subplots(1, len(rows), squeeze=False, sharey=True,
-                                 figsize=(3.4 * len(rows), 3.2))
-        for ax, row in zip(axes[0], rows):
+        angles = here[[c for c in here.columns if c.startswith("diagnostics_")
+                       and "angle/" in c]].max().max()
+        top = 180 if angles > 95 else 95
+        width = min(4, len(rows))
+        height = -(-len(rows) // width)
+        fig, grid = plt.subplots(height, width, squeeze=False, sharey=True,
+                                 figsize=(3.4 * width, 2.9 * height))
+        axes = list(grid.flat)
+        for ax in axes[len(rows):]:
+            ax.set_visible(False)
+        legend: dict[tuple, tuple] = {}
+        for ax, row in zip(axes, rows):
             group = here[here["label"] == row]
             for layer in layers:
                 for kind, style in (("update", "-"), ("feedback", "--")):
                     column = f"diagnostics_{kind}_angle/{layer}"
                     if column in group and group[column].notna().any():
                         stats = group.groupby("epoch")[column].mean()
-                        ax.plot(stats.index, stats.values, style, color=shades[layer], lw=1.5,
-                                label=f"{layer} {kind}")
+                        line, = ax.plot(stats.index, stats.values, style, color=shades[layer],
+                                        lw=1.5)
+                        legend.setdefault((kind != "update", layers.index(layer)),
+                                          (line, f"{layer} {kind}"))
             ax.set_title(row, fontsize=9, color=colours[row])
             ax.set_xlabel("epoch", fontsize=8)
-            ax.set_ylim(-3, 183)
-            ax.set_yticks([0, 45, 90, 135, 180])
+            ax.set_ylim(-3, top + 3)
+            ax.set_yticks([0, 45, 90, 135, 180] if top == 180 else [0, 30, 60, 90])
             ax.tick_params(labelsize=7)
             _integer_epochs(ax)
-        axes[0][0].set_ylabel("degrees to BP's", fontsize=8)
-        handles, labels = [], []
-        for ax in axes[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=min(len(labels), 6), frameon=False, fontsize=7)
+        for line in grid:
+            line[0].set_ylabel("degrees to BP's", fontsize=8)
+        ordered = [legend[k] for k in sorted(legend)]
+        fig.legend([h for h, _ in ordered], [lab for _, lab in ordered], loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=max(1, len(layers)), frameon=False,
+                   fontsize=7)
         fig.suptitle(f"{task}/{arch}: angle between each layer's update and BP's gradient "
                      "(solid) and between its feedback and BP's (dashed)", y=1.03, fontsize=10)
         fig.tight_layout()
@@ -245,7 +254,7 @@ def logged(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[s
         return []
     cells = _cells(layout, frame)
     fig, axes = plt.subplots(len(names), len(cells), squeeze=False,
-                             figsize=(4.2 * len(cells), 2.9 * len(names)))
+                             figsize=(max(6.4, 4.2 * len(cells)), 2.9 * len(names)))
     rows = [r for r in layout.row_order if r in set(frame["label"])]
     for i, name in enumerate(names):
         for j, (task, arch) in enumerate(cells):
@@ -272,7 +281,8 @@ def tuning(layout: Layout, trials, out_dir: Path, colours: dict) -> list[tuple[s
     plt = _pyplot()
     values = _trial_values(trials)
     cells = [c for c in layout.column_order if any(k[1:] == c for k in values)]
-    fig, axes = plt.subplots(1, len(cells), squeeze=False, figsize=(4.4 * len(cells), 3.3))
+    fig, axes = plt.subplots(1, len(cells), squeeze=False,
+                             figsize=(max(6.4, 4.4 * len(cells)), 3.3))
     rows = [r for r in layout.row_order if any(k[0] == r for k in values)]
     for ax, (task, arch) in zip(axes[0], cells):
         metric, direction = layout.metrics[task]
