@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,31 @@ def _finite(value: Any) -> Any:
     return value
 
 
+_ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:[^\s/=\"']+/)*([^\s/=\"']+)")
+_PROJECT = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def without_machine_paths(text):
+    """``text`` as it may be committed or shown in a report: paths inside this project relative
+    to it (``harness/runner.py``), every other absolute path (a store, a data folder, a library)
+    shortened to ``…/name``. Anything not a string is returned as it is."""
+    if not isinstance(text, str):
+        return text
+    return _ABSOLUTE.sub(r"…/\1", text.replace(_PROJECT, ""))
+
+
+def _session(session: dict) -> dict:
+    """A session as committed: no absolute path of the machine that ran it in its command
+    line; the store keeps it whole."""
+    return dict(session, command=without_machine_paths(session.get("command")))
+
+
+def _run(run: dict) -> dict:
+    """A run as committed: its reason and traceback without absolute machine paths."""
+    return dict(run, reason=without_machine_paths(run.get("reason")),
+                traceback=without_machine_paths(run.get("traceback")))
+
+
 def _line(obj: dict) -> str:
     return json.dumps(_finite(obj), sort_keys=True, ensure_ascii=False, allow_nan=False)
 
@@ -48,9 +74,10 @@ def write_jsonl(records: dict, path: Path) -> Path:
     path = Path(path)
     lines = [_line({"format": FORMAT, "version": VERSION, "suite": records.get("suite"),
                     "structure": records.get("structure")})]
-    lines += [_line({"session": s}) for s in sorted(records.get("sessions", []),
+    lines += [_line({"session": _session(s)}) for s in sorted(records.get("sessions", []),
                                                     key=lambda s: s["uuid"])]
-    lines += [_line({"run": r}) for r in sorted(records.get("runs", []), key=lambda r: r["key"])]
+    lines += [_line({"run": _run(r)}) for r in sorted(records.get("runs", []),
+                                                      key=lambda r: r["key"])]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

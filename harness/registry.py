@@ -75,7 +75,9 @@ class Registry(Generic[T]):
         valid = self.names()
         close = difflib.get_close_matches(name, valid + list(self._aliases), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"{prefix}unknown {self.kind} {name!r}{hint}; valid: {', '.join(valid)}")
+        raise UserError(f"{prefix}unknown {self.kind} {name!r}{hint}; valid: {', '.join(valid)} "
+                        f"(a plugin's {self.kind} is found with --plugins DIR or "
+                        f"$BENCH_PLUGIN_PATH)")
 
     def get(self, name: str, where: str = "") -> T:
         return self._classes[self.canonical(name, where)]()

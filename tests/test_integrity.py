@@ -293,6 +293,12 @@ def test_committed_run_data_rebuilds_the_store_and_the_report(blob_suite, cli, t
     status, out, _ = cli("run", path, "--device", "cpu", "--no-progress")
     assert status == 0
     data = tmp_path / "reports" / "kept" / "runs.jsonl"
+    text = data.read_text()                             # no machine path in committed data:
+    assert str(ROOT) not in text and "tests/plugins/" in text    # the failing run's traceback
+    assert '"command": "' in text
+    from harness.exchange import without_machine_paths
+    assert without_machine_paths("run --store /srv/x/p.sqlite --data-dir=/d/data a/b") == \
+        "run --store …/p.sqlite --data-dir=…/data a/b"
     report = (tmp_path / "reports" / "kept" / "report.md").read_text()
     lines = data.read_text().splitlines()
     assert '"format": "plausible-bench-runs"' in lines[0]

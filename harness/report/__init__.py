@@ -94,10 +94,10 @@ def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = No
         records["structure"], records["suite"] = layout.raw, layout.name
         write_jsonl(records, out_dir / "runs.jsonl")
     try:
-        shown = out_dir.resolve().relative_to(Path.cwd().resolve())
+        shown = str(out_dir.resolve().relative_to(Path.cwd().resolve()) / "runs.jsonl")
     except ValueError:
-        shown = Path("reports") / layout.name        # never a machine path in a report
-    return _write(layout, frames, out_dir, f"python bench.py report {shown / 'runs.jsonl'}")
+        shown = "<this folder>/runs.jsonl"           # never a machine path in a report
+    return _write(layout, frames, out_dir, f"python bench.py report {shown}")
 
 
 def _section(lines: list[str], title: str, body: Optional[str], caption: str = "") -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from harness.exchange import without_machine_paths
 from harness.report.layout import Layout
 
 
@@ -66,7 +67,8 @@ def problems(layout: Layout, runs) -> list[Problem]:
     groups: dict[tuple[str, str], list] = {}
     for status, reason, label, task, arch in zip(bad["status"], bad["reason"], bad["label"],
                                                  bad["task_label"], bad["arch"]):
-        groups.setdefault((status, reason or ""), []).append(f"{label} on {task}/{arch}")
+        groups.setdefault((status, without_machine_paths(reason) or ""), []).append(
+            f"{label} on {task}/{arch}")
     out = []
     for (status, reason), cells in groups.items():
         unique = list(dict.fromkeys(cells))

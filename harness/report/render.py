@@ -115,7 +115,9 @@ def differences_table(layout: Layout, runs, protocol: str) -> Optional[str]:
                 text += f" [{signed(d.ci[0], metric)}, {signed(d.ci[1], metric)}]"
             if d.p_holm is not None:
                 text += f" p={d.p_holm:.2g}" + (" *" if d.significant() else "")
-            text += f" ({'paired' if d.paired else 'unpaired'}, {min(d.n_a, d.n_b)})"
+            n = min(d.n_a, d.n_b)
+            text += (" (one seed: no test)" if n < 2
+                     else f" ({'paired' if d.paired else 'unpaired'}, {n})")
             line.append(text)
         lines.append(line)
     return _table(lines, headers)
