@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     shw.add_argument("--into", default=None, metavar="FILE",
                      help="replace the table between <!-- headline:SUITE --> and "
                      "<!-- /headline:SUITE --> in FILE")
+    common(shw)                                   # plugins: to tell which runs are stale
 
     exp = sub.add_parser("export", help="write runs, epochs and sessions for pandas or R")
     exp.add_argument("target", type=Path, metavar="SUITE_OR_STORE",
@@ -120,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
                       "(default 0: any significant loss)")
     cmp_.add_argument("--time-threshold", type=float, default=None, metavar="FRACTION",
                       help="also a regression: significantly slower by more than this fraction")
+    cmp_.add_argument("--protocol", choices=("clean", "paper"), default=None,
+                      help="the selection compared (default: the suites'; needed where A's "
+                      "and B's differ)")
+    cmp_.add_argument("--force", action="store_true",
+                      help="compare results of two different suites (other budgets, splits)")
     cmp_.add_argument("--alpha", type=float, default=0.05,
                       help="significance level after Holm's correction (default 0.05)")
 
@@ -434,16 +440,39 @@ def _dry_run_tuning(suite, runnable, estimates) -> None:
           f"{human(seconds)} of run time; the runs above then use each row's chosen settings")
 
 
+def _current_source(args):
+    """(algorithm, task) → the source digest the code here gives their runs now, or None
+    where the plugins cannot be had (a report needs none: staleness is then not checked)."""
+    known: dict[tuple[str, str], Optional[str]] = {}
+
+    def current(algorithm: str, task: str) -> Optional[str]:
+        if (algorithm, task) not in known:
+            try:
+                from harness import fingerprint
+                from harness.registry import algorithms, tasks
+                _discover(args)
+                known[algorithm, task] = fingerprint.of_plugins(
+                    type(algorithms.get(algorithm)), type(tasks.get(task)))["source"]
+            except Exception:                      # noqa: BLE001 — torch or a plugin missing
+                known[algorithm, task] = None
+        return known[algorithm, task]
+    return current
+
+
 def cmd_report(args) -> int:
     from harness import report
     from harness.store import Store, open_results
     target = Path(args.suite)
+    current = _current_source(args)
     if target.suffix in (".yaml", ".yml"):
         suite = _load_suite(args)
         with Store(suite.store_path, readonly=True) as store:
-            layout = report.Layout.of(suite.structure())
-            print(report.build(store, Path(args.out), layout=layout))
-            stale = report.stale_runs(store, layout, _current_sources(suite.specs))
+            # a tune: suite's runs are its trials' choices: the plan the run recorded names them
+            layout = (report.layout_of(store) if suite.tune is not None
+                      else report.Layout.of(suite.structure()))
+            print(report.build(store, Path(args.out), layout=layout, current=current))
+            stale = (0 if suite.tune is not None else
+                     report.stale_runs(store, layout, _current_sources(suite.specs)))
         if stale:
             print(f"{stale} stored run(s) were made with source other than the current code "
                   f"(stale): python bench.py run {args.suite} --rerun-stale runs them again")
@@ -455,7 +484,8 @@ def cmd_report(args) -> int:
     with open_results(target) as store:
         rewrites_itself = target.suffix == ".jsonl" and target.resolve() == (
             Path(args.out) / (store.meta("suite") or "") / "runs.jsonl").resolve()
-        print(report.build(store, Path(args.out), write_data=not rewrites_itself))
+        print(report.build(store, Path(args.out), write_data=not rewrites_itself,
+                           current=current))
     return 0
 
 

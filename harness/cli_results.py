@@ -39,12 +39,21 @@ def _open(target: Path, store: Optional[str] = None):
 
 def cmd_show(args) -> int:
     """The headline table in the terminal (GitHub markdown), or into a marked block of a file."""
-    from harness.report import headline, layout_of
+    from harness.cli import _current_source
+    from harness.report import frames_for, headline, layout_of, stale_cells
     with _open(args.target, args.store) as store:
         layout = layout_of(store)
         table = headline(store, layout)
+        runs = frames_for(store, layout).runs
+        stale, cells = stale_cells(runs[runs["role"] != "trial"], _current_source(args))
+    meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
+               else "the best test epoch, as the DLL paper reports")
+    caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: mean [95% t "
+               "interval] (seeds); – not run yet; an empty published cell: no published value."
+               + (f" {stale} of the runs were made with older code (stale): "
+                  f"{', '.join(cells)}." if stale else "") + "*")
     if args.into is None:
-        print(f"{layout.name} ({layout.protocol} protocol): mean [95% interval] (seeds)\n")
+        print(caption + "\n")
         print(table)
         return 0
     path = Path(args.into)
@@ -59,7 +68,7 @@ def cmd_show(args) -> int:
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
     try:
-        path.write_text(f"{before}{start}\n{table}\n{end}{after}")
+        path.write_text(f"{before}{start}\n{caption}\n\n{table}\n{end}{after}")
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
     print(f"{path}: headline table of {layout.name} updated")
@@ -118,8 +127,17 @@ def cmd_compare(args) -> int:
     from harness.report.tables import PROTOCOL_COLUMN
     from harness.store import frames
     with _open(args.a) as a, _open(args.b) as b:
-        layout = layout_of(a)
-        value = PROTOCOL_COLUMN[layout.protocol]
+        layout, other = layout_of(a), layout_of(b)
+        if layout.name != other.name and not args.force:
+            raise UserError(f"{args.a} holds suite {layout.name!r} and {args.b} suite "
+                            f"{other.name!r}: their budgets and splits may differ; --force "
+                            "compares them anyway")
+        protocol = args.protocol or layout.protocol
+        if args.protocol is None and layout.protocol != other.protocol:
+            raise UserError(f"{args.a} selects epochs by the {layout.protocol} protocol and "
+                            f"{args.b} by the {other.protocol} protocol; choose one with "
+                            "--protocol clean|paper")
+        value = PROTOCOL_COLUMN[protocol]
         runs_a, runs_b = _per_run_time(frames(a)), _per_run_time(frames(b))
     runs_a = runs_a[runs_a["status"] == "ok"].dropna(subset=[value])
     runs_b = runs_b[runs_b["status"] == "ok"].dropna(subset=[value])
@@ -143,11 +161,19 @@ def cmd_compare(args) -> int:
     lines = [[c.key[0], f"{c.key[1]}/{c.key[2]}", layout.metrics.get(c.key[1], ("metric",))[0],
               text(c.metric), text(c.time), "REGRESSION" if c.key in flagged else ""]
              for c in changes]
-    print(f"B − A, {layout.protocol} protocol ({value}); time: train seconds per epoch; "
+    print(f"B − A, {protocol} protocol ({value}); time: train seconds per epoch; "
           f"Holm-corrected, alpha {args.alpha}, threshold {args.threshold}")
     print(tabulate(lines, headers=["algorithm", "task/arch", "metric", "Δ metric [95% CI]",
                                    "Δ s/epoch [95% CI]", ""], tablefmt="github",
                    disable_numparse=True))
+    cells = {side: {(r, t, arch) for r, t, arch in zip(runs["label"], runs["task_label"],
+                                                       runs["arch"])}
+             for side, runs in (("A", runs_a), ("B", runs_b))}
+    for side, here, there in (("A", cells["A"], cells["B"]), ("B", cells["B"], cells["A"])):
+        alone = sorted(here - there)
+        if alone:
+            print(f"only in {side} (not compared): " + ", ".join(
+                f"{r} on {t}/{arch}" for r, t, arch in alone))
     if regressions:
         print(f"{len(regressions)} cell(s) significantly worse beyond the threshold",
               file=sys.stderr)

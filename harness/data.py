@@ -230,6 +230,8 @@ def status(name: str, data_dir: Path) -> tuple[str, str]:
     if any("checksum" in p for p in problems):
         return "corrupt", "; ".join(p for p in problems if "checksum" in p)
     sources = ", then ".join(s.describe() for s in dataset.sources)
+    if not sources:
+        return "missing", dataset.how_to_get
     return "missing", f"will try: {sources}. {dataset.how_to_get}"
 
 

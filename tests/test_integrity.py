@@ -197,6 +197,17 @@ def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite
     done = subprocess.run(run + ["--dry-run"], capture_output=True, text=True, cwd=ROOT)
     assert "2 stored run(s) were made with source other than the current code" in done.stdout
     assert done.stdout.count("stored (stale)") == 2
+    shown = subprocess.run([sys.executable, str(ROOT / "bench.py"), "report", str(path),
+                            "--out", str(tmp_path / "before"), *run[-4:]],
+                           capture_output=True, text=True, cwd=ROOT)
+    again = subprocess.run([sys.executable, str(ROOT / "bench.py"), "report",     # and from
+                            str(tmp_path / "before" / "st" / "runs.jsonl"),        # its data
+                            "--out", str(tmp_path / "again"), *run[-4:]],
+                           capture_output=True, text=True, cwd=ROOT)
+    for out_dir, done_report in (("before", shown), ("again", again)):
+        assert done_report.returncode == 0, done_report.stderr
+        text = (tmp_path / out_dir / "st" / "report.md").read_text()
+        assert "**2 of these runs were made with older code (stale)**: editable_s on " in text
     done = subprocess.run(run + ["--no-progress", "--rerun-stale"], capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 0 and "ok 2" in done.stdout, done.stderr

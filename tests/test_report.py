@@ -220,10 +220,11 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     status, out, _ = cli("show", data)
     assert status == 0 and "| bp" in out and "[" in out and "(4)" in out
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- headline:fake -->\nold\n<!-- /headline:fake -->\nend\n")
+    readme.write_text("intro\n<!-- headline:fake -->\nOLD TABLE\n<!-- /headline:fake -->\nend\n")
     status, out, _ = cli("show", data, "--into", readme)
     text = readme.read_text()
-    assert status == 0 and "old" not in text and "| close" in text and text.endswith("end\n")
+    assert status == 0 and "OLD TABLE" not in text and "| close" in text and text.endswith("end\n")
+    assert "protocol (" in text and "– not run yet" in text
     status, out, _ = cli("export", data, "--format", "csv", "--out", tmp_path / "csv")
     import pandas as pd
     runs = pd.read_csv(tmp_path / "csv" / "runs.csv")
@@ -238,6 +239,13 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     status, out, err = cli("compare", data, worse, "--threshold", "0.5")
     assert status == 1 and "REGRESSION" in out and "significantly worse" in err
     assert next(l for l in out.splitlines() if l.startswith("| close")).endswith("REGRESSION |")
+    other = tmp_path / "other.jsonl"                 # another suite's data: refused, or --force
+    other.write_text(data.read_text().replace('"name": "fake"', '"name": "other"')
+                     .replace('"suite": "fake"', '"suite": "other"'))
+    status, _, err = cli("compare", data, other)
+    assert status == 2 and "holds suite 'fake'" in err and "--force" in err
+    status, out, _ = cli("compare", data, other, "--force")
+    assert status == 0 and "| close" in out
     status, out, _ = cli("compare", data, worse, "--threshold", "3")   # beyond what moved
     assert status == 0
 

@@ -23,6 +23,18 @@ from harness.report.layout import Layout, md
 __all__ = ["Layout", "build", "md", "stale_runs", "headline"]
 
 
+def stale_cells(runs, current) -> tuple[int, list[str]]:
+    """Runs (not skipped) whose stored source digest differs from what ``current(algorithm,
+    task)`` says the code gives now (None: unknown, not counted), and their cells."""
+    if current is None or runs.empty or "source" not in runs.columns:
+        return 0, []
+    done = runs[runs["status"] != "skipped"].drop_duplicates("key")
+    old = [(row, task, arch) for row, algorithm, task_plugin, task, arch, source in zip(
+        done["label"], done["algorithm"], done["task"], done["task_label"], done["arch"],
+        done["source"]) if current(algorithm, task_plugin) not in (None, source)]
+    return len(old), sorted({f"{r} on {t}/{a}" for r, t, a in old})
+
+
 def stale_runs(store, layout: Layout, current: dict) -> int:
     """How many of the layout's stored runs were made with source other than ``current``
     (key → the current source digest)."""
@@ -48,6 +60,7 @@ def frames_for(store, layout: Layout) -> store_mod.Frames:
     run — appears under both); runs the plan does not name are left out."""
     import pandas as pd
     frames = store_mod.frames(store, keys=layout.keys())
+    frames = _in_key_order(frames)
     plan = pd.DataFrame([{"key": p["key"], "label": p["label"], "task_label": p["task"],
                           "role": p.get("role") or "", "trial": p.get("trial")}
                          for p in layout.plan])
@@ -59,7 +72,21 @@ def frames_for(store, layout: Layout) -> store_mod.Frames:
     epochs = frames.epochs.drop(columns=["label", "task_label"]).merge(
         plan[["key", "label", "task_label", "role"]], left_on="run_key", right_on="key"
     ).drop(columns=["key"])
-    return store_mod.Frames(runs, epochs, frames.sessions)
+    return _in_key_order(store_mod.Frames(runs, epochs, frames.sessions))
+
+
+def _in_key_order(frames: store_mod.Frames) -> store_mod.Frames:
+    """Rows in an order of their content alone (run key, label, epoch; session uuid), not of
+    the order runs entered a store: a report built from a store and from its runs.jsonl is the
+    same to the last digit (the bootstrap draws over rows in this order)."""
+    def order(frame, columns):
+        present = [c for c in columns if c in frame.columns]
+        if frame.empty or not present:
+            return frame
+        return frame.sort_values(present, kind="mergesort").reset_index(drop=True)
+    return store_mod.Frames(order(frames.runs, ["key", "label", "task_label", "role"]),
+                            order(frames.epochs, ["run_key", "label", "task_label", "epoch"]),
+                            order(frames.sessions, ["uuid"]))
 
 
 def headline(store, layout: Optional[Layout] = None) -> str:
@@ -71,11 +98,13 @@ def headline(store, layout: Optional[Layout] = None) -> str:
 
 
 def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = None,
-          write_data: bool = True) -> Path:
+          write_data: bool = True, current=None) -> Path:
     """Write ``<out_root>/<suite>/report.md``, its PNGs and ``runs.jsonl`` (the data behind
     it) from a store alone; returns the report's path. ``layout``: the suite's structure (by
     default the one the store recorded). The report is a function of the runs alone: built
-    again from its ``runs.jsonl`` it is the same (timestamps aside)."""
+    again from its ``runs.jsonl`` it is the same (timestamps aside). ``current(algorithm,
+    task)``: the source digest the code has now, to say which runs are stale (None: not
+    checked, as where the plugins are not at hand)."""
     from harness.api import UserError
     from harness.exchange import write_jsonl
     layout = layout_of(store, layout)
@@ -97,7 +126,8 @@ def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = No
         shown = str(out_dir.resolve().relative_to(Path.cwd().resolve()) / "runs.jsonl")
     except ValueError:
         shown = "<this folder>/runs.jsonl"           # never a machine path in a report
-    return _write(layout, frames, out_dir, f"python bench.py report {shown}")
+    return _write(layout, frames, out_dir, f"python bench.py report {shown}",
+                  stale_cells(frames.runs[frames.runs["role"] != "trial"], current))
 
 
 def _section(lines: list[str], title: str, body: Optional[str], caption: str = "") -> None:
@@ -105,7 +135,8 @@ def _section(lines: list[str], title: str, body: Optional[str], caption: str = "
         lines += [title, ""] + ([caption, ""] if caption else []) + [body, ""]
 
 
-def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
+def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
+           stale: tuple[int, list[str]] = (0, [])) -> Path:
     from harness.api import UserError
     from harness.report import plots
     all_runs, all_epochs, sessions = frames
@@ -122,6 +153,11 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     lines += [f"{stored} of {len(set(layout.keys()))} planned runs stored (" + ", ".join(
         f"{k} {v}" for k, v in sorted(counts.items())) + "). Every number below comes from the "
               f"runs in `runs.jsonl` beside this file; regenerate with `{regenerate}`.", ""]
+    if stale[0]:
+        lines += [f"**{stale[0]} of these runs were made with older code (stale)**: "
+                  f"{', '.join(md(c) for c in stale[1])}. The current code may give other "
+                  f"numbers; `python bench.py run {layout.raw.get('path') or 'SUITE'} --rerun-stale` runs "
+                  "them again.", ""]
     lines += [f"Protocol: **{protocol}** — " + (
         "the test metric at the epoch best on the validation split." if protocol == "clean"
         else "the best test metric over epochs (as the DLL paper reports)."),
@@ -158,7 +194,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str) -> Path:
     _section(lines, "## Time to target", render.time_to_target_table(layout, epochs),
              "Training seconds (every epoch's, the first included) and epochs until the "
              "validation metric first reached the suite's target for the task; over the seeds "
-             "that reached it.")
+             "that reached it (intervals cut at 0).")
     _section(lines, f"## Results ({other} protocol)", render.results_table(layout, runs, other))
     _section(lines, "## Both protocols, per run group", render.protocols_table(layout, runs))
     _section(lines, "## Selection on validation", render.validation_table(layout, runs),

@@ -291,7 +291,7 @@ def tuning(layout: Layout, trials, out_dir: Path, colours: dict) -> list[tuple[s
             if not found:
                 continue
             curve = best_so_far(found, direction)
-            ax.plot([i for i, _, _ in found], curve, color=colours[row], lw=1.8,
+            ax.plot([i + 1 for i, _, _ in found], curve, color=colours[row], lw=1.8,
                     marker="o", ms=3, drawstyle="steps-post")
         ax.set_title(f"{task}/{arch}", fontsize=9)
         ax.set_xlabel("trial", fontsize=8)

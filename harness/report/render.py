@@ -21,6 +21,8 @@ def fmt(value: Optional[float], metric: str) -> str:
         return "–"
     if metric.endswith("accuracy"):
         return f"{value:.2f}"
+    if metric in ("s", "epochs"):                  # durations, not metrics
+        return f"{value:.1f}"
     return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
 
 
@@ -362,12 +364,20 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
             chosen = next(p for (i, _, _), p in zip(found, all_params) if i == best_index)
             improving = planned and best_index >= 0.75 * (planned - 1) and planned > 1
             lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}",
-                          fmt(best_value, metric), best_index,
+                          fmt(best_value, metric), best_index + 1,
                           md(", ".join(f"{k}={chosen[k]:.3g}" if isinstance(chosen[k], float)
                                        else f"{k}={chosen[k]}" for k in varied)),
                           "still improving" if improving else ""])
     return _table(lines, ["algorithm", "task/arch", "trials", "best validation", "at trial",
                           "chosen settings", ""])
+
+
+def _at_least_zero(summary: stats.Summary) -> stats.Summary:
+    """A t-interval of a duration cut at 0 (with few seeds it reaches below)."""
+    import dataclasses
+    if summary.ci is None or summary.ci[0] >= 0:
+        return summary
+    return dataclasses.replace(summary, ci=(0.0, summary.ci[1]))
 
 
 def time_to_target_table(layout: Layout, epochs) -> Optional[str]:
@@ -382,7 +392,7 @@ def time_to_target_table(layout: Layout, epochs) -> Optional[str]:
                           f"not reached (0 of {t.runs})", "–"])
             continue
         lines.append([md(t.row), md(f"{t.task}/{t.arch}"), fmt(t.target, metric),
-                      f"{t.reached} of {t.runs}: " + summary_text(t.seconds, "s"),
-                      summary_text(t.epochs, "epochs")])
+                      f"{t.reached} of {t.runs}: " + summary_text(_at_least_zero(t.seconds), "s"),
+                      summary_text(_at_least_zero(t.epochs), "epochs")])
     return _table(lines, ["algorithm", "task/arch", "validation target",
                           "training seconds to reach it [95% CI] (seeds)", "epochs"])
