@@ -311,6 +311,7 @@ def results(specs: list[RunSpec], options: SlurmOptions, *, data_dir: str, threa
     arrays: list[str] = []
     try:
         for start in range(0, len(specs), MAX_ARRAY):
+            before = set(folder.glob("*.pkl"))
             chunk = specs[start:start + MAX_ARRAY]
             n = len(chunk)
             try:
@@ -320,6 +321,8 @@ def results(specs: list[RunSpec], options: SlurmOptions, *, data_dir: str, threa
             except (FailedJobError, OSError) as exc:
                 message = next((line for line in str(exc).splitlines() if line.strip()),
                                type(exc).__name__)
+                for left in set(folder.glob("*.pkl")) - before:    # the refused job's pickles
+                    left.unlink(missing_ok=True)
                 raise UserError(f"--backend slurm: sbatch refused the job array: "
                                 f"{message.strip()}") from None
             clock, started = time.monotonic(), now()

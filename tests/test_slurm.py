@@ -317,6 +317,7 @@ def test_slurm_unknown_partition_is_sbatchs_one_line(slurm_cluster, write_suite,
     assert status == 2 and "sbatch refused" in err and "nosuch" in err, err
     assert err.strip().splitlines()[-1].startswith("error: --backend slurm")
     assert _jobs_named("slurmnopart") == []
+    assert not list(tmp_path.rglob("*.pkl"))          # nothing of the refused job is left
     with store.Store(load_suite(path).store_path, readonly=True) as stored:
         assert not stored.statuses() and not stored.query("SELECT key FROM claims")
 
