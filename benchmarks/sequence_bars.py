@@ -2,15 +2,24 @@
 clean protocol selects (best validation primary metric), beside the baselines the tasks record
 (most-frequent-character accuracy; persistence MSE), mean ± std over seeds.
 
-    python benchmarks/sequence_bars.py [results/sequences.sqlite] > reports/sequences/bars.md
+    python benchmarks/sequence_bars.py reports/sequences/runs.jsonl > reports/sequences/bars.md
+
+(a store works too: results/sequences.sqlite, the default).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sqlite3
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.api import UserError  # noqa: E402
+from harness.exchange import without_machine_paths  # noqa: E402
+from harness.store import open_results  # noqa: E402
 
 BARS = {  # task label -> (description, check(metrics) -> bool)
     "chars": ("accuracy > baseline_accuracy + 10 points and bpc < 3.0",
@@ -20,25 +29,34 @@ BARS = {  # task label -> (description, check(metrics) -> bool)
 
 
 def main() -> None:
-    path = sys.argv[1] if len(sys.argv) > 1 else "results/sequences.sqlite"
-    db = sqlite3.connect(path)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="?", default="results/sequences.sqlite",
+                        help="the sequences suite's store or its runs.jsonl")
+    path = parser.parse_args().results
+    if not Path(path).exists():
+        sys.exit(f"error: {path}: no such store or runs.jsonl")
+    try:
+        db = open_results(path)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
     groups = defaultdict(list)
     skipped = []
     task_params = {}
-    for key, label, task, task_label, arch, seed, protocol, status, reason, tparams in db.execute(
+    for key, label, task, task_label, arch, seed, protocol, status, reason, tparams in db.query(
             "select key, label, task, task_label, arch, seed, protocol, status, reason, "
             "task_params from runs"):
         if status != "ok":
-            skipped.append((label, task_label, arch, seed, status, reason))
+            skipped.append((label, task_label, arch, seed, status,
+                            without_machine_paths(reason)))
             continue
-        epochs = [(e, json.loads(m)) for e, m in db.execute(
+        epochs = [(e, json.loads(m)) for e, m in db.query(
             "select epoch, metrics from epochs where run_key=? order by epoch", (key,))]
         primary, sign = ("accuracy", 1) if task == "chars" else ("mse", -1)
         watch = "val" if protocol == "clean" and epochs[0][1].get("val") else "test"
         epoch, best = max(epochs, key=lambda em: (sign * em[1][watch][primary], -em[0]))
         groups[(label, task, task_label, arch, protocol)].append((seed, epoch, best["test"]))
         task_params[(label, task, task_label, arch, protocol)] = tparams
-    print(f"# Sequence bars (from `{path}`)\n")
+    print(f"# Sequence bars (from `{without_machine_paths(path)}`)\n")
     print("Test metrics at the epoch selected on validation (clean protocol; paper protocol: "
           "best test epoch), mean ± std over seeds.\n")
     for (label, task, task_label, arch, protocol), runs in sorted(groups.items()):

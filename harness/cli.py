@@ -284,7 +284,7 @@ def cmd_run(args) -> int:
         from harness import report
         from harness.store import Store
         with Store(suite.store_path, readonly=True) as store:
-            print(f"report: {report.build(store)}")
+            print(f"report: {report.build(store, current=_current_source(args))}")
     return 130 if summary.interrupted else 0
 
 
@@ -471,8 +471,8 @@ def cmd_report(args) -> int:
             layout = (report.layout_of(store) if suite.tune is not None
                       else report.Layout.of(suite.structure()))
             print(report.build(store, Path(args.out), layout=layout, current=current))
-            stale = (0 if suite.tune is not None else
-                     report.stale_runs(store, layout, _current_sources(suite.specs)))
+            runs = report.frames_for(store, layout).runs
+            stale = report.stale_cells(runs[runs["role"] != "trial"], current)[0]
         if stale:
             print(f"{stale} stored run(s) were made with source other than the current code "
                   f"(stale): python bench.py run {args.suite} --rerun-stale runs them again")

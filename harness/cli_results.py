@@ -48,8 +48,11 @@ def cmd_show(args) -> int:
         stale, cells = stale_cells(runs[runs["role"] != "trial"], _current_source(args))
     meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
                else "the best test epoch, as the DLL paper reports")
+    from harness.report.render import MARKS
     caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: mean [95% t "
-               "interval] (seeds); – not run yet; an empty published cell: no published value."
+               "interval] (seeds); – no result (not run yet, skipped or failed: the report "
+               "says which); an empty published cell: no published value. "
+               + MARKS.replace("**bold**", "bold").replace("*italic*", "italic")
                + (f" {stale} of the runs were made with older code (stale): "
                   f"{', '.join(cells)}." if stale else "") + "*")
     if args.into is None:
@@ -127,7 +130,8 @@ def cmd_compare(args) -> int:
     from harness.report.tables import PROTOCOL_COLUMN
     from harness.store import frames
     with _open(args.a) as a, _open(args.b) as b:
-        layout, other = layout_of(a), layout_of(b)
+        layout = layout_of(a)
+        other = layout_of(b) if b.structure() is not None else layout   # older data: trusted
         if layout.name != other.name and not args.force:
             raise UserError(f"{args.a} holds suite {layout.name!r} and {args.b} suite "
                             f"{other.name!r}: their budgets and splits may differ; --force "
@@ -138,9 +142,9 @@ def cmd_compare(args) -> int:
                             f"{args.b} by the {other.protocol} protocol; choose one with "
                             "--protocol clean|paper")
         value = PROTOCOL_COLUMN[protocol]
-        runs_a, runs_b = _per_run_time(frames(a)), _per_run_time(frames(b))
-    runs_a = runs_a[runs_a["status"] == "ok"].dropna(subset=[value])
-    runs_b = runs_b[runs_b["status"] == "ok"].dropna(subset=[value])
+        all_a, all_b = _per_run_time(frames(a)), _per_run_time(frames(b))
+    runs_a = all_a[all_a["status"] == "ok"].dropna(subset=[value])
+    runs_b = all_b[all_b["status"] == "ok"].dropna(subset=[value])
     directions = {t: d for t, (_, d) in layout.metrics.items()}
     changes = stats.compare(runs_a, runs_b, value, directions, time="train_s_per_epoch")
     if not changes:
@@ -157,6 +161,8 @@ def cmd_compare(args) -> int:
             part += f" [{d.ci[0]:+.4g}, {d.ci[1]:+.4g}]"
         if d.p_holm is not None:
             part += f" p={d.p_holm:.2g}"
+        if min(d.n_a, d.n_b) < 2:
+            return part + " (one seed: no test)"
         return part + f" ({'paired' if d.paired else 'unpaired'})"
     lines = [[c.key[0], f"{c.key[1]}/{c.key[2]}", layout.metrics.get(c.key[1], ("metric",))[0],
               text(c.metric), text(c.time), "REGRESSION" if c.key in flagged else ""]
@@ -166,16 +172,25 @@ def cmd_compare(args) -> int:
     print(tabulate(lines, headers=["algorithm", "task/arch", "metric", "Δ metric [95% CI]",
                                    "Δ s/epoch [95% CI]", ""], tablefmt="github",
                    disable_numparse=True))
-    cells = {side: {(r, t, arch) for r, t, arch in zip(runs["label"], runs["task_label"],
-                                                       runs["arch"])}
-             for side, runs in (("A", runs_a), ("B", runs_b))}
-    for side, here, there in (("A", cells["A"], cells["B"]), ("B", cells["B"], cells["A"])):
+    def cells(runs) -> set:
+        runs = runs[runs["status"] != "skipped"]
+        return set(zip(runs["label"], runs["task_label"], runs["arch"]))
+    ok_a, ok_b = cells(runs_a), cells(runs_b)
+    # a cell A has results for and B ran without one ok run (all diverged or failed): the
+    # worst regression there is, though there is nothing to test
+    lost = sorted((ok_a & cells(all_b)) - ok_b)
+    for r, t, arch in lost:
+        states = all_b[(all_b["label"] == r) & (all_b["task_label"] == t) & (all_b["arch"] == arch)]
+        counts = states.drop_duplicates("key")["status"].value_counts().to_dict()
+        print(f"REGRESSION: {r} on {t}/{arch} has no ok run in B ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+    for side, here, there in (("A", cells(all_a), cells(all_b)), ("B", cells(all_b), cells(all_a))):
         alone = sorted(here - there)
         if alone:
             print(f"only in {side} (not compared): " + ", ".join(
                 f"{r} on {t}/{arch}" for r, t, arch in alone))
-    if regressions:
-        print(f"{len(regressions)} cell(s) significantly worse beyond the threshold",
-              file=sys.stderr)
+    if regressions or lost:
+        print(f"{len(regressions) + len(lost)} cell(s) significantly worse beyond the "
+              "threshold or without results in B", file=sys.stderr)
         return 1
     return 0

@@ -40,14 +40,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
-_ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:[^\s/=\"']+/)*([^\s/=\"']+)")
+_ABSOLUTE = re.compile(r"(?<![\w.~:/…)\]}*`-])/(?:[^\s/=\"']+/)+([^\s/=\"']+)")
 _PROJECT = str(Path(__file__).resolve().parents[1]) + os.sep
 
 
 def without_machine_paths(text):
     """``text`` as it may be committed or shown in a report: paths inside this project relative
     to it (``harness/runner.py``), every other absolute path (a store, a data folder, a library)
-    shortened to ``…/name``. Anything not a string is returned as it is."""
+    shortened to ``…/name`` (a path of at least two parts; URLs, ``a/b``, ``x//2`` and text
+    already shortened are left alone). Anything not a string is returned as it is."""
     if not isinstance(text, str):
         return text
     return _ABSOLUTE.sub(r"…/\1", text.replace(_PROJECT, ""))

@@ -16,6 +16,7 @@ plugins — must be on a filesystem the nodes share.
 """
 from __future__ import annotations
 
+import fcntl
 import re
 import shlex
 import shutil
@@ -311,18 +312,26 @@ def results(specs: list[RunSpec], options: SlurmOptions, *, data_dir: str, threa
     arrays: list[str] = []
     try:
         for start in range(0, len(specs), MAX_ARRAY):
-            before = set(folder.glob("*.pkl"))
             chunk = specs[start:start + MAX_ARRAY]
             n = len(chunk)
-            try:
-                submitted = executor.map_array(worker.supervise, chunk, [data_dir] * n,
-                                               [threads] * n, [plugin_paths] * n,
-                                               [_log_epoch] * n, [timeout] * n)
-            except (FailedJobError, OSError) as exc:
-                message = next((line for line in str(exc).splitlines() if line.strip()),
-                               type(exc).__name__)
-                for left in set(folder.glob("*.pkl")) - before:    # the refused job's pickles
-                    left.unlink(missing_ok=True)
+            # one submission at a time per folder (two runs of a suite share it), so that a
+            # refused one removes its own temporary files and nothing of another's
+            with open(folder / ".submit.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                before = set(folder.glob("*.pkl")) | set(folder.glob(".submission_file_*"))
+                try:
+                    submitted = executor.map_array(worker.supervise, chunk, [data_dir] * n,
+                                                   [threads] * n, [plugin_paths] * n,
+                                                   [_log_epoch] * n, [timeout] * n)
+                    failure = None
+                except (FailedJobError, OSError) as exc:
+                    failure = exc
+                    for left in ((set(folder.glob("*.pkl"))
+                                  | set(folder.glob(".submission_file_*"))) - before):
+                        left.unlink(missing_ok=True)
+            if failure is not None:
+                message = next((line for line in str(failure).splitlines() if line.strip()),
+                               type(failure).__name__)
                 raise UserError(f"--backend slurm: sbatch refused the job array: "
                                 f"{message.strip()}") from None
             clock, started = time.monotonic(), now()

@@ -310,6 +310,9 @@ def test_committed_run_data_rebuilds_the_store_and_the_report(blob_suite, cli, t
     from harness.exchange import without_machine_paths
     assert without_machine_paths("run --store /srv/x/p.sqlite --data-dir=/d/data a/b") == \
         "run --store …/p.sqlite --data-dir=…/data a/b"
+    once = without_machine_paths('File "/usr/lib/x.py": sum(v)/len(v) from https://h.org/a/b')
+    assert once == 'File "…/x.py": sum(v)/len(v) from https://h.org/a/b'
+    assert without_machine_paths(once) == once              # shortened text is left alone
     report = (tmp_path / "reports" / "kept" / "report.md").read_text()
     lines = data.read_text().splitlines()
     assert '"format": "plausible-bench-runs"' in lines[0]

@@ -224,7 +224,8 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     status, out, _ = cli("show", data, "--into", readme)
     text = readme.read_text()
     assert status == 0 and "OLD TABLE" not in text and "| close" in text and text.endswith("end\n")
-    assert "protocol (" in text and "– not run yet" in text
+    assert "clean protocol (the test metric at the best-validation epoch)" in text
+    assert "– no result" in text and "tied for best" in text
     status, out, _ = cli("export", data, "--format", "csv", "--out", tmp_path / "csv")
     import pandas as pd
     runs = pd.read_csv(tmp_path / "csv" / "runs.csv")
@@ -239,6 +240,14 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     status, out, err = cli("compare", data, worse, "--threshold", "0.5")
     assert status == 1 and "REGRESSION" in out and "significantly worse" in err
     assert next(l for l in out.splitlines() if l.startswith("| close")).endswith("REGRESSION |")
+    import json
+    broken = tmp_path / "broken.jsonl"               # every seed of one rule diverged in B
+    broken.write_text("".join(
+        json.dumps({"run": dict(json.loads(l)["run"], status="diverged")}) + "\n"
+        if l.startswith('{"run"') and json.loads(l)["run"]["label"] == "close" else l + "\n"
+        for l in data.read_text().splitlines()))
+    status, out, err = cli("compare", data, broken)
+    assert status == 1 and "close on blobs/mlp has no ok run in B (diverged 4)" in out, out
     other = tmp_path / "other.jsonl"                 # another suite's data: refused, or --force
     other.write_text(data.read_text().replace('"name": "fake"', '"name": "other"')
                      .replace('"suite": "fake"', '"suite": "other"'))

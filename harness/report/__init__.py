@@ -20,7 +20,7 @@ from harness import store as store_mod
 from harness.report import coverage, render, tables
 from harness.report.layout import Layout, md
 
-__all__ = ["Layout", "build", "md", "stale_runs", "headline"]
+__all__ = ["Layout", "build", "md", "stale_cells", "headline"]
 
 
 def stale_cells(runs, current) -> tuple[int, list[str]]:
@@ -28,19 +28,12 @@ def stale_cells(runs, current) -> tuple[int, list[str]]:
     task)`` says the code gives now (None: unknown, not counted), and their cells."""
     if current is None or runs.empty or "source" not in runs.columns:
         return 0, []
-    done = runs[runs["status"] != "skipped"].drop_duplicates("key")
+    done = runs[(runs["status"] != "skipped") & runs["source"].notna()].drop_duplicates("key")
+    # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
     old = [(row, task, arch) for row, algorithm, task_plugin, task, arch, source in zip(
         done["label"], done["algorithm"], done["task"], done["task_label"], done["arch"],
         done["source"]) if current(algorithm, task_plugin) not in (None, source)]
     return len(old), sorted({f"{r} on {t}/{a}" for r, t, a in old})
-
-
-def stale_runs(store, layout: Layout, current: dict) -> int:
-    """How many of the layout's stored runs were made with source other than ``current``
-    (key → the current source digest)."""
-    wanted = set(layout.keys())
-    return sum(1 for key, source, status in store.query("SELECT key, source, status FROM runs")
-               if key in wanted and status != "skipped" and current.get(key) != source)
 
 
 def layout_of(store, layout: Optional[Layout] = None) -> Layout:
@@ -86,7 +79,7 @@ def _in_key_order(frames: store_mod.Frames) -> store_mod.Frames:
         return frame.sort_values(present, kind="mergesort").reset_index(drop=True)
     return store_mod.Frames(order(frames.runs, ["key", "label", "task_label", "role"]),
                             order(frames.epochs, ["run_key", "label", "task_label", "epoch"]),
-                            order(frames.sessions, ["uuid"]))
+                            order(frames.sessions, ["started_at", "uuid"]))
 
 
 def headline(store, layout: Optional[Layout] = None) -> str:

@@ -291,10 +291,10 @@ def tuning(layout: Layout, trials, out_dir: Path, colours: dict) -> list[tuple[s
             if not found:
                 continue
             curve = best_so_far(found, direction)
-            ax.plot([i + 1 for i, _, _ in found], curve, color=colours[row], lw=1.8,
+            ax.plot([i for i, _, _ in found], curve, color=colours[row], lw=1.8,
                     marker="o", ms=3, drawstyle="steps-post")
         ax.set_title(f"{task}/{arch}", fontsize=9)
-        ax.set_xlabel("trial", fontsize=8)
+        ax.set_xlabel("trial (numbered from 0, as the runs are labelled)", fontsize=8)
         ax.set_ylabel(f"best validation {metric} so far", fontsize=8)
         ax.tick_params(labelsize=7)
         _integer_epochs(ax)

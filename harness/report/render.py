@@ -364,7 +364,7 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
             chosen = next(p for (i, _, _), p in zip(found, all_params) if i == best_index)
             improving = planned and best_index >= 0.75 * (planned - 1) and planned > 1
             lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}",
-                          fmt(best_value, metric), best_index + 1,
+                          fmt(best_value, metric), best_index,
                           md(", ".join(f"{k}={chosen[k]:.3g}" if isinstance(chosen[k], float)
                                        else f"{k}={chosen[k]}" for k in varied)),
                           "still improving" if improving else ""])
