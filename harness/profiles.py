@@ -172,8 +172,12 @@ def plot_profile(profile: Profile, colours: Mapping[str, object], *, ax=None,
     if ax is None:
         fig = Figure(figsize=(6.0, 4.0))
         ax = fig.subplots()
-    for name, fractions in profile.fractions.items():
-        ax.step(profile.taus, fractions, where="post", color=colours[name], label=str(name))
+    # the legend in the report's row order (the order ``colours`` was made in)
+    order = [n for n in colours if n in profile.fractions]
+    order += [n for n in profile.fractions if n not in order]
+    for name in order:
+        ax.step(profile.taus, profile.fractions[name], where="post", color=colours[name],
+                label=str(name))
     if profile.taus and profile.taus[-1] > 10:
         ax.set_xscale("log")
     if profile.taus and profile.taus[-1] > 1.0:
@@ -182,5 +186,8 @@ def plot_profile(profile: Profile, colours: Mapping[str, object], *, ax=None,
     ax.set_xlabel("τ: within this factor of the best rule's mean")
     ax.set_ylabel(f"fraction of the {len(profile.cells)} task/arch cells")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if len(order) > 8:                      # a sweep: beside the axes, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return ax.figure

@@ -156,22 +156,31 @@ def time_ratio(layout: Layout, epochs, out_dir: Path, colours: dict,
     if not cells:
         return []
     rows = [r for r in layout.row_order if r in set(per_run["label"])]
-    fig, axes = plt.subplots(1, len(cells), squeeze=False,
-                             figsize=(max(4.2, 0.55 * len(rows) + 1.5) * len(cells) / 1.4, 3.4))
-    for ax, (task, arch) in zip(axes[0], cells):
+    present = {c: [r for r in rows if ((per_run["label"] == r) & (per_run["task_label"] == c[0])
+                                        & (per_run["arch"] == c[1])).any()] for c in cells}
+    # horizontal bars, a panel per cell holding only its rows: readable for 3 rules or 30
+    width = min(3, len(cells))
+    height = -(-len(cells) // width)
+    tallest = max(len(v) for v in present.values())
+    fig, grid = plt.subplots(height, width, squeeze=False,
+                             figsize=(5.2 * width, (0.26 * tallest + 1.1) * height))
+    axes = list(grid.flat)
+    for ax in axes[len(cells):]:
+        ax.set_visible(False)
+    for ax, (task, arch) in zip(axes, cells):
         here = per_run[(per_run["task_label"] == task) & (per_run["arch"] == arch)]
         base = here[here["label"] == baseline]["train_time_s"].mean()
-        for x, row in enumerate(rows):
+        names = present[(task, arch)]
+        for y, row in enumerate(names):
             ratios = here[here["label"] == row]["train_time_s"] / base
-            if ratios.empty:
-                continue
-            ax.bar(x, ratios.mean(), color=colours[row], alpha=0.35, width=0.7)
-            ax.scatter([x] * len(ratios), ratios, color=colours[row], s=12, zorder=3)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(range(len(rows)), rows, rotation=35, ha="right", fontsize=7)
+            ax.barh(y, ratios.mean(), color=colours[row], alpha=0.35, height=0.7)
+            ax.scatter(ratios, [y] * len(ratios), color=colours[row], s=12, zorder=3)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_ylim(len(names) - 0.5, -0.5)          # the first row on top
         ax.set_title(f"{task}/{arch}", fontsize=9)
-        ax.set_ylabel(f"train s/epoch ÷ {baseline}'s", fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel(f"train s/epoch ÷ {baseline}'s", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"Time per training epoch relative to {baseline} (bar: mean; points: runs; "
                  "the machine's load moves single runs)", y=1.02, fontsize=10)
     fig.tight_layout()
