@@ -282,9 +282,11 @@ def cmd_run(args) -> int:
               f"--rerun-stale runs them again")
     if not args.no_report:   # the whole suite's report, not only the slice that just ran
         from harness import report
+        from harness.fingerprint import current_source
         from harness.store import Store
         with Store(suite.store_path, readonly=True) as store:
-            print(f"report: {report.build(store, current=_current_source(args))}")
+            current = current_source(args.plugins)
+            print(f"report: {report.build(store, current=current)}")
     return 130 if summary.interrupted else 0
 
 
@@ -440,30 +442,12 @@ def _dry_run_tuning(suite, runnable, estimates) -> None:
           f"{human(seconds)} of run time; the runs above then use each row's chosen settings")
 
 
-def _current_source(args):
-    """(algorithm, task) → the source digest the code here gives their runs now, or None
-    where the plugins cannot be had (a report needs none: staleness is then not checked)."""
-    known: dict[tuple[str, str], Optional[str]] = {}
-
-    def current(algorithm: str, task: str) -> Optional[str]:
-        if (algorithm, task) not in known:
-            try:
-                from harness import fingerprint
-                from harness.registry import algorithms, tasks
-                _discover(args)
-                known[algorithm, task] = fingerprint.of_plugins(
-                    type(algorithms.get(algorithm)), type(tasks.get(task)))["source"]
-            except Exception:                      # noqa: BLE001 — torch or a plugin missing
-                known[algorithm, task] = None
-        return known[algorithm, task]
-    return current
-
-
 def cmd_report(args) -> int:
     from harness import report
+    from harness.fingerprint import current_source
     from harness.store import Store, open_results
     target = Path(args.suite)
-    current = _current_source(args)
+    current = current_source(args.plugins)
     if target.suffix in (".yaml", ".yml"):
         suite = _load_suite(args)
         with Store(suite.store_path, readonly=True) as store:
@@ -471,8 +455,7 @@ def cmd_report(args) -> int:
             layout = (report.layout_of(store) if suite.tune is not None
                       else report.Layout.of(suite.structure()))
             print(report.build(store, Path(args.out), layout=layout, current=current))
-            runs = report.frames_for(store, layout).runs
-            stale = report.stale_cells(runs[runs["role"] != "trial"], current)[0]
+            stale = report.stale_cells(report.frames_for(store, layout).runs, current)[0]
         if stale:
             print(f"{stale} stored run(s) were made with source other than the current code "
                   f"(stale): python bench.py run {args.suite} --rerun-stale runs them again")

@@ -39,16 +39,16 @@ def _open(target: Path, store: Optional[str] = None):
 
 def cmd_show(args) -> int:
     """The headline table in the terminal (GitHub markdown), or into a marked block of a file."""
-    from harness.cli import _current_source
+    from harness.fingerprint import current_source
     from harness.report import frames_for, headline, layout_of, stale_cells
+    from harness.report.render import MARKS
     with _open(args.target, args.store) as store:
         layout = layout_of(store)
         table = headline(store, layout)
         runs = frames_for(store, layout).runs
-        stale, cells = stale_cells(runs[runs["role"] != "trial"], _current_source(args))
+        stale, cells = stale_cells(runs, current_source(args.plugins))
     meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
                else "the best test epoch, as the DLL paper reports")
-    from harness.report.render import MARKS
     caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: mean [95% t "
                "interval] (seeds); – no result (not run yet, skipped or failed: the report "
                "says which); an empty published cell: no published value. "

@@ -140,3 +140,26 @@ def of_plugins(algorithm_cls: type, task_cls: type) -> dict[str, str]:
     combined = hashlib.sha256("|".join(parts[k] for k in ("algorithm", "task", "engine")).encode())
     parts["source"] = combined.hexdigest()[:SHORT]
     return parts
+
+
+def current_source(plugin_paths=()):
+    """``current(algorithm, task)`` → the source digest the code here gives their runs now
+    (what a stored run's ``source`` is compared with), or None where the plugins cannot be
+    had: a report needs none, and staleness is then not checked. Plugins are discovered on
+    the first call."""
+    known: dict = {}
+    state = {"discovered": False}
+
+    def current(algorithm: str, task: str):
+        if (algorithm, task) not in known:
+            try:
+                from harness.registry import algorithms, discover, tasks
+                if not state["discovered"]:
+                    discover(plugin_paths)
+                    state["discovered"] = True
+                known[algorithm, task] = of_plugins(type(algorithms.get(algorithm)),
+                                                    type(tasks.get(task)))["source"]
+            except Exception:                      # noqa: BLE001 — torch or a plugin missing
+                known[algorithm, task] = None
+        return known[algorithm, task]
+    return current

@@ -24,11 +24,15 @@ __all__ = ["Layout", "build", "md", "stale_cells", "headline"]
 
 
 def stale_cells(runs, current) -> tuple[int, list[str]]:
-    """Runs (not skipped) whose stored source digest differs from what ``current(algorithm,
-    task)`` says the code gives now (None: unknown, not counted), and their cells."""
+    """Runs (not skipped, not tuning trials) whose stored source digest differs from what
+    ``current(algorithm, task)`` says the code gives now (None: unknown, not counted), and
+    their cells."""
     if current is None or runs.empty or "source" not in runs.columns:
         return 0, []
-    done = runs[(runs["status"] != "skipped") & runs["source"].notna()].drop_duplicates("key")
+    done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
+    if "role" in done.columns:
+        done = done[done["role"] != "trial"]
+    done = done.drop_duplicates("key")
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
     old = [(row, task, arch) for row, algorithm, task_plugin, task, arch, source in zip(
         done["label"], done["algorithm"], done["task"], done["task_label"], done["arch"],
@@ -120,7 +124,7 @@ def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = No
     except ValueError:
         shown = "<this folder>/runs.jsonl"           # never a machine path in a report
     return _write(layout, frames, out_dir, f"python bench.py report {shown}",
-                  stale_cells(frames.runs[frames.runs["role"] != "trial"], current))
+                  stale_cells(frames.runs, current))
 
 
 def _section(lines: list[str], title: str, body: Optional[str], caption: str = "") -> None:
@@ -149,8 +153,8 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     if stale[0]:
         lines += [f"**{stale[0]} of these runs were made with older code (stale)**: "
                   f"{', '.join(md(c) for c in stale[1])}. The current code may give other "
-                  f"numbers; `python bench.py run {layout.raw.get('path') or 'SUITE'} --rerun-stale` runs "
-                  "them again.", ""]
+                  f"numbers; `python bench.py run {layout.raw.get('path') or 'SUITE'} "
+                  "--rerun-stale` runs them again.", ""]
     lines += [f"Protocol: **{protocol}** — " + (
         "the test metric at the epoch best on the validation split." if protocol == "clean"
         else "the best test metric over epochs (as the DLL paper reports)."),
