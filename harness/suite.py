@@ -212,7 +212,9 @@ class Suite:
             "tune": None if self.tune is None else {"trials": self.tune.trials,
                                                     "sampler": self.tune.sampler,
                                                     "seeds": list(self.tune.seeds),
-                                                    "epochs": self.tune.epochs},
+                                                    "epochs": self.tune.epochs,
+                                                    **({"include_defaults": True}
+                                                       if self.tune.include_defaults else {})},
             "plan": [{"key": s.key(), "label": s.label, "algorithm": s.algorithm,
                       "task": s.task_label, "arch": s.arch.name, "seed": s.seed,
                       "epochs": s.epochs, "batch_size": s.batch_size,

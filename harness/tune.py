@@ -11,6 +11,8 @@ got; AlgoPerf gives optimisers equal budgets — this gives them to learning rul
       seeds: [0]               # per trial (default: [0]); the objective is their mean
       sampler: tpe             # tpe | qmc (scrambled Sobol) | random — seeded by `seed`
       seed: 0
+      include_defaults: false  # true: each rule's first trial is its settings as the suite
+                               # gives them, so the search shows whether it beat them
       space:                   # shared by every rule that has the parameter
         lr: {log_uniform: [1.0e-4, 1.0e-2]}
       space_per_algorithm:     # where rules differ (an entry label or a plugin name)
@@ -20,6 +22,9 @@ Each (row, task, arch) is an Optuna study (ask/tell, its sampler seeded from ``s
 cell), each trial an ordinary stored run selected on validation (its best validation metric):
 a suite run again asks the same trials in the same order and finds them stored, so tuning
 resumes like any run. The best trial's settings then run with the suite's seeds and epochs.
+With ``include_defaults`` the first trial of every study is enqueued (Optuna's
+``enqueue_trial``) with the row's own values of the searched parameters — a baseline's defaults
+get exactly one of the budget's trials, and the sampler learns from it like from any other.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class Tune:
     seed: int
     space: tuple                           # ((name, (kind, values)), …)
     per_algorithm: tuple                   # ((entry or plugin, ((name, (kind, values)), …)), …)
+    include_defaults: bool = False         # trial 1 of every study: the row's own settings
 
     def space_for(self, entry: str, algorithm: str, params_cls: type) -> dict[str, tuple]:
         """The search space of one row: the shared space's parameters the plugin has, then
@@ -92,7 +98,8 @@ def parse(raw: Any, where: str, entries) -> Optional[Tune]:
     at = f"{where}: tune"
     if not isinstance(raw, dict):
         raise UserError(f"{at}: a mapping with trials, space, …")
-    keys = ("trials", "epochs", "seeds", "sampler", "seed", "space", "space_per_algorithm")
+    keys = ("trials", "epochs", "seeds", "sampler", "seed", "space", "space_per_algorithm",
+            "include_defaults")
     for key in raw:
         if key not in keys:
             raise P.unknown_key(str(key), list(keys), at, "key")
@@ -115,6 +122,9 @@ def parse(raw: Any, where: str, entries) -> Optional[Tune]:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"{at}.seed: an integer, not {seed!r}")
+    include_defaults = raw.get("include_defaults", False)
+    if not isinstance(include_defaults, bool):
+        raise UserError(f"{at}.include_defaults: true or false, not {include_defaults!r}")
     space = _space(raw.get("space"), f"{at}.space")
     own_raw = raw.get("space_per_algorithm") or {}
     if not isinstance(own_raw, dict):
@@ -126,7 +136,8 @@ def parse(raw: Any, where: str, entries) -> Optional[Tune]:
             raise P.unknown_key(str(name), sorted(names), f"{at}.space_per_algorithm",
                                 "algorithm")
         per_algorithm.append((str(name), _space(body, f"{at}.space_per_algorithm.{name}")))
-    tune = Tune(trials, epochs, tuple(seeds), sampler, seed, space, tuple(per_algorithm))
+    tune = Tune(trials, epochs, tuple(seeds), sampler, seed, space, tuple(per_algorithm),
+                include_defaults)
     from harness.registry import algorithms
     for entry in entries:                   # every value the space can give must be valid
         params_cls = algorithms.get(entry.algorithm).Params
@@ -141,7 +152,27 @@ def parse(raw: Any, where: str, entries) -> Optional[Tune]:
         if not space:
             raise UserError(f"{at}: no parameter of the space belongs to {entry.label} "
                             f"({entry.algorithm}); give it one in space_per_algorithm")
+        if include_defaults:
+            by_name = {f.name: f for f in P.fields(params_cls)}
+            written = dict(entry.values)
+            own = {name: written.get(name, P.default_of(by_name[name])) for name in space}
+            check_inside(space, own, f"{at}.include_defaults ({entry.label})")
     return tune
+
+
+def check_inside(space: dict, values: dict, where: str) -> None:
+    """Every value of ``values`` (a row's own settings) lies in its dimension of ``space``."""
+    for name, (kind, bounds) in space.items():
+        value = values.get(name)
+        if isinstance(value, tuple):
+            raise UserError(f"{where}: {name} is a grid axis {list(value)}; a tuned row takes "
+                            f"one value of it (or leave include_defaults out)")
+        inside = (value in bounds if kind == "choice" else
+                  value is not None and bounds[0] <= value <= bounds[1])
+        if not inside:
+            shown = f"{{{kind}: {list(bounds)}}}"
+            raise UserError(f"{where}: its {name} {value!r} lies outside the space {name} "
+                            f"{shown}; widen the space or set {name} in the row")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +214,11 @@ class Study:
                                          else "minimize", sampler=_sampler(tune, cell_seed))
         space = tune.space_for(template.label.split(" (")[0], template.algorithm, params_cls)
         self.distributions = {n: _optuna_distribution(k, v) for n, (k, v) in space.items()}
+        if tune.include_defaults:           # trial 1: the row's own settings
+            own = {name: value for name, value in template.params if name in space}
+            check_inside(space, own, f"tune.include_defaults ({template.label}, "
+                                     f"{template.task_label}/{template.arch.name})")
+            self.study.enqueue_trial(own)
         self.trials: list[tuple[Any, dict, list[RunSpec]]] = []   # (trial, sampled, specs)
         self.values: list[Optional[float]] = []
 

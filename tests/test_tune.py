@@ -84,3 +84,42 @@ def test_dry_run_says_what_tuning_adds(write_suite, cli, tmp_path):
     assert status == 0, err
     assert "tune: first 2 studies × 4 trials × 1 seed(s) = 8 trial runs of 1 epochs" in out
     assert not (tmp_path / "d.sqlite").exists()                    # a dry run runs nothing
+
+
+def test_include_defaults_makes_each_rules_own_settings_its_first_trial(write_suite, cli,
+                                                                       tmp_path, monkeypatch):
+    from harness.params import default_of, fields
+    from harness.registry import algorithms
+    monkeypatch.chdir(tmp_path)
+    text = (SUITE.format(store=tmp_path / "own.sqlite")
+            .replace("name: tuned", "name: tuned_own").replace("seeds: 2\n", "seeds: [1]\n")
+            .replace("  trials: 4\n", "  trials: 3\n  include_defaults: true\n")
+            .replace("  fa: {}", "  fa: {lr: 0.02}"))
+    path = write_suite(text, "tuned_own")
+    status, out, err = cli("run", path, "--device", "cpu", "--no-progress")
+    assert status == 0 and "ok 8" in out, err            # 2 rules × (3 trials + 1 seed)
+    lines = (tmp_path / "reports" / "tuned_own" / "runs.jsonl").read_text().splitlines()
+    plan = json.loads(lines[0])["structure"]["plan"]
+    first = {p["label"].split(" · ")[0]: p["params"]["lr"] for p in plan
+             if p.get("role") == "trial" and p["trial"] == 0}
+    bp_default = next(default_of(f) for f in fields(algorithms.get("bp").Params)
+                      if f.name == "lr")
+    assert first == {"bp": bp_default, "fa": 0.02}
+    later = [p["params"]["lr"] for p in plan if p.get("role") == "trial" and p["trial"] > 0]
+    assert len(later) == 4 and not set(later) & {bp_default, 0.02}     # then the sampler's
+    report = (tmp_path / "reports" / "tuned_own" / "report.md").read_text()
+    tuning = report.split("## Tuning")[1].split("\n## ")[0]
+    assert "own settings" in tuning and "Trial 0 of every rule was its own settings" in tuning
+
+
+@pytest.mark.parametrize("row,expected", [
+    ("bp: {lr: 0.5}", "its lr 0.5 lies outside the space lr {uniform: [0.001, 0.2]}"),
+    ("bp: {lr: [0.01, 0.02]}", "lr is a grid axis [0.01, 0.02]"),
+])
+def test_include_defaults_needs_own_settings_inside_the_space(write_suite, cli, row, expected):
+    path = write_suite("tune: {trials: 2, include_defaults: true, space: {lr: {uniform: "
+                       "[0.001, 0.2]}}}\ntasks: {blobs: {}}\nalgorithms: {" + row + "}\n",
+                       "badown")
+    status, _, err = cli("validate", path)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert "tune.include_defaults (bp)" in err

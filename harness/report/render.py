@@ -336,7 +336,10 @@ def tuning_caption(layout: Layout) -> str:
             f"sampler, seeds {tune.get('seeds')}, {epochs} each), each selected on validation "
             "(its best validation metric); the best trial's settings then ran with the "
             "suite's seeds (the results above). *Still improving*: the best came in the last "
-            "quarter of the trials — a larger budget might have found better.")
+            "quarter of the trials — a larger budget might have found better."
+            + (" Trial 0 of every rule was its own settings (the suite's values, else the "
+               "plugin's defaults): *own settings* is its validation, so a search that did not "
+               "beat a rule's defaults shows it." if tune.get("include_defaults") else ""))
 
 
 def tuning_table(layout: Layout, trials) -> Optional[str]:
@@ -345,6 +348,7 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
     if not values:
         return None
     planned = (layout.raw.get("tune") or {}).get("trials")
+    own = bool((layout.raw.get("tune") or {}).get("include_defaults"))
     lines = []
     for row in layout.row_order:
         for task, arch in layout.column_order:
@@ -353,9 +357,11 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
                 continue
             metric, direction = layout.metrics[task]
             scored = [(v, i) for i, v, _ in found if v is not None]
+            first = next((v for i, v, _ in found if i == 0), None)
+            own_cell = [fmt(first, metric) if first is not None else "–"] if own else []
             if not scored:
                 lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}", "–",
-                              "", "", ""])
+                              *own_cell, "", "", ""])
                 continue
             best_value, best_index = (max if direction == "max" else min)(scored)
             all_params = [json.loads(p) if isinstance(p, str) else p for _, _, p in found]
@@ -364,12 +370,12 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
             chosen = next(p for (i, _, _), p in zip(found, all_params) if i == best_index)
             improving = planned and best_index >= 0.75 * (planned - 1) and planned > 1
             lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}",
-                          fmt(best_value, metric), best_index,
+                          fmt(best_value, metric), *own_cell, best_index,
                           md(", ".join(f"{k}={chosen[k]:.3g}" if isinstance(chosen[k], float)
                                        else f"{k}={chosen[k]}" for k in varied)),
                           "still improving" if improving else ""])
-    return _table(lines, ["algorithm", "task/arch", "trials", "best validation", "at trial",
-                          "chosen settings", ""])
+    return _table(lines, ["algorithm", "task/arch", "trials", "best validation",
+                          *(["own settings"] if own else []), "at trial", "chosen settings", ""])
 
 
 def _at_least_zero(summary: stats.Summary) -> stats.Summary:
