@@ -91,8 +91,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.grad import conv2d_input, conv2d_weight
 
+from algorithms._conv import conv_error_below, conv_weight_sum
 from harness.api import Arch, Conv, Dense, Flatten, Pool, TaskInfo
 from harness.nets import avg_pool_adjoint, max_pool_adjoint
 from harness.toolkit import (ModuleLearner, activation, fast_step_options, init_weight,
@@ -210,14 +210,14 @@ class ConvDTPNetwork(nn.Module):
         spec = self.specs[i]
         if isinstance(spec, Dense):
             return e.matmul(b)
-        return conv2d_input(in_shape, b, e, padding=spec.padding)
+        return conv_error_below(in_shape, b, e, spec.padding)
 
     def contract(self, i: int, below: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
         """C(below, above) = Σ_n above_nᵀ below_n, in W_i's shape."""
         spec = self.specs[i]
         if isinstance(spec, Dense):
             return above.t().matmul(below)
-        return conv2d_weight(below, self.weights[i].shape, above, padding=spec.padding)
+        return conv_weight_sum(below, self.weights[i].shape, above, spec.padding)
 
     def act(self, i: int):
         return activation(self.specs[i].act)
@@ -414,7 +414,7 @@ def output_noise_weights(net: ConvDTPNetwork, i: int, state: LayerState) -> torc
         return d2.sum(0).unsqueeze(1)
     ones = torch.ones((d2.shape[0], 1) + tuple(state.h_in.shape[2:]), dtype=d2.dtype,
                       device=d2.device)
-    return conv2d_weight(ones, (b.shape[0], 1) + tuple(b.shape[2:]), d2, padding=spec.padding)
+    return conv_weight_sum(ones, (b.shape[0], 1) + tuple(b.shape[2:]), d2, spec.padding)
 
 
 def feedback_loss(net: ConvDTPNetwork, states: list[LayerState], noise: list[torch.Tensor],

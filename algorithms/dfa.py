@@ -61,10 +61,33 @@ class DFANetwork(nn.Module):
             hidden.append(x)
         return self.blocks[-1](x.detach()), hidden
 
+    def projected(self, i: int, flat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """e B_i shaped like hidden output ``h`` and in its memory layout: for a channels-last
+        map, B_i's columns taken in (height, width, channel) order, so that the product is
+        already channels-last (the same dot products; autograd's ⊙ f′ and the weight gradient
+        below then never meet two layouts, which cost DFA's conv step a copy per op)."""
+        if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(
+                memory_format=torch.channels_last):
+            n, c, height, width = h.shape
+            return flat.matmul(self._feedback_nhwc(i, c, height, width)).view(
+                n, height, width, c).permute(0, 3, 1, 2)
+        return flat.matmul(self.feedback(i)).reshape(h.shape)
+
+    def _feedback_nhwc(self, i: int, c: int, height: int, width: int) -> torch.Tensor:
+        matrix = self.feedback(i)
+        cache = self.__dict__.setdefault("_nhwc", {})
+        found = cache.get(i)
+        if found is None or found[0] != (matrix.data_ptr(), matrix.device):
+            found = ((matrix.data_ptr(), matrix.device),
+                     matrix.view(-1, c, height, width).permute(0, 2, 3, 1).reshape(
+                         matrix.shape[0], -1).contiguous())
+            cache[i] = found
+        return found[1]
+
     def backward_direct(self, output, hidden, error) -> None:
         """Accumulate the DFA gradients in ``.grad``: e at the output, e B_i at hidden i."""
         flat = error.reshape(error.shape[0], -1)
-        grads = [flat.matmul(self.feedback(i)).reshape(h.shape) for i, h in enumerate(hidden)]
+        grads = [self.projected(i, flat, h) for i, h in enumerate(hidden)]
         torch.autograd.backward([output] + hidden, [error] + grads)
 
 
@@ -143,7 +166,7 @@ class DFALearner(ModuleLearner):
             output, hidden = self.network.forward_local(x)
             _, error = loss_and_grad(self.info, output, y, self.label_smoothing)
             flat = error.reshape(error.shape[0], -1)
-            return [(f"layer{i}", flat.matmul(self.network.feedback(i)).reshape(h.shape))
+            return [(f"layer{i}", self.network.projected(i, flat, h))
                     for i, h in enumerate(hidden)]
 
 

@@ -35,8 +35,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
 
+from algorithms._conv import conv_error_and_weight_sum, conv_weight_sum
 from harness.api import (Algorithm, Arch, Conv, Dense, Flatten, Learner, Pool, RunContext,
                          TaskInfo, TrainParams, param)
 from harness.nets import avg_pool_adjoint, max_pool_adjoint, rnn_layers, unroll
@@ -80,7 +80,7 @@ def _contract(spec, shape, g: torch.Tensor, below: torch.Tensor,
     kernel-shaped result of a conv layer (its error maps are far larger than its kernels)."""
     if isinstance(spec, Dense):
         return (g if scale == 1.0 else g * scale).t().matmul(below)
-    out = conv2d_weight(below, shape, g, padding=spec.padding)
+    out = conv_weight_sum(below, shape, g, spec.padding)
     return out if scale == 1.0 else out.mul_(scale)
 
 
@@ -178,11 +178,15 @@ class FeedForwardDLL(Learner):
         return {"loss": loss}
 
     # the rules of one weighted layer: .grad = −Δ --------------------------------------------
-    def weight_grad(self, spec, shape, g: torch.Tensor, below: torch.Tensor, n: int):
+    def weight_grad(self, spec, shape, g: torch.Tensor, below: torch.Tensor, n: int,
+                    total: Optional[torch.Tensor] = None):
         """ΔW = ⟨gᵀu⟩ (Δb = ⟨g⟩ with ``shape`` None), the batch mean folded into the small error
-        tensor before the contraction (no extra pass over the weights)."""
+        tensor before the contraction (no extra pass over the weights); ``total``: a conv
+        layer's contraction Σ gᵀu, already taken (with the error sent below, in one call)."""
         if shape is None:
             return _sum_over_units(spec, g) * (-1.0 / n)
+        if total is not None:
+            return total.mul_(-1.0 / n)
         return _contract(spec, shape, g, below, -1.0 / n)
 
     def feedback_error(self, error: torch.Tensor) -> torch.Tensor:
@@ -216,15 +220,16 @@ class FeedForwardDLL(Learner):
                 g, g_routed = g_routed, None
             else:
                 g = err if spec.act == "linear" else err * activation(spec.act)[1](out)
-            w.grad = self.weight_grad(spec, w.shape, g, inp, n)
+            below = total = None
+            if theta is not None and isinstance(spec, Conv):
+                below, total = conv_error_and_weight_sum(g, inp, theta, spec.padding)
+            w.grad = self.weight_grad(spec, w.shape, g, inp, n, total)
             if bias is not None:
                 bias.grad = self.weight_grad(spec, None, g, inp, n)
             if theta is None:
                 break       # the first weighted layer: nothing below needs an error
-            if isinstance(spec, Dense):
+            if below is None:
                 below = g.matmul(theta)
-            else:
-                below = conv2d_input(inp.shape, theta, g, padding=spec.padding)
             below = self.feedback_error(below)
             if self.learn_theta:
                 theta.grad = self.theta_grad(spec, theta.shape, g, below, n)
@@ -254,8 +259,11 @@ class ReleasedRules:
 
     p: DLLParams
 
-    def weight_grad(self, spec, shape, g, below, n):
-        total = _sum_over_units(spec, g) if shape is None else _contract(spec, shape, g, below)
+    def weight_grad(self, spec, shape, g, below, n, total=None):
+        if shape is None:
+            total = _sum_over_units(spec, g)
+        elif total is None:
+            total = _contract(spec, shape, g, below)
         return -(2.0 * total).clamp(-self.p.clip, self.p.clip)
 
     def feedback_error(self, error):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algorithms._conv import conv_error_and_weight_sum
 from harness.api import Algorithm, Arch, Dense, Learner, RunContext, TaskInfo, TrainParams, param
 from harness.nets import (DISTRIBUTIONS, RNNNet, build_sequential, draw_feedback,
                           feedback_generator, rnn_layers)
@@ -65,19 +66,19 @@ class FAConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, kernel, padding):
         ctx.save_for_backward(x, kernel)
         ctx.padding = padding
-        ctx.weight_shape = weight.shape
         ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, padding=padding)
 
     @staticmethod
     def backward(ctx, grad_out):
+        """∂x through K and the true ∂W in one ``convolution_backward`` call, as BP's own
+        backward takes them (with W; ``algorithms/_conv.py``)."""
         x, kernel = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, kernel, grad_out, padding=ctx.padding)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, grad_out,
-                                                 padding=ctx.padding)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x, grad_w = conv_error_and_weight_sum(grad_out, x, kernel, ctx.padding,
+                                                       ctx.needs_input_grad[0],
+                                                       ctx.needs_input_grad[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None, None

@@ -212,3 +212,34 @@ def test_predict_is_the_plain_forward():
             out = learner.predict(x)
         assert out.shape == (11, 5)
         copy.deepcopy(learner.state_dict())
+
+
+def test_dfa_conv_gradients_are_the_same_in_channels_last():
+    """The channels-last step (what the runner uses on conv nets) projects e B_i straight into
+    the layout of each hidden map: its gradients are, to the bit, those of the plain product
+    reshaped (which autograd then had to bring to the map's layout), and the contiguous
+    step's up to the conv kernels' rounding."""
+    arch = Arch("cnn3", (3, 12, 12), (Conv(4, 3, 1), Pool("max", 2), Conv(6, 3, 1),
+                                      Pool("max", 2), Flatten(), Dense(7), Dense(5, "linear")), 5)
+    torch.manual_seed(0)
+    net = build_dfa_network(arch, 0.3, "normal", 1.0, False, feedback_generator(0))
+    x, error = torch.randn(9, 3, 12, 12), torch.randn(9, 5)
+    twins = [copy.deepcopy(net), copy.deepcopy(net)]
+    for twin in twins:
+        for p in twin.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    output, hidden = net.forward_local(x)
+    net.backward_direct(output, hidden, error)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    output, hidden = twins[0].forward_local(x_last)
+    assert [h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last)
+            and not h.is_contiguous() for h in hidden] == [True, True, False]
+    twins[0].backward_direct(output, hidden, error)
+    output, hidden = twins[1].forward_local(x_last)           # the plain product, reshaped
+    torch.autograd.backward([output] + hidden, [error] + [
+        error.matmul(twins[1].feedback(i)).reshape(h.shape) for i, h in enumerate(hidden)])
+    for (name, p), q, r in zip(net.named_parameters(), twins[0].parameters(),
+                               twins[1].parameters()):
+        assert torch.equal(q.grad, r.grad), name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5)

@@ -220,3 +220,31 @@ def test_channels_last_changes_speed_not_numbers(name):
                     [p for g in fast.parameter_groups() for p in g["params"]]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not prefer_channels_last(copy.deepcopy(plain), MLP_BIAS, "cpu")   # no convs: no-op
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("c_in,c_out,size,kernel,padding", [(1, 4, 10, 5, 2), (3, 5, 9, 3, 1),
+                                                            (4, 2, 6, 3, 0)])
+def test_plugin_conv_contractions_are_torchs_to_the_bit(channels_last, c_in, c_out, size, kernel,
+                                                        padding):
+    """algorithms/_conv.py (DLL's, FA's and the conv DTP's hand-taken conv contractions) gives
+    torch.nn.grad's numbers exactly, in the maps' memory layout (tensors laid out as the runner
+    lays them, harness.nets.prefer_channels_last: cloned to channels-last)."""
+    from torch.nn.grad import conv2d_input, conv2d_weight
+
+    from algorithms._conv import conv_error_and_weight_sum, conv_error_below, conv_weight_sum
+    g = torch.Generator().manual_seed(c_in * 100 + size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    below = torch.randn(7, c_in, size, size, generator=g).clone(memory_format=fmt)
+    kernel_ = torch.randn(c_out, c_in, kernel, kernel, generator=g).clone(memory_format=fmt)
+    out = size + 2 * padding - kernel + 1
+    error = torch.randn(7, c_out, out, out, generator=g).clone(memory_format=fmt)
+    sent = conv2d_input(below.shape, kernel_, error, padding=padding)
+    total = conv2d_weight(below, kernel_.shape, error, padding=padding)
+    assert torch.equal(conv_error_below(below.shape, kernel_, error, padding), sent)
+    assert torch.equal(conv_weight_sum(below, kernel_.shape, error, padding), total)
+    both = conv_error_and_weight_sum(error, below, kernel_, padding)
+    assert torch.equal(both[0], sent) and torch.equal(both[1], total)
+    if channels_last and c_in > 1:
+        assert conv_error_below(below.shape, kernel_, error, padding).is_contiguous(
+            memory_format=torch.channels_last)
