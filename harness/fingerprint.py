@@ -17,7 +17,8 @@ and ``--rerun-stale`` runs them again.
 
 The engine digest is taken once, when this module is first imported — in the process that
 imported the engine, so a worker forked from a server that imported it earlier reports the code
-it runs, not what the files say now.
+it runs, not what the files say now. A plugin's digest is likewise taken when its module is
+imported (the registry's discovery), not when a run ends.
 """
 from __future__ import annotations
 
@@ -123,13 +124,31 @@ def digest(files: Iterable[Path]) -> str:
 ENGINE_DIGEST = digest(PROJECT_ROOT / f for f in ENGINE_FILES if (PROJECT_ROOT / f).exists())
 
 
+_AT_IMPORT: dict[str, str] = {}   # module name → its digest when this process imported it
+
+
+def remember(module_name: str) -> None:
+    """Take the digest of a plugin module now, as it is imported (the registry calls this right
+    after each import): a run records the code its process runs, not what the file says when
+    the run ends — a plugin edited while a suite runs (a long grid, a tuning study) must not
+    lend its new digest to runs of the old code."""
+    module = sys.modules.get(module_name)
+    source = getattr(module, "__file__", None)
+    if source and module_name not in _AT_IMPORT:
+        _AT_IMPORT[module_name] = digest(module_files(Path(source)))
+
+
 def plugin_digest(cls: type) -> str:
-    """The digest of the module that defines a plugin class, with its local imports."""
+    """The digest of the module that defines a plugin class, with its local imports: taken
+    when the module was imported (:func:`remember`), else now."""
+    if cls.__module__ in _AT_IMPORT:
+        return _AT_IMPORT[cls.__module__]
     module = sys.modules.get(cls.__module__)
     source = getattr(module, "__file__", None)
     if not source:
         return "unknown"
-    return digest(module_files(Path(source)))
+    remember(cls.__module__)
+    return _AT_IMPORT[cls.__module__]
 
 
 def of_plugins(algorithm_cls: type, task_cls: type) -> dict[str, str]:

@@ -139,6 +139,9 @@ def _import_folder(folder: Path, package: str | None, registry: Registry) -> Non
             raise
         except Exception as exc:  # a broken plugin is listed, never silently absent
             registry.broken[module if package else str(path)] = _one_line(exc)
+        else:
+            from harness import fingerprint
+            fingerprint.remember(module)       # the code this process runs, as imported
 
 
 def _entry_points(group: str, registry: Registry) -> None:

@@ -156,6 +156,26 @@ def test_a_plugin_registering_a_taken_name_is_an_error(tmp_path, cli):
     assert "shadow/algorithms/bp.py" in err
 
 
+def test_a_plugin_edited_after_its_import_keeps_the_digest_it_was_imported_with(tmp_path):
+    """A run records the code its process imported: a plugin file edited while a suite runs
+    (a worker imported the old one) does not lend the new digest to the old code's runs."""
+    import sys
+
+    from harness import fingerprint, registry
+    folder = tmp_path / "lateplug"
+    folder.mkdir()
+    source = folder / "late_edit.py"
+    source.write_text("VALUE = 1\n")
+    registry._import_folder(folder, None, registry.algorithms)
+    name = "bench_plugin_lateplug_late_edit"
+    assert name in sys.modules
+    probe = type("Probe", (), {"__module__": name})
+    before = fingerprint.plugin_digest(probe)
+    source.write_text("VALUE = 2\n")
+    assert fingerprint.digest(fingerprint.module_files(source)) != before   # the file changed
+    assert fingerprint.plugin_digest(probe) == before                       # the code did not
+
+
 def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite):
     """Runs of a plugin whose code changed are reported stale by --dry-run and the report,
     and --rerun-stale runs them again; a docstring edit is not a change."""
