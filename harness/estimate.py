@@ -4,9 +4,10 @@ progress bar's ETA counts in the same seconds.
 A run's estimate is its epochs × the time of one epoch (training and evaluation) of the same
 rule, task and architecture at the same batch size, taken from the epochs already stored
 (median over runs of their median epoch after the first), or — where none is stored — from a
-few training steps and one evaluation timed here, on the task's real data, scaled to the
-epoch. Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine and threads),
-so a second dry run answers at once. Timing steps needs the data and torch; a run whose data
+few training steps and one evaluation timed here, on the task's real data, laid out as the
+runner lays it (channels-last conv tensors where the rule asks for them), scaled to the epoch.
+Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine, threads and the
+digest of the code that runs it), so a second dry run answers at once. Timing steps needs the data and torch; a run whose data
 is missing gets no estimate (and says so).
 """
 from __future__ import annotations
@@ -75,9 +76,21 @@ def stored_epoch_times(store_path: Path) -> tuple[dict, dict]:
             {k: statistics.median(v) for k, v in by_loose.items()})
 
 
+def _code(spec: RunSpec) -> str:
+    """The digest of the code that would run ``spec`` (harness.fingerprint): a timing of older
+    code does not estimate this one."""
+    try:
+        from harness import fingerprint
+        from harness.registry import algorithms, tasks
+        return fingerprint.of_plugins(type(algorithms.get(spec.algorithm)),
+                                      type(tasks.get(spec.task)))["source"]
+    except Exception:                      # noqa: BLE001 — a plugin that cannot be had
+        return "unknown"
+
+
 def _cache_key(spec: RunSpec, threads: int) -> str:
-    return json.dumps([platform.node(), threads, spec.algorithm, dict(spec.params), spec.task,
-                       dict(spec.task_params), spec.arch.to_json(), spec.batch_size,
+    return json.dumps([platform.node(), threads, _code(spec), spec.algorithm, dict(spec.params),
+                       spec.task, dict(spec.task_params), spec.arch.to_json(), spec.batch_size,
                        spec.device, spec.protocol, spec.validation], sort_keys=True, default=str)
 
 
@@ -113,9 +126,18 @@ def timed_epoch(spec: RunSpec, data_dir: str, threads: int) -> float:
     data = task.load(P.build(task.Params, spec.task_params), ctx)
     torch.manual_seed(spec.seed)
     learner = algorithm.build(spec.arch, data.info, alg_params, ctx)
-    stepper = Stepper(learner, alg_params, spec.epochs)
     device = torch.device(spec.device)
-    x, y = data.train.x.to(device), data.train.y.to(device)
+    channels_last = False
+    if algorithm.channels_last:          # laid out as the runner lays it (harness.runner)
+        from harness.nets import prefer_channels_last
+        channels_last = prefer_channels_last(learner, spec.arch, device)
+
+    def placed(t):
+        t = t.to(device)
+        return t.clone(memory_format=torch.channels_last) if channels_last and t.dim() == 4 \
+            else t
+    stepper = Stepper(learner, alg_params, spec.epochs)
+    x, y = placed(data.train.x), data.train.y.to(device)
     batch = spec.batch_size
     steps_per_epoch = max(1, -(-len(y) // batch))
     for i in range(2):
@@ -127,11 +149,14 @@ def timed_epoch(spec: RunSpec, data_dir: str, threads: int) -> float:
         stats = stepper.step(x[j:j + batch], y[j:j + batch])
     float(stats["loss"])                       # wait for the device
     train = (time.perf_counter() - start) / count * steps_per_epoch
-    start = time.perf_counter()
+    splits = [placed(split.x) for split in (data.val, data.test) if len(split.x)]
     with torch.inference_mode():
-        for split in (data.val, data.test):
-            for i in range(0, len(split.x), EVAL_BATCH):
-                learner.predict(split.x[i:i + EVAL_BATCH].to(device))
+        if splits:                       # the evaluation's first batch, untimed
+            learner.predict(splits[0][:EVAL_BATCH])
+        start = time.perf_counter()
+        for split_x in splits:
+            for i in range(0, len(split_x), EVAL_BATCH):
+                learner.predict(split_x[i:i + EVAL_BATCH])
     return train + (time.perf_counter() - start)
 
 
@@ -153,6 +178,10 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                 epoch, source = cache[key], TIMED
             elif measure and not spec.skip_reason and ready(spec):
                 if _cell(spec) not in timed_now:
+                    if not timed_now:
+                        busy = _busy()
+                        if busy:
+                            log(busy)
                     log(f"timing a few steps of {spec.label} on {spec.task_label}/{spec.arch.name}")
                     try:
                         timed_now[_cell(spec)] = timed_epoch(spec, data_dir, threads)
@@ -166,6 +195,20 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     if timed_now:
         _write_cache(cache)
     return out
+
+
+def _busy() -> Optional[str]:
+    """A warning when other work holds the cores while steps are timed: they run slower than
+    they will alone (measured here: 2× on a 2-core machine at load 4), and the cache keeps them."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return None
+    if load < 0.75 * cores:
+        return None
+    return (f"note: the machine is busy (load {load:.1f} on {cores} cores): steps timed now run "
+            f"slower than they will alone; delete {CACHE_FILE.name} in .cache/ to time them "
+            "again on a quiet machine")
 
 
 def human(seconds: Optional[float]) -> str:

@@ -1,0 +1,63 @@
+"""Time before running: the steps --dry-run times are taken as the runner takes them, cached
+under the code that runs them, and a busy machine is named while it times them."""
+from __future__ import annotations
+
+import json
+
+from harness import estimate
+from harness import suite as suite_mod
+
+SUITE = """
+name: est
+seeds: 1
+epochs: 2
+batch_size: 32
+store: {store}
+tasks:
+  blobs: {{archs: [cnn], params: {{n_train: 256, n_test: 64}}}}
+algorithms:
+  bp: {{}}
+"""
+
+
+def _spec(write_suite, tmp_path):
+    return suite_mod.load(write_suite(SUITE.format(store=tmp_path / "e.sqlite"), "est")).specs[0]
+
+
+def test_timed_steps_lay_conv_tensors_out_as_the_runner_does(write_suite, tmp_path,
+                                                           monkeypatch):
+    """A rule that asks for channels-last conv tensors is timed with them (timed in the
+    contiguous layout, the paper CNN's steps ran 2× slower than its runs)."""
+    from harness import nets
+    real, calls = nets.prefer_channels_last, []
+
+    def recording(*args):
+        calls.append(args)
+        return real(*args)
+    monkeypatch.setattr(nets, "prefer_channels_last", recording)
+    seconds = estimate.timed_epoch(_spec(write_suite, tmp_path), str(tmp_path), 1)
+    assert seconds > 0 and len(calls) == 1
+
+
+def test_timings_are_cached_under_the_code_that_ran_them(write_suite, tmp_path, monkeypatch):
+    from harness import fingerprint
+    from harness.registry import algorithms, tasks
+    spec = _spec(write_suite, tmp_path)
+    source = fingerprint.of_plugins(type(algorithms.get("bp")), type(tasks.get("blobs")))["source"]
+    assert source in json.loads(estimate._cache_key(spec, 1))
+    key = estimate._cache_key(spec, 1)
+    monkeypatch.setattr(estimate, "_code", lambda s: "edited")
+    assert estimate._cache_key(spec, 1) != key            # older code's timing is not reused
+
+
+def test_a_busy_machine_is_named_while_steps_are_timed(write_suite, tmp_path, monkeypatch):
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
+    lines: list[str] = []
+    found = estimate.estimate([_spec(write_suite, tmp_path)], tmp_path / "none.sqlite",
+                              str(tmp_path), 1, log=lines.append)
+    assert lines[0].startswith("note: the machine is busy (load 7.5 on 2 cores)")
+    assert [e.source for e in found.values()] == ["timed"]
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert estimate._busy() is None
