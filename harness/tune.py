@@ -200,6 +200,17 @@ def _sampler(tune: Tune, cell_seed: int):
     return samplers.TPESampler(seed=cell_seed, n_startup_trials=max(2, tune.trials // 3))
 
 
+def first_best(values, direction: str) -> Optional[int]:
+    """The index of the best of ``[(index, value or None)]``, the earliest on a tie: a later
+    trial that only matches an earlier one (trial 0: the row's own settings, with
+    include_defaults) does not displace it, nor reads as "still improving"."""
+    scored = [(i, v) for i, v in values if v is not None]
+    if not scored:
+        return None
+    best = (max if direction == "max" else min)(v for _, v in scored)
+    return min(i for i, v in scored if v == best)
+
+
 class Study:
     """One row on one task/arch: its Optuna study, the specs of its trials, its best."""
 
@@ -249,11 +260,8 @@ class Study:
         return len(self.trials) >= self.tune.trials
 
     def best(self) -> Optional[tuple[int, dict]]:
-        scored = [(v, i) for i, v in enumerate(self.values) if v is not None]
-        if not scored:
-            return None
-        value, index = (max if self.direction == "max" else min)(scored)
-        return index, self.trials[index][1]
+        index = first_best([(i, v) for i, v in enumerate(self.values)], self.direction)
+        return None if index is None else (index, self.trials[index][1])
 
     def finals(self, seeds: tuple[int, ...]) -> list[RunSpec]:
         """The suite's runs of this row and cell with the best trial's settings."""

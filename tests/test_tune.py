@@ -123,3 +123,13 @@ def test_include_defaults_needs_own_settings_inside_the_space(write_suite, cli, 
     status, _, err = cli("validate", path)
     assert status == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert "tune.include_defaults (bp)" in err
+
+
+def test_a_tie_goes_to_the_earliest_trial():
+    """A later trial that only matches the best does not displace it (with include_defaults,
+    trial 0 is the row's own settings) and does not read as still improving."""
+    from harness.tune import first_best
+    assert first_best([(0, 85.1), (1, 82.8), (4, 85.1), (5, 85.1)], "max") == 0
+    assert first_best([(0, 0.30), (1, 0.20), (2, 0.20)], "min") == 1
+    assert first_best([(0, None), (1, 80.0), (2, 81.0)], "max") == 2
+    assert first_best([(0, None)], "max") is None

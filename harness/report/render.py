@@ -356,6 +356,7 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
             if not found:
                 continue
             metric, direction = layout.metrics[task]
+            from harness.tune import first_best
             scored = [(v, i) for i, v, _ in found if v is not None]
             first = next((v for i, v, _ in found if i == 0), None)
             own_cell = [fmt(first, metric) if first is not None else "–"] if own else []
@@ -363,7 +364,8 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
                 lines.append([md(row), md(f"{task}/{arch}"), f"{len(found)} of {planned}", "–",
                               *own_cell, "", "", ""])
                 continue
-            best_value, best_index = (max if direction == "max" else min)(scored)
+            best_index = first_best([(i, v) for i, v, _ in found], direction)
+            best_value = next(v for i, v, _ in found if i == best_index)
             all_params = [json.loads(p) if isinstance(p, str) else p for _, _, p in found]
             varied = sorted(k for k in all_params[0]
                             if len({json.dumps(p.get(k)) for p in all_params}) > 1)
