@@ -440,6 +440,30 @@ def _dry_run_tuning(suite, runnable, estimates) -> None:
     print(f"tune: first {len(cells)} studies × {t.trials} trials × {len(t.seeds)} seed(s) = "
           f"{trials} trial runs of {epochs} epochs (stored ones are not run again), about "
           f"{human(seconds)} of run time; the runs above then use each row's chosen settings")
+    recorded = _recorded_plan(suite)
+    if recorded:
+        stored, total = recorded
+        print(f"tune: the last run's plan (recorded in the store) has {total} trial and final "
+              f"runs, {stored} of them stored"
+              + ("; the table above lists the rows at the suite's own settings, not the chosen "
+                 "ones: `bench.py report` shows what was chosen" if stored == total else ""))
+
+
+def _recorded_plan(suite) -> Optional[tuple[int, int]]:
+    """(stored, planned) runs of the plan the suite's last tuning run recorded, if any."""
+    from harness.store import Store
+    if not Path(suite.store_path).exists():
+        return None
+    try:
+        with Store(suite.store_path, readonly=True) as store:
+            structure = store.structure() or {}
+            keys = [p["key"] for p in structure.get("plan", []) if p.get("role")]
+            done = store.statuses(keys) if keys else {}
+    except Exception:                      # noqa: BLE001 — a dry run never fails on this
+        return None
+    if not keys or structure.get("name") != suite.name:
+        return None
+    return sum(1 for k in keys if done.get(k) in ("ok", "diverged")), len(keys)
 
 
 def cmd_report(args) -> int:

@@ -56,6 +56,9 @@ def test_every_rule_gets_the_same_trials_then_its_final_runs(write_suite, cli, t
                                if r["clean_val"] == top["clean_val"]}
     status, out, _ = cli("run", path, "--device", "cpu", "--no-progress", "--no-report")
     assert status == 0 and "already stored 12" in out and "ok 0" in out   # resumes: same trials
+    status, out, err = cli("run", path, "--device", "cpu", "--dry-run")
+    assert status == 0 and ("the last run's plan (recorded in the store) has 12 trial and final "
+                            "runs, 12 of them stored") in out, out
     status, out, err = cli("report", path)      # from the YAML: the plan its run recorded
     assert status == 0, err
     again = (tmp_path / "reports" / "tuned" / "report.md").read_text()
