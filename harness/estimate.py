@@ -7,8 +7,8 @@ rule, task and architecture at the same batch size, taken from the epochs alread
 few training steps and one evaluation timed here, on the task's real data, laid out as the
 runner lays it (channels-last conv tensors where the rule asks for them), scaled to the epoch.
 Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine, threads and the
-digest of the code that runs it), so a second dry run answers at once. Timing steps needs the data and torch; a run whose data
-is missing gets no estimate (and says so).
+digest of the code that runs it), so a second dry run answers at once. Timing steps needs the
+data and torch; a run whose data is missing gets no estimate (and says so).
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class Tune:
     seed: int
     space: tuple                           # ((name, (kind, values)), …)
     per_algorithm: tuple                   # ((entry or plugin, ((name, (kind, values)), …)), …)
-    include_defaults: bool = False         # trial 1 of every study: the row's own settings
+    include_defaults: bool = False         # trial 0 of every study: the row's own settings
 
     def space_for(self, entry: str, algorithm: str, params_cls: type) -> dict[str, tuple]:
         """The search space of one row: the shared space's parameters the plugin has, then
