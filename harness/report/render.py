@@ -344,6 +344,8 @@ def tuning_caption(layout: Layout) -> str:
 
 def tuning_table(layout: Layout, trials) -> Optional[str]:
     import json
+
+    from harness.tune import first_best
     values = _trial_values(trials)
     if not values:
         return None
@@ -356,7 +358,6 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
             if not found:
                 continue
             metric, direction = layout.metrics[task]
-            from harness.tune import first_best
             scored = [(v, i) for i, v, _ in found if v is not None]
             first = next((v for i, v, _ in found if i == 0), None)
             own_cell = [fmt(first, metric) if first is not None else "–"] if own else []
