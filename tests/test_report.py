@@ -280,3 +280,27 @@ def test_time_to_target(write_suite, cli, tmp_path, monkeypatch):
     status, _, err = cli("validate", write_suite(
         "tasks: {blobs: {target: high}}\nalgorithms: {bp: {}}\n", "badttt"))
     assert status == 2 and "tasks.blobs.target" in err
+
+
+def test_stale_cells_count_tuning_trials_once_per_run():
+    """A tuning trial of older code is stale too (a selection may rest on it); a run that is
+    both a trial and a final run counts once; unknown or recorded-by-supervisor sources do
+    not count."""
+    import pandas as pd
+    from harness.report import stale_cells
+    runs = pd.DataFrame([
+        # key, role, label, algorithm, task plugin, task label, arch, status, source
+        ("k1", "trial", "fa", "fa", "mnist", "mnist", "mlp", "ok", "old"),
+        ("k1", "", "fa", "fa", "mnist", "mnist", "mlp", "ok", "old"),
+        ("k2", "trial", "dfa · trial 3", "dfa", "mnist", "mnist", "mlp", "ok", "old"),
+        ("k3", "", "bp", "bp", "mnist", "mnist", "mlp", "ok", "new"),
+        ("k4", "", "bp", "bp", "mnist", "mnist", "mlp", "killed", None),
+        ("k5", "", "mine", "mine", "mnist", "mnist", "mlp", "ok", "old"),
+        ("k6", "", "fa", "fa", "mnist", "mnist", "mlp", "skipped", "old"),
+    ], columns=["key", "role", "label", "algorithm", "task", "task_label", "arch", "status",
+                "source"])
+    current = {"fa": "new", "dfa": "new", "bp": "new"}
+    count, cells = stale_cells(runs, lambda algorithm, task: current.get(algorithm))
+    assert count == 2
+    assert cells == ["dfa (tuning) on mnist/mlp", "fa (tuning) on mnist/mlp", "fa on mnist/mlp"]
+    assert stale_cells(runs, None) == (0, [])

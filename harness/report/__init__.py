@@ -24,20 +24,23 @@ __all__ = ["Layout", "build", "md", "stale_cells", "headline"]
 
 
 def stale_cells(runs, current) -> tuple[int, list[str]]:
-    """Runs (not skipped, not tuning trials) whose stored source digest differs from what
-    ``current(algorithm, task)`` says the code gives now (None: unknown, not counted), and
-    their cells."""
+    """Runs (not skipped) whose stored source digest differs from what ``current(algorithm,
+    task)`` says the code gives now (None: unknown, not counted), and their cells. Tuning
+    trials count too, their cells marked "(tuning)": a selection resting on trials of older
+    code is as stale as a final run of it."""
     if current is None or runs.empty or "source" not in runs.columns:
         return 0, []
     done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
-    if "role" in done.columns:
-        done = done[done["role"] != "trial"]
-    done = done.drop_duplicates("key")
+    role = done["role"] if "role" in done.columns else [""] * len(done)
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
-    old = [(row, task, arch) for row, algorithm, task_plugin, task, arch, source in zip(
-        done["label"], done["algorithm"], done["task"], done["task_label"], done["arch"],
-        done["source"]) if current(algorithm, task_plugin) not in (None, source)]
-    return len(old), sorted({f"{r} on {t}/{a}" for r, t, a in old})
+    old = {(key, row.split(" · trial ")[0] + (" (tuning)" if kind == "trial" else ""), task,
+            arch)
+           for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
+               done["key"], role, done["label"], done["algorithm"], done["task"],
+               done["task_label"], done["arch"], done["source"])
+           if current(algorithm, task_plugin) not in (None, source)}
+    return (len({key for key, *_ in old}),
+            sorted({f"{r} on {t}/{a}" for _, r, t, a in old}))
 
 
 def layout_of(store, layout: Optional[Layout] = None) -> Layout:
