@@ -304,3 +304,19 @@ def test_stale_cells_count_tuning_trials_once_per_run():
     assert count == 2
     assert cells == ["dfa (tuning) on mnist/mlp", "fa (tuning) on mnist/mlp", "fa on mnist/mlp"]
     assert stale_cells(runs, None) == (0, [])
+
+
+def test_a_rule_keeps_its_colour_across_reports():
+    """bp and dtp are drawn in the same colour in a two-row report as in the paper table's
+    eight; other rows get distinct colours none of the present rules has."""
+    from matplotlib.colors import to_hex
+
+    from harness.report import plots
+    table = plots.palette(["bp", "dll", "dll-released", "dll_fa", "fa", "dfa", "pc", "dtp"])
+    pair = plots.palette(["bp", "dtp"])
+    assert to_hex(pair["dtp"]) == to_hex(table["dtp"]) and to_hex(pair["bp"]) == to_hex(table["bp"])
+    assert len({to_hex(c) for c in table.values()}) == 8
+    mixed = plots.palette(["mine", "bp", "theirs", "dtp"])
+    assert len({to_hex(c) for c in mixed.values()}) == 4
+    many = plots.palette([f"r{i}" for i in range(14)] + ["bp"])
+    assert len({to_hex(c) for c in many.values()}) == 15

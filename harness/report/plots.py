@@ -21,11 +21,24 @@ def _pyplot():
     return plt
 
 
+# The harness's rules in a fixed order: each keeps its tab10 colour in every report, whatever
+# rows a suite has (bp blue, dll orange, …); other rows take olive and cyan first, then the
+# colours of rules the report does not have, in row order.
+RULE_COLOURS = ("bp", "dll", "dll-released", "dll_fa", "fa", "dfa", "pc", "dtp")
+
+
 def palette(rows: list[str]) -> dict[str, tuple]:
-    """Row label → colour, fixed by the suite's row order (so one rule keeps its colour)."""
+    """Row label → colour: a row labelled as one of the harness's rules has that rule's colour
+    in every report; the others take the remaining tab10 colours in row order (husl beyond)."""
     import seaborn as sns
-    colours = sns.color_palette("tab10" if len(rows) <= 10 else "husl", len(rows))
-    return dict(zip(rows, colours))
+    tab10 = sns.color_palette("tab10", 10)
+    fixed = {r: tab10[RULE_COLOURS.index(r)] for r in rows if r in RULE_COLOURS}
+    others = [r for r in rows if r not in fixed]
+    free = tab10[len(RULE_COLOURS):] + [c for r, c in zip(RULE_COLOURS, tab10) if r not in fixed]
+    if len(others) > len(free):
+        free = sns.color_palette("husl", len(others) + len(fixed))[len(fixed):]
+    colours = {**fixed, **dict(zip(others, free))}
+    return {r: colours[r] for r in rows}
 
 
 def _legend(fig, colours: dict, rows: list[str]) -> None:
@@ -261,6 +274,8 @@ def logged(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[s
                    and frame[c].notna().any())
     if frame.empty or not names:
         return []
+    # only the cells and rows that logged something: a rule that logs nothing has no line
+    frame = frame[frame[[f"train_{n}" for n in names]].notna().any(axis=1)]
     cells = _cells(layout, frame)
     fig, axes = plt.subplots(len(names), len(cells), squeeze=False,
                              figsize=(max(6.4, 4.2 * len(cells)), 2.9 * len(names)))
@@ -269,8 +284,11 @@ def logged(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[s
         for j, (task, arch) in enumerate(cells):
             ax = axes[i][j]
             here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
-            for row in rows:
-                _band(ax, here[here["label"] == row], "epoch", f"train_{name}", colours[row])
+            drawn = [_band(ax, here[here["label"] == row], "epoch", f"train_{name}",
+                           colours[row]) for row in rows]
+            if not any(drawn):
+                ax.text(0.5, 0.5, "no rule logs this here", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="grey")
             ax.set_title(f"{task}/{arch}: {name}", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.tick_params(labelsize=7)
