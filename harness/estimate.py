@@ -7,7 +7,8 @@ rule, task and architecture at the same batch size, taken from the epochs alread
 few training steps and one evaluation timed here, on the task's real data, laid out as the
 runner lays it (channels-last conv tensors where the rule asks for them), scaled to the epoch.
 Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine, threads and the
-digest of the code that runs it), so a second dry run answers at once. Timing steps needs the
+digest of the code that runs it), so a second dry run answers at once; a figure timed while
+other work held the cores is marked so, and the first dry run on a quiet machine times it again. Timing steps needs the
 data and torch; a run whose data is missing gets no estimate (and says so).
 """
 from __future__ import annotations
@@ -168,20 +169,27 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     specs = list(specs)
     by_cell, by_loose = stored_epoch_times(store_path)
     cache, timed_now = _read_cache(), {}
+    load: list[str] = []                 # the busy-machine note ("" quiet), asked once
+
+    def busy() -> str:
+        if not load:
+            load.append(_busy() or "")
+        return load[0]
     out: dict[str, Estimate] = {}
     for spec in specs:
         epoch = by_cell.get(_cell(spec), by_loose.get(_loose(spec)))
         source = STORED if epoch is not None else UNKNOWN
         if epoch is None:
             key = _cache_key(spec, threads)
-            if key in cache:
-                epoch, source = cache[key], TIMED
-            elif measure and not spec.skip_reason and ready(spec):
+            cached, cached_busy = _cached(cache.get(key))
+            timeable = measure and not spec.skip_reason and ready(spec)
+            # a figure timed on a busy machine stands until a dry run on a quiet one
+            if cached is not None and not (cached_busy and timeable and not busy()):
+                epoch, source = cached, TIMED
+            elif timeable:
                 if _cell(spec) not in timed_now:
-                    if not timed_now:
-                        busy = _busy()
-                        if busy:
-                            log(busy)
+                    if not timed_now and busy():
+                        log(busy())
                     log(f"timing a few steps of {spec.label} on {spec.task_label}/{spec.arch.name}")
                     try:
                         timed_now[_cell(spec)] = timed_epoch(spec, data_dir, threads)
@@ -190,11 +198,20 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                         timed_now[_cell(spec)] = None
                 epoch = timed_now[_cell(spec)]
                 if epoch is not None:
-                    cache[key], source = epoch, TIMED
+                    cache[key], source = {"seconds": epoch, "busy": bool(busy())}, TIMED
         out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source)
     if timed_now:
         _write_cache(cache)
     return out
+
+
+def _cached(entry) -> tuple[Optional[float], bool]:
+    """(seconds, timed on a busy machine) of a cache entry; (None, False) when there is none."""
+    if isinstance(entry, dict) and isinstance(entry.get("seconds"), (int, float)):
+        return float(entry["seconds"]), bool(entry.get("busy"))
+    if isinstance(entry, (int, float)):      # written before the busy flag: taken as quiet
+        return float(entry), False
+    return None, False
 
 
 def _busy() -> Optional[str]:
@@ -207,8 +224,7 @@ def _busy() -> Optional[str]:
     if load < 0.75 * cores:
         return None
     return (f"note: the machine is busy (load {load:.1f} on {cores} cores): steps timed now run "
-            f"slower than they will alone; delete {CACHE_FILE.name} in .cache/ to time them "
-            "again on a quiet machine")
+            "slower than they will alone; a later dry run on a quiet machine times them again")
 
 
 def human(seconds: Optional[float]) -> str:

@@ -61,3 +61,26 @@ def test_a_busy_machine_is_named_while_steps_are_timed(write_suite, tmp_path, mo
     assert [e.source for e in found.values()] == ["timed"]
     monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
     assert estimate._busy() is None
+
+
+def test_a_busy_machines_timing_is_taken_again_on_a_quiet_one(write_suite, tmp_path,
+                                                             monkeypatch):
+    """Steps timed under load are cached as such and timed again by the first dry run on a
+    quiet machine; a quiet figure is kept whatever the load later."""
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
+    timings = iter([20.0, 10.0, 99.0])
+    monkeypatch.setattr(estimate, "timed_epoch", lambda spec, data_dir, threads: next(timings))
+    spec = _spec(write_suite, tmp_path)
+
+    def epoch_s(load):
+        monkeypatch.setattr(estimate.os, "getloadavg", lambda: (load, load, load))
+        found = estimate.estimate([spec], tmp_path / "none.sqlite", str(tmp_path), 1)
+        return next(iter(found.values())).epoch_s
+    assert epoch_s(4.0) == 20.0                      # timed under load
+    assert epoch_s(4.0) == 20.0                      # still busy: the busy figure stands
+    assert epoch_s(0.1) == 10.0                      # quiet: timed again
+    assert epoch_s(4.0) == 10.0 and epoch_s(0.1) == 10.0   # the quiet figure is kept
+    cached = json.loads(estimate.CACHE_FILE.read_text())
+    assert list(cached.values()) == [{"seconds": 10.0, "busy": False}]
+    assert estimate._cached(12.5) == (12.5, False)   # a cache written before the flag
