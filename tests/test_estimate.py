@@ -84,3 +84,35 @@ def test_a_busy_machines_timing_is_taken_again_on_a_quiet_one(write_suite, tmp_p
     cached = json.loads(estimate.CACHE_FILE.read_text())
     assert list(cached.values()) == [{"seconds": 10.0, "busy": False}]
     assert estimate._cached(12.5) == (12.5, False)   # a cache written before the flag
+
+
+def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, tmp_path,
+                                                              monkeypatch, capfd):
+    """benchmarks/estimate_accuracy.py: per cell, the timed estimate beside the runs' real
+    time, and their ratio over all cells; a store that is not there is one line, exit 2."""
+    import importlib.util
+    import sys
+
+    from conftest import ROOT
+    path = blob_suite(seeds=2, epochs=2)
+    status, _, err = cli("run", path, "--no-progress", "--no-report", "--device", "cpu")
+    assert status == 0, err
+    spec = importlib.util.spec_from_file_location(
+        "estimate_accuracy", ROOT / "benchmarks" / "estimate_accuracy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate, "timed_epoch", lambda spec, data_dir, threads: 0.5)
+    monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path)])
+    capfd.readouterr()
+    assert script.main() == 0
+    out = capfd.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("bp "))
+    assert row.split()[1:3] == ["blobs/mlp", "2"]
+    assert float(row.split()[-2]) == round(2 * 0.5 / 60, 2)     # 2 epochs of the timed 0.5 s
+    assert "2 s estimated" in out and "taken:" in out      # 2 runs of 1 s
+    monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path),
+                                      "--store", str(tmp_path / "none.sqlite")])
+    assert script.main() == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "none.sqlite: no such store" in err
