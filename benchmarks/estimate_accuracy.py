@@ -6,7 +6,8 @@ time (every epoch's training and evaluation seconds, as the store recorded them)
     python benchmarks/estimate_accuracy.py suites/paper_table.yaml \\
         --store results/paper_table.sqlite --only arch=mlp --threads 1
 
-The ratio is estimate ÷ actual (above 1: the dry run said longer). The runs' time depends on
+The ratio is estimate ÷ actual (above 1: the dry run said longer), over the epochs each run
+had (an early-stopped run is compared on the epochs it ran). The runs' time depends on
 what else the machine ran beside them, the timed steps' on the load while they were timed: run
 it on a quiet machine, at the `--threads` the runs had, and read the total, not single cells.
 The store (or runs.jsonl) is only read.
@@ -30,7 +31,12 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], metavar="KEY=V[,V]",
                         help="as for bench.py run (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
-    parser.add_argument("--data-dir", default="data", help="the data folder (default data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="the data folder (default: $BENCH_DATA_DIR or data/)")
+    parser.add_argument("--device", default="cpu",
+                        help="the device the runs had, as in their keys (default cpu)")
+    parser.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                        help="extra plugin folder, as for bench.py (repeatable)")
     parser.add_argument("--no-timing", action="store_true",
                         help="use cached step timings only; time nothing")
     args = parser.parse_args()
@@ -47,39 +53,49 @@ def _report(args) -> int:
     from harness import estimate, registry
     from harness import suite as suite_mod
     from harness.cli import _only
+    from harness.data import default_data_dir
     from harness.store import frames, open_results
-    registry.discover()
-    suite = suite_mod.load(args.suite)
+    registry.discover(args.plugins)
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    suite = suite_mod.load(args.suite, device=args.device, data_dir=data_dir)
     path = Path(args.store) if args.store else Path(suite.store_path)
     if not path.exists():
         raise UserError(f"{path}: no such store or runs.jsonl")
     specs = {s.key(): s for s in (_only(suite, args.only) if args.only else suite.specs)}
     with open_results(path) as store:
         found = frames(store, keys=list(specs))
-    runs = found.runs[found.runs["status"] == "ok"]
+    runs, epochs = found.runs[found.runs["status"] == "ok"], found.epochs
+    seconds = (epochs["train_time_s"].fillna(0) + epochs["eval_time_s"].fillna(0)) \
+        .groupby(epochs["run_key"]).sum() if len(epochs) else {}
+    counted = epochs.groupby("run_key")["epoch"].count() if len(epochs) else {}
+    runs = runs[[key in counted and seconds[key] > 0 for key in runs["key"]]]
     if runs.empty:
-        raise UserError(f"{path}: no finished run of the suite{' matches --only' * bool(args.only)}")
-    seconds = (found.epochs.assign(s=found.epochs["train_time_s"] + found.epochs["eval_time_s"])
-               .groupby("run_key")["s"].sum())
+        raise UserError(f"{path}: no finished {args.device} run of the suite with its epochs"
+                        f"{' matches --only' if args.only else ''} (runs made on another "
+                        "device: give its --device)")
     cells: dict[tuple, list[str]] = {}
     for key, label, task, arch in zip(runs["key"], runs["label"], runs["task_label"],
                                       runs["arch"]):
         cells.setdefault((label, task, arch), []).append(key)
     # as a dry run with nothing of these cells stored: timed steps (or their cached figure)
     ahead = estimate.estimate([specs[k] for k in runs["key"]], Path("/nonexistent.sqlite"),
-                              args.data_dir, args.threads, measure=not args.no_timing,
+                              str(data_dir), args.threads, measure=not args.no_timing,
                               log=lambda m: print(m, file=sys.stderr))
     rows, total_est, total_actual = [], 0.0, 0.0
     for (label, task, arch), keys in sorted(cells.items()):
-        actual = [float(seconds.get(k, 0.0)) for k in keys]
-        guessed = [ahead[k].seconds for k in keys]
-        if any(g is None for g in guessed):
-            rows.append([label, f"{task}/{arch}", len(keys), statistics.median(actual) / 60,
-                         None, None])
+        actual = [float(seconds[k]) for k in keys]
+        # per epoch the run had (an early-stopped run had fewer than the spec's)
+        guessed = [None if ahead[k].epoch_s is None else ahead[k].epoch_s * int(counted[k])
+                   for k in keys]
+        known = [(g, a) for g, a in zip(guessed, actual) if g is not None]
+        row = [label, f"{task}/{arch}", len(keys), statistics.median(actual) / 60]
+        if not known:
+            rows.append(row + [None, None])
             continue
-        total_est, total_actual = total_est + sum(guessed), total_actual + sum(actual)
-        rows.append([label, f"{task}/{arch}", len(keys), statistics.median(actual) / 60,
-                     statistics.median(guessed) / 60, sum(guessed) / sum(actual)])
+        total_est += sum(g for g, _ in known)
+        total_actual += sum(a for _, a in known)
+        rows.append(row + [statistics.median(g for g, _ in known) / 60,
+                           sum(g for g, _ in known) / sum(a for _, a in known)])
     print(tabulate(rows, ["row", "task/arch", "runs", "actual min/run", "estimate min/run",
                           "estimate ÷ actual"], floatfmt=".2f", missingval="?"))
     if total_actual:

@@ -8,7 +8,8 @@ few training steps and one evaluation timed here, on the task's real data, laid 
 runner lays it (channels-last conv tensors where the rule asks for them), scaled to the epoch.
 Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine, threads and the
 digest of the code that runs it), so a second dry run answers at once; a figure timed while
-other work held the cores is marked so, and the first dry run on a quiet machine times it again. Timing steps needs the
+other work held the cores (or cached before that was recorded) is marked so, and the first
+dry run on a quiet machine times it again. Timing steps needs the
 data and torch; a run whose data is missing gets no estimate (and says so).
 """
 from __future__ import annotations
@@ -176,6 +177,7 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
             load.append(_busy() or "")
         return load[0]
     out: dict[str, Estimate] = {}
+    stood = 0                            # runs estimated from a busy machine's figure
     for spec in specs:
         epoch = by_cell.get(_cell(spec), by_loose.get(_loose(spec)))
         source = STORED if epoch is not None else UNKNOWN
@@ -186,6 +188,7 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
             # a figure timed on a busy machine stands until a dry run on a quiet one
             if cached is not None and not (cached_busy and timeable and not busy()):
                 epoch, source = cached, TIMED
+                stood += cached_busy
             elif timeable:
                 if _cell(spec) not in timed_now:
                     if not timed_now and busy():
@@ -199,7 +202,12 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                 epoch = timed_now[_cell(spec)]
                 if epoch is not None:
                     cache[key], source = {"seconds": epoch, "busy": bool(busy())}, TIMED
+                elif cached is not None:     # timing it again failed: the busy figure stands
+                    epoch, source = cached, TIMED
         out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source)
+    if stood:
+        log(f"note: {stood} run(s) are estimated from steps timed on a busy machine (slower "
+            "than alone); a dry run on a quiet machine times them again")
     if timed_now:
         _write_cache(cache)
     return out
@@ -209,14 +217,15 @@ def _cached(entry) -> tuple[Optional[float], bool]:
     """(seconds, timed on a busy machine) of a cache entry; (None, False) when there is none."""
     if isinstance(entry, dict) and isinstance(entry.get("seconds"), (int, float)):
         return float(entry["seconds"]), bool(entry.get("busy"))
-    if isinstance(entry, (int, float)):      # written before the busy flag: taken as quiet
-        return float(entry), False
+    if isinstance(entry, (int, float)):      # written before the flag, often under load: timed
+        return float(entry), True            # again by the first dry run on a quiet machine
     return None, False
 
 
 def _busy() -> Optional[str]:
     """A warning when other work holds the cores while steps are timed: they run slower than
-    they will alone (measured here: 2× on a 2-core machine at load 4), and the cache keeps them."""
+    they will alone (measured here: 2× on a 2-core machine at load 4); the cache marks such
+    figures, and a dry run on a quiet machine times them again."""
     try:
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
     except (OSError, AttributeError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harness import estimate
 from harness import suite as suite_mod
 
@@ -83,7 +85,29 @@ def test_a_busy_machines_timing_is_taken_again_on_a_quiet_one(write_suite, tmp_p
     assert epoch_s(4.0) == 10.0 and epoch_s(0.1) == 10.0   # the quiet figure is kept
     cached = json.loads(estimate.CACHE_FILE.read_text())
     assert list(cached.values()) == [{"seconds": 10.0, "busy": False}]
-    assert estimate._cached(12.5) == (12.5, False)   # a cache written before the flag
+    assert estimate._cached(12.5) == (12.5, True)    # written before the flag: timed again
+
+
+def test_a_busy_figure_stands_where_timing_again_fails(write_suite, tmp_path, monkeypatch):
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
+    spec = _spec(write_suite, tmp_path)
+    estimate._write_cache({estimate._cache_key(spec, 1): {"seconds": 20.0, "busy": True}})
+
+    def fails(spec, data_dir, threads):
+        raise OSError("the data went away")
+    monkeypatch.setattr(estimate, "timed_epoch", fails)
+    lines: list[str] = []
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    found = estimate.estimate([spec], tmp_path / "none.sqlite", str(tmp_path), 1,
+                              log=lines.append)
+    assert [(e.epoch_s, e.source) for e in found.values()] == [(20.0, "timed")]
+    assert any("could not time it: OSError" in line for line in lines)
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (4.0, 4.0, 4.0))   # still busy:
+    lines.clear()                                                              # said so
+    estimate.estimate([spec], tmp_path / "none.sqlite", str(tmp_path), 1, log=lines.append)
+    assert lines == ["note: 1 run(s) are estimated from steps timed on a busy machine (slower "
+                     "than alone); a dry run on a quiet machine times them again"]
 
 
 def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, tmp_path,
@@ -107,10 +131,17 @@ def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, t
     capfd.readouterr()
     assert script.main() == 0
     out = capfd.readouterr().out
+    import sqlite3
+    with sqlite3.connect(tmp_path / "blobsuite.sqlite") as conn:
+        taken = conn.execute("SELECT SUM(train_time_s + eval_time_s) FROM epochs").fetchone()[0]
     row = next(line for line in out.splitlines() if line.startswith("bp "))
     assert row.split()[1:3] == ["blobs/mlp", "2"]
     assert float(row.split()[-2]) == round(2 * 0.5 / 60, 2)     # 2 epochs of the timed 0.5 s
-    assert "2 s estimated" in out and "taken:" in out      # 2 runs of 1 s
+    assert float(row.split()[-1]) == pytest.approx(2.0 / taken, abs=0.006)   # 2 runs × 1 s
+    assert f"2 s estimated, {estimate.human(taken)} taken: {2.0 / taken:.2f}x" in out
+    monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path), "--device", "cuda"])
+    assert script.main() == 2
+    assert "no finished cuda run" in capfd.readouterr().err
     monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path),
                                       "--store", str(tmp_path / "none.sqlite")])
     assert script.main() == 2

@@ -60,8 +60,10 @@ def test_report_from_a_real_suite(write_suite, cli, tmp_path, monkeypatch):
     assert not any(p in text for p in ("/work/", "/tmp/", "/root/", "/home/"))
 
 
-def _fake_store(path: Path, values: dict[str, list[float]], times: dict[str, float]):
-    """A store of synthetic finished runs: row → test accuracies by seed (clean protocol)."""
+def _fake_store(path: Path, values: dict[str, list[float]], times: dict[str, float],
+                logs: tuple = ()):
+    """A store of synthetic finished runs: row → test accuracies by seed (clean protocol);
+    the rows in ``logs`` return a scalar (``inverse_loss``) from their training steps."""
     from harness import params as P
     from harness.registry import algorithms, tasks
     task = tasks.get("blobs")
@@ -91,7 +93,9 @@ def _fake_store(path: Path, values: dict[str, list[float]], times: dict[str, flo
         for spec in specs:
             acc = values[spec.label][spec.seed]
             epochs = [EpochRecord(e, times[spec.label], 0.1, 1.0 / e,
-                                  {"val": {"accuracy": acc - 3 + e}, "test": {"accuracy": acc - 3 + e}},
+                                  {"val": {"accuracy": acc - 3 + e}, "test": {"accuracy": acc - 3 + e},
+                                   **({"train": {"inverse_loss": 5.0 / e}}
+                                      if spec.label in logs else {})},
                                   lr=0.01, warmup=e == 1) for e in (1, 2, 3)]
             store.save(RunResult(spec=spec, status=Status.OK, epochs=epochs,
                                  selection=Selection("accuracy", "max", 3, acc, acc, 3, acc),
@@ -308,15 +312,58 @@ def test_stale_cells_count_tuning_trials_once_per_run():
 
 def test_a_rule_keeps_its_colour_across_reports():
     """bp and dtp are drawn in the same colour in a two-row report as in the paper table's
-    eight; other rows get distinct colours none of the present rules has."""
+    eight; a row of a rule's plugin under another label has the rule's colour when it is the
+    rule's only row; other rows get colours no present rule has."""
     from matplotlib.colors import to_hex
 
     from harness.report import plots
-    table = plots.palette(["bp", "dll", "dll-released", "dll_fa", "fa", "dfa", "pc", "dtp"])
-    pair = plots.palette(["bp", "dtp"])
-    assert to_hex(pair["dtp"]) == to_hex(table["dtp"]) and to_hex(pair["bp"]) == to_hex(table["bp"])
-    assert len({to_hex(c) for c in table.values()}) == 8
-    mixed = plots.palette(["mine", "bp", "theirs", "dtp"])
-    assert len({to_hex(c) for c in mixed.values()}) == 4
-    many = plots.palette([f"r{i}" for i in range(14)] + ["bp"])
-    assert len({to_hex(c) for c in many.values()}) == 15
+
+    def hexed(rows, algorithms=None):
+        return {r: to_hex(c) for r, c in plots.palette(rows, algorithms).items()}
+    table = hexed(["bp", "dll", "dll-released", "dll_fa", "fa", "dfa", "pc", "dtp"])
+    pair = hexed(["dtp", "bp"])
+    assert pair == {"dtp": table["dtp"], "bp": table["bp"]}
+    tuned = hexed(["bp", "fa (tuned)"], {"bp": "bp", "fa (tuned)": "fa"})
+    assert tuned["fa (tuned)"] == table["fa"]
+    two_pc = hexed(["pc-one-step", "pc-fixed", "bp"], {"pc-one-step": "pc", "pc-fixed": "pc",
+                                                        "bp": "bp"})
+    assert table["pc"] not in (two_pc["pc-one-step"], two_pc["pc-fixed"])
+    assert len(set(two_pc.values())) == 3
+    mixed = hexed(["mine", "bp", "theirs", "dtp"])
+    assert len(set(mixed.values())) == 4 and mixed["bp"] == table["bp"]
+    assert mixed["mine"] not in table.values()           # olive and cyan before a rule's
+    many = hexed([f"r{i}" for i in range(14)] + ["bp"])
+    assert len(set(many.values())) == 15 and many["bp"] == table["bp"]
+
+
+def test_logged_scalars_show_only_the_rules_that_log(tmp_path):
+    """The logged-scalars figure has a line, and a legend entry, for the rule that logs and
+    none for the rules that do not; a store where no rule logs has no such figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.report import plots
+    layout = _fake_store(tmp_path / "l.sqlite", {"bp": [98.0, 98.1], "gap": [96.0, 96.2]},
+                         {"bp": 1.0, "gap": 1.5}, logs=("gap",))
+    with store_mod.Store(tmp_path / "l.sqlite", readonly=True) as store:
+        frames = store_mod.frames(store)
+    colours = plots.palette(layout.row_order)
+    seen = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        seen.append(([len(ax.get_lines()) for ax in fig.axes],
+                     [t.get_text() for legend in fig.legends for t in legend.get_texts()]))
+        return real_savefig(fig, *args, **kwargs)
+    matplotlib.figure.Figure.savefig = capture
+    try:
+        made = plots.logged(layout, frames.epochs, tmp_path, colours)
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+        plt.close("all")
+    assert made == [("Logged scalars", "logged.png")]
+    assert seen == [([1], ["gap"])]
+    quiet = _fake_store(tmp_path / "q.sqlite", {"bp": [98.0, 98.1]}, {"bp": 1.0})
+    with store_mod.Store(tmp_path / "q.sqlite", readonly=True) as store:
+        assert plots.logged(quiet, store_mod.frames(store).epochs, tmp_path, colours) == []

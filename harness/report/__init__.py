@@ -33,7 +33,7 @@ def stale_cells(runs, current) -> tuple[int, list[str]]:
     done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
     role = done["role"] if "role" in done.columns else [""] * len(done)
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
-    old = {(key, row.split(" · trial ")[0] + (" (tuning)" if kind == "trial" else ""), task,
+    old = {(key, str(row).split(" · trial ")[0] + (" (tuning)" if kind == "trial" else ""), task,
             arch)
            for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
                done["key"], role, done["label"], done["algorithm"], done["task"],
@@ -235,7 +235,7 @@ def _figures(layout: Layout, runs, epochs, out_dir: Path, trials) -> list[tuple[
     from harness import profiles
     from harness.report import plots
     sns.set_theme(style="whitegrid", context="notebook")
-    colours = plots.palette(list(layout.row_order))
+    colours = plots.palette(list(layout.row_order), layout.row_algorithms)
     made = plots.learning_curves(layout, epochs, out_dir, colours)
     made += plots.metric_vs_time(layout, epochs, out_dir, colours)
     made += plots.time_ratio(layout, epochs, out_dir, colours, layout.baseline)

@@ -22,6 +22,7 @@ class Layout:
     reference_source: str
     plan: list             # one dict per planned run: key, label, task, arch, seed, …
     raw: dict
+    row_algorithms: Optional[dict] = None   # row label -> its algorithm plugin
 
     @classmethod
     def of(cls, structure: dict) -> "Layout":
@@ -34,7 +35,8 @@ class Layout:
             references={(r["row"], r["task"], r["arch"]): (r["mean"], r.get("std"))
                         for r in structure.get("references", [])},
             reference_source=structure.get("reference_source") or "",
-            plan=structure.get("plan", []), raw=structure)
+            plan=structure.get("plan", []), raw=structure,
+            row_algorithms={r["label"]: r.get("algorithm") for r in structure.get("rows", [])})
 
     def keys(self) -> list[str]:
         return [p["key"] for p in self.plan]

@@ -22,19 +22,26 @@ def _pyplot():
 
 
 # The harness's rules in a fixed order: each keeps its tab10 colour in every report, whatever
-# rows a suite has (bp blue, dll orange, …); other rows take olive and cyan first, then the
-# colours of rules the report does not have, in row order.
+# rows a suite has (bp blue, dll orange, …): a row labelled as the rule, or else the one row of
+# that rule's plugin. Other rows take olive and cyan first, then the colours of rules the report
+# does not have, in row order.
 RULE_COLOURS = ("bp", "dll", "dll-released", "dll_fa", "fa", "dfa", "pc", "dtp")
 
 
-def palette(rows: list[str]) -> dict[str, tuple]:
-    """Row label → colour: a row labelled as one of the harness's rules has that rule's colour
-    in every report; the others take the remaining tab10 colours in row order (husl beyond)."""
+def palette(rows: list[str], algorithms: Optional[dict] = None) -> dict[str, tuple]:
+    """Row label → colour (``algorithms``: row label → its plugin, as the layout records)."""
     import seaborn as sns
     tab10 = sns.color_palette("tab10", 10)
-    fixed = {r: tab10[RULE_COLOURS.index(r)] for r in rows if r in RULE_COLOURS}
+    rule_of = {r: r for r in rows if r in RULE_COLOURS}
+    plugins = [(algorithms or {}).get(r) for r in rows]
+    for row, plugin in zip(rows, plugins):
+        if row not in rule_of and plugin in RULE_COLOURS and plugins.count(plugin) == 1 \
+                and plugin not in rule_of.values():
+            rule_of[row] = plugin
+    fixed = {r: tab10[RULE_COLOURS.index(rule)] for r, rule in rule_of.items()}
     others = [r for r in rows if r not in fixed]
-    free = tab10[len(RULE_COLOURS):] + [c for r, c in zip(RULE_COLOURS, tab10) if r not in fixed]
+    taken = set(rule_of.values())
+    free = tab10[len(RULE_COLOURS):] + [c for r, c in zip(RULE_COLOURS, tab10) if r not in taken]
     if len(others) > len(free):
         free = sns.color_palette("husl", len(others) + len(fixed))[len(fixed):]
     colours = {**fixed, **dict(zip(others, free))}
