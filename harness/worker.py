@@ -62,13 +62,31 @@ def watch_parents(suite_pid: int) -> None:
     threading.Thread(target=watch, name="watch-parents", daemon=True).start()
 
 
+def execute_noting_cpu(spec, data_dir, threads, plugin_paths, on_epoch=None):
+    """``runner.execute`` in this run process, with a note in the result of how much of its
+    cores it had: ``cpu_share``, the process's CPU seconds ÷ (wall seconds × its threads) —
+    about 1 for a one-thread run that had its core to itself, well below where other work took
+    it, so a report can say which timings were taken under load — and ``load_per_core``, the
+    machine's one-minute load average ÷ its cores as the run ended."""
+    from harness.runner import execute
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = execute(spec, data_dir, threads, plugin_paths, on_epoch=on_epoch)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if wall > 0:
+        result.notes["cpu_share"] = round(cpu / (wall * max(1, threads)), 3)
+    try:
+        result.notes["load_per_core"] = round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except (OSError, AttributeError):       # no load average on this platform
+        pass
+    return result
+
+
 def _run_in_child(conn, spec, data_dir, threads, plugin_paths, suite_pid) -> None:
     """The run process: every finished epoch, then the result, go to the supervisor."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the suite's to handle
     watch_parents(suite_pid)
-    from harness.runner import execute
-    result = execute(spec, data_dir, threads, plugin_paths,
-                     on_epoch=lambda _, record: conn.send(("epoch", record)))
+    result = execute_noting_cpu(spec, data_dir, threads, plugin_paths,
+                                on_epoch=lambda _, record: conn.send(("epoch", record)))
     conn.send(("result", result))
     conn.close()
 
@@ -216,12 +234,12 @@ def _main() -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr          # nothing the run prints can corrupt the result
     from harness.registry import tasks
-    from harness.runner import epoch_line, execute
+    from harness.runner import epoch_line
 
     def log(spec, record) -> None:   # a remote worker's log: its own stderr
         print(epoch_line(spec, record, tasks.get(spec.task).primary_metric), file=sys.stderr,
               flush=True)
-    result = execute(spec, data_dir, threads, plugin_paths, on_epoch=log)
+    result = execute_noting_cpu(spec, data_dir, threads, plugin_paths, on_epoch=log)
     out.write(pickle.dumps(result))
     out.flush()
     return 0

@@ -367,3 +367,28 @@ def test_logged_scalars_show_only_the_rules_that_log(tmp_path):
     quiet = _fake_store(tmp_path / "q.sqlite", {"bp": [98.0, 98.1]}, {"bp": 1.0})
     with store_mod.Store(tmp_path / "q.sqlite", readonly=True) as store:
         assert plots.logged(quiet, store_mod.frames(store).epochs, tmp_path, colours) == []
+
+
+def test_runs_note_their_cpu_share_and_the_report_shows_it(blob_suite, cli, tmp_path):
+    """A run process notes the share of its cores it had (CPU seconds ÷ wall × threads) and
+    the load as it ended; the time table shows the cell's median beside its timings."""
+    import json
+    import sqlite3
+    path = blob_suite(seeds=2, epochs=2)
+    status, _, err = cli("run", path, "--no-progress", "--no-report", "--device", "cpu",
+                         "--threads", "1")
+    assert status == 0, err
+    with sqlite3.connect(tmp_path / "blobsuite.sqlite") as conn:
+        notes = [json.loads(n) for (n,) in conn.execute("SELECT notes FROM runs")]
+    assert len(notes) == 2
+    for note in notes:
+        assert 0.05 < note["cpu_share"] < 4.0 and note["load_per_core"] >= 0
+    status, _, err = cli("report", path, "--out", tmp_path / "reports")
+    assert status == 0, err
+    lines = (tmp_path / "reports" / "blobsuite" / "report.md").read_text().splitlines()
+    header = next(line for line in lines if "train s/epoch" in line)
+    cells = [c.strip() for c in header.split("|")]
+    column = cells.index("CPU share")
+    row = next(line for line in lines[lines.index(header):] if line.startswith("| bp "))
+    median = (notes[0]["cpu_share"] + notes[1]["cpu_share"]) / 2
+    assert [c.strip() for c in row.split("|")][column] == f"{median:.2f}"

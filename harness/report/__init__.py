@@ -204,7 +204,10 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              render.metrics_table(layout, runs, epochs, protocol))
     _section(lines, "## Time per epoch and memory", render.timing_table(layout, runs, epochs),
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
-             "ratios in one process.")
+             "ratios in one process. CPU share (where runs noted it): the run process's CPU "
+             "seconds ÷ (wall seconds × its threads), median over the cell's CPU runs — near 1 "
+             "where a one-thread run had its core, well below where other work took the "
+             "cores and slowed it.")
     for title, name in _figures(layout, runs, epochs, out_dir, trials):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     grouped = coverage.problems(layout, all_runs)

@@ -158,6 +158,10 @@ def timing_table(layout: Layout, runs, epochs) -> Optional[str]:
     headers = ["algorithm", "task/arch", "train s/epoch (runs' medians)", "runs",
                f"÷ {md(layout.baseline or 'baseline')}'s [95% CI]", "eval s/epoch",
                "peak memory MB", "training hours"]
+    if any(t.cpu_share is not None for t in timings):   # runs that noted it (harness.worker)
+        headers.insert(4, "CPU share")
+        for line, t in zip(lines, timings):
+            line.insert(4, "–" if t.cpu_share is None else f"{t.cpu_share:.2f}")
     total = tables.compute_per_rule(timings)
     per_rule = _table([[md(r), f"{h:.2f}"] for r, h in sorted(
         total.items(), key=lambda kv: layout.row_order.index(kv[0])

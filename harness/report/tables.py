@@ -114,6 +114,16 @@ class Timing:
     eval_s: float
     memory_mb: Optional[float]
     train_hours: float              # every epoch of every run of the cell, warm-up included
+    cpu_share: Optional[float] = None   # median of the CPU runs' shares of their cores
+
+
+def cpu_share(notes) -> Optional[float]:
+    """The share of its cores a run process had (harness.worker), from its stored notes."""
+    try:
+        value = (json.loads(notes) if isinstance(notes, str) else notes or {}).get("cpu_share")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def timing(layout: Layout, runs, epochs) -> list[Timing]:
@@ -137,14 +147,19 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
                 continue
             here = counted[(counted["label"] == row) & (counted["task_label"] == task)
                            & (counted["arch"] == arch)]
-            memory = runs[(runs["label"] == row) & (runs["task_label"] == task)
-                          & (runs["arch"] == arch)]["peak_memory_mb"].max()
+            cell = runs[(runs["label"] == row) & (runs["task_label"] == task)
+                        & (runs["arch"] == arch)]
+            memory = cell["peak_memory_mb"].max()
             ratio = stats.summarize([m / base[(task, arch)] for m in medians]) \
                 if (task, arch) in base else None
+            shares = [v for v in (cpu_share(n) for n, d in zip(cell["notes"], cell["device"])
+                                  if str(d).startswith("cpu")) if v is not None] \
+                if {"notes", "device"} <= set(cell.columns) else []
             out.append(Timing(row, task, arch, stats.summarize(medians), ratio,
                               float(here["eval_time_s"].mean()),
                               None if memory != memory else float(memory),
-                              float(here["train_time_s"].sum()) / 3600.0))
+                              float(here["train_time_s"].sum()) / 3600.0,
+                              statistics.median(shares) if shares else None))
     return out
 
 
