@@ -392,3 +392,33 @@ def test_runs_note_their_cpu_share_and_the_report_shows_it(blob_suite, cli, tmp_
     row = next(line for line in lines[lines.index(header):] if line.startswith("| bp "))
     median = (notes[0]["cpu_share"] + notes[1]["cpu_share"]) / 2
     assert [c.strip() for c in row.split("|")][column] == f"{median:.2f}"
+
+
+def test_missing_cells_name_their_command_and_fold_a_column_every_rule_misses():
+    """Each missing cell comes with the command that runs exactly it; a column where every
+    rule misses runs is one line with the column's command (a dataset this machine cannot
+    have); a cell whose runs are all stored is not listed."""
+    import pandas as pd
+
+    from harness.report import coverage
+    plan = [{"key": f"{row}-{task}-{seed}", "label": row, "task": task, "arch": "mlp",
+             "seed": seed} for row in ("bp", "fa") for task in ("mnist", "svhn", "fmnist")
+            for seed in (0, 1)]
+    layout = Layout.of({"name": "m", "path": "suites/m.yaml", "rows": [
+        {"label": "bp", "algorithm": "bp"}, {"label": "fa", "algorithm": "fa"}],
+        "columns": [{"task": t, "arch": "mlp"} for t in ("mnist", "svhn", "fmnist")],
+        "plan": plan})
+    stored = ["bp-mnist-0", "bp-mnist-1", "fa-mnist-0", "bp-fmnist-0"]
+    missing = coverage.missing_cells(layout, pd.DataFrame({"key": stored}))
+    assert [(m.row, m.task, m.seeds) for m in missing] == [
+        ("fa", "mnist", (1,)), ("bp", "svhn", (0, 1)), ("fa", "svhn", (0, 1)),
+        ("bp", "fmnist", (1,)), ("fa", "fmnist", (0, 1))]
+    assert missing[0].command == ("python bench.py suites/m.yaml --only algorithm=fa "
+                                  "--only task=mnist --only arch=mlp --only seed=1")
+    lines = coverage.grouped_missing(layout, missing)
+    assert lines == [
+        ("fa", "mnist/mlp", "1 of 2", missing[0].command),
+        ("every rule (2)", "svhn/mlp", "4 of 4",
+         "python bench.py suites/m.yaml --only task=svhn --only arch=mlp"),
+        ("every rule (2)", "fmnist/mlp", "3 of 4",
+         "python bench.py suites/m.yaml --only task=fmnist --only arch=mlp")]

@@ -169,13 +169,14 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              render.results_table(layout, runs, protocol))
     missing = coverage.missing_cells(layout, all_runs)
     if missing:
-        rows = [[md(m.row), md(f"{m.task}/{m.arch}"), f"{len(m.seeds)} of {m.planned}",
-                 f"`{m.command}`"] for m in missing]
+        rows = [[md(row), md(cell), count, f"`{command}`"]
+                for row, cell, count, command in coverage.grouped_missing(layout, missing)]
         _section(lines, "## Cells still missing", render._table(
-            rows, ["algorithm", "task/arch", "seeds missing", "command"]),
+            rows, ["algorithm", "task/arch", "runs missing", "command"]),
             f"{sum(len(m.seeds) for m in missing)} planned run(s) are not in the data yet; each "
-            "command runs the missing seeds of its cell (`--dry-run` first says how long they "
-            "take; `--jobs 2` on two cores).")
+            "command runs the missing runs of its cell, or of its whole column where every rule "
+            "misses some (stored runs are skipped; `--dry-run` first says how long they take; "
+            "`--jobs 2` on two cores).")
     if layout.baseline:
         _section(lines, f"## Difference to {md(layout.baseline)}",
                  render.differences_table(layout, runs, protocol),
@@ -202,12 +203,14 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "the record only.")
     _section(lines, f"## Every test metric at the {protocol} protocol's epoch",
              render.metrics_table(layout, runs, epochs, protocol))
-    _section(lines, "## Time per epoch and memory", render.timing_table(layout, runs, epochs),
+    timing = render.timing_table(layout, runs, epochs)
+    _section(lines, "## Time per epoch and memory", timing,
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
-             "ratios in one process. CPU share (where runs noted it): the run process's CPU "
-             "seconds ÷ (wall seconds × its threads), median over the cell's CPU runs — near 1 "
-             "where a one-thread run had its core, well below where other work took the "
-             "cores and slowed it.")
+             "ratios in one process." + (
+                 " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
+                 "seconds × its threads), median over the cell's CPU runs — near 1 where a "
+                 "one-thread run had its core, well below where other work took the cores and "
+                 "slowed it." if timing and "| CPU share" in timing else ""))
     for title, name in _figures(layout, runs, epochs, out_dir, trials):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     grouped = coverage.problems(layout, all_runs)

@@ -61,6 +61,36 @@ def missing_cells(layout: Layout, runs) -> list[MissingCell]:
     return sorted(out, key=lambda m: (columns.get((m.task, m.arch), 99), order.get(m.row, 99)))
 
 
+def grouped_missing(layout: Layout, missing: list[MissingCell]) -> list[tuple[str, str, str, str]]:
+    """(rows, task/arch, runs missing, command) lines for the report: a task/arch column where
+    every row planned for it misses runs is one line with one command for the column (it runs
+    what is not stored: a resumed suite skips the rest) — a dataset this machine cannot have is
+    one line, not one per rule; other cells are a line each."""
+    planned: dict[tuple, set] = {}
+    tuned = set()
+    for entry in layout.plan:
+        row = entry["label"].split(" · trial ")[0]
+        planned.setdefault((entry["task"], entry["arch"]), set()).add(row)
+        if entry.get("role") == "trial":
+            tuned.add((entry["task"], entry["arch"]))
+    by_column: dict[tuple, list[MissingCell]] = {}
+    for m in missing:
+        by_column.setdefault((m.task, m.arch), []).append(m)
+    suite = layout.raw.get("path") or f"suites/{layout.name}.yaml"
+    out = []
+    for (task, arch), cells in by_column.items():
+        if len(cells) < 2 or {m.row for m in cells} != planned.get((task, arch)) \
+                or (task, arch) in tuned:
+            out += [(m.row, f"{task}/{arch}", f"{len(m.seeds)} of {m.planned}", m.command)
+                    for m in cells]
+            continue
+        parts = ["python", "bench.py", suite, "--only", f"task={task}", "--only", f"arch={arch}"]
+        out.append((f"every rule ({len(cells)})", f"{task}/{arch}",
+                    f"{sum(len(m.seeds) for m in cells)} of {sum(m.planned for m in cells)}",
+                    " ".join(shlex.quote(p) for p in parts)))
+    return out
+
+
 def problems(layout: Layout, runs) -> list[Problem]:
     """Skipped, failed and diverged runs grouped by (status, reason)."""
     bad = runs[runs["status"].isin(["skipped", "error", "diverged"])]
