@@ -64,18 +64,24 @@ def watch_parents(suite_pid: int) -> None:
 
 def execute_noting_cpu(spec, data_dir, threads, plugin_paths, on_epoch=None):
     """``runner.execute`` in this run process, with a note in the result of how much of its
-    cores it had: ``cpu_share``, the process's CPU seconds ÷ (wall seconds × its threads) —
-    about 1 for a one-thread run that had its core to itself, well below where other work took
-    it, so a report can say which timings were taken under load — and ``load_per_core``, the
-    machine's one-minute load average ÷ its cores as the run ended."""
+    cores it had: ``cpu_share``, the process's CPU seconds (every thread) ÷ (wall seconds × its
+    threads) over the whole run, set-up and evaluation included — about 1 for a one-thread run
+    that had its core to itself, well below where other work took it (or, above one thread,
+    where its threads sat idle), so a report can say which timings were taken under load — and
+    ``load_per_core``, the machine's one-minute load average ÷ the cores this process may use
+    as the run ended. Neither is noted for a GPU run, whose time is the device's."""
     from harness.runner import execute
     wall, cpu = time.perf_counter(), time.process_time()
     result = execute(spec, data_dir, threads, plugin_paths, on_epoch=on_epoch)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if not str(spec.device).startswith("cpu"):
+        return result
     if wall > 0:
         result.notes["cpu_share"] = round(cpu / (wall * max(1, threads)), 3)
     try:
-        result.notes["load_per_core"] = round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        result.notes["load_per_core"] = round(os.getloadavg()[0] / max(1, cores), 2)
     except (OSError, AttributeError):       # no load average on this platform
         pass
     return result

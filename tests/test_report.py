@@ -422,3 +422,27 @@ def test_missing_cells_name_their_command_and_fold_a_column_every_rule_misses():
          "python bench.py suites/m.yaml --only task=svhn --only arch=mlp"),
         ("every rule (2)", "fmnist/mlp", "3 of 4",
          "python bench.py suites/m.yaml --only task=fmnist --only arch=mlp")]
+
+
+def test_cpu_share_is_read_from_cpu_runs_that_finished_only(tmp_path):
+    import json
+    import sqlite3
+
+    from harness.report import tables
+    assert tables.cpu_share('{"cpu_share": 0.8}') == 0.8
+    for bad in (None, "", "null", "[1]", "not json", '{"cpu_share": NaN}',
+                '{"cpu_share": true}', '{"cpu_share": "0.8"}', "{}"):
+        assert tables.cpu_share(bad) is None, bad
+    layout = _fake_store(tmp_path / "s.sqlite", {"bp": [98.0, 98.1, 98.2, 98.3]},
+                         {"bp": 1.0})
+    with sqlite3.connect(tmp_path / "s.sqlite") as conn:
+        keys = [k for (k,) in conn.execute("SELECT key FROM runs ORDER BY seed")]
+        for key, share, device, status in zip(keys, (0.5, 0.7, 0.9, 0.95),
+                                              ("cpu", "cpu", "cuda", "cpu"),
+                                              ("ok", "ok", "ok", "error")):
+            conn.execute("UPDATE runs SET notes = ?, device = ?, status = ? WHERE key = ?",
+                         (json.dumps({"cpu_share": share}), device, status, key))
+    with store_mod.Store(tmp_path / "s.sqlite", readonly=True) as store:
+        frames = store_mod.frames(store)
+    (timing,) = tables.timing(layout, frames.runs, frames.epochs)
+    assert timing.cpu_share == 0.6            # the two CPU runs that finished: median

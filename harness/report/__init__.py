@@ -204,13 +204,14 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     _section(lines, f"## Every test metric at the {protocol} protocol's epoch",
              render.metrics_table(layout, runs, epochs, protocol))
     timing = render.timing_table(layout, runs, epochs)
+    noted = any(t.cpu_share is not None for t in tables.timing(layout, runs, epochs))
     _section(lines, "## Time per epoch and memory", timing,
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
              "ratios in one process." + (
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
-                 "seconds × its threads), median over the cell's CPU runs — near 1 where a "
-                 "one-thread run had its core, well below where other work took the cores and "
-                 "slowed it." if timing and "| CPU share" in timing else ""))
+                 "seconds × its threads) over the whole run, set-up and evaluation included, "
+                 "median over the cell's CPU runs — near 1 where a one-thread run had its core, "
+                 "well below where other work took the cores and slowed it." if noted else ""))
     for title, name in _figures(layout, runs, epochs, out_dir, trials):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     grouped = coverage.problems(layout, all_runs)

@@ -10,6 +10,7 @@ them.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Optional
@@ -123,7 +124,9 @@ def cpu_share(notes) -> Optional[float]:
         value = (json.loads(notes) if isinstance(notes, str) else notes or {}).get("cpu_share")
     except (ValueError, AttributeError):
         return None
-    return float(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def timing(layout: Layout, runs, epochs) -> list[Timing]:
@@ -148,7 +151,7 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
             here = counted[(counted["label"] == row) & (counted["task_label"] == task)
                            & (counted["arch"] == arch)]
             cell = runs[(runs["label"] == row) & (runs["task_label"] == task)
-                        & (runs["arch"] == arch)]
+                        & (runs["arch"] == arch) & runs["status"].isin(["ok", "diverged"])]
             memory = cell["peak_memory_mb"].max()
             ratio = stats.summarize([m / base[(task, arch)] for m in medians]) \
                 if (task, arch) in base else None
