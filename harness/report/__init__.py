@@ -203,9 +203,9 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "the record only.")
     _section(lines, f"## Every test metric at the {protocol} protocol's epoch",
              render.metrics_table(layout, runs, epochs, protocol))
-    timing = render.timing_table(layout, runs, epochs)
-    noted = any(t.cpu_share is not None for t in tables.timing(layout, runs, epochs))
-    _section(lines, "## Time per epoch and memory", timing,
+    timings = tables.timing(layout, runs, epochs)
+    noted = any(t.cpu_share is not None for t in timings)
+    _section(lines, "## Time per epoch and memory", render.timing_table(layout, timings),
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
              "ratios in one process." + (
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "

@@ -140,8 +140,8 @@ def aggregate_table(layout: Layout, runs, protocol: str) -> Optional[str]:
                           "runs", "cells"])
 
 
-def timing_table(layout: Layout, runs, epochs) -> Optional[str]:
-    timings = tables.timing(layout, runs, epochs)
+def timing_table(layout: Layout, timings: list) -> Optional[str]:
+    """The time table of ``tables.timing``'s cells (computed once by the caller)."""
     if not timings:
         return None
     lines = []
