@@ -364,7 +364,7 @@ def _estimates(suite, specs, args, measure: bool, log=lambda m: None):
         return all(ready_sets[n] for n in names)
     threads = args.threads or threads_for(args.jobs)
     return estimate.estimate(specs, suite.store_path, str(data_dir), threads, measure=measure,
-                             ready=ready, log=log)
+                             ready=ready, log=log, reference=suite.specs)
 
 
 def _dry_run(suite, specs, args, sources) -> int:

@@ -11,6 +11,14 @@ digest of the code that runs it), so a second dry run answers at once; a figure 
 other work held the cores (or cached before that was recorded) is marked so, and the first
 dry run on a quiet machine times it again. Timing steps needs the
 data and torch; a run whose data is missing gets no estimate (and says so).
+
+Timed steps say how long an epoch takes alone; the runs a suite really makes take longer
+(evaluation's first batches, the other jobs beside them, the memory they share), measured here
+up to 2.6× on the RNN and 1.4× on the MLP and CNN. So a timed figure is calibrated by the store
+itself: for the cells of the suite that have both stored epochs and a quiet machine's timed
+figure, the median ratio of recorded to timed epoch, per architecture where it has two such
+cells (else over all of them), multiplies the quiet machine's timed figures (a busy machine's
+has its load in it already) — and the dry run prints it.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from harness.api import RunSpec
 CACHE_FILE = Path(__file__).resolve().parent.parent / ".cache" / "epoch_times.json"
 TIMED_STEPS = 6           # after two warm-up steps
 STORED, TIMED, UNKNOWN = "stored", "timed", "unknown"
+MIN_CELLS = 2             # cells with both figures behind a calibration factor
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class Estimate:
     seconds: Optional[float]        # the whole run; None: unknown
     epoch_s: Optional[float]        # one epoch, training and evaluation
     source: str                     # stored | timed | unknown
+    factor: float = 1.0             # the calibration a timed figure was multiplied by
+    busy: bool = False              # timed on a busy machine (so not calibrated)
 
 
 def _cell(spec: RunSpec) -> tuple:
@@ -162,14 +173,48 @@ def timed_epoch(spec: RunSpec, data_dir: str, threads: int) -> float:
     return train + (time.perf_counter() - start)
 
 
+def calibration_pairs(reference: Iterable[RunSpec], by_cell: dict, cache: dict,
+                      threads: int) -> dict[tuple, tuple[str, float]]:
+    """Cell → (its architecture, recorded ÷ timed epoch) for the cells of ``reference`` that
+    have stored epochs and a cached timing of the same code, taken on a quiet machine."""
+    pairs: dict[tuple, tuple[str, float]] = {}
+    for spec in reference:
+        cell = _cell(spec)
+        if cell in pairs or cell not in by_cell:
+            continue
+        timed, busy = _cached(cache.get(_cache_key(spec, threads)))
+        if timed and not busy:
+            pairs[cell] = (spec.arch.name, by_cell[cell] / timed)
+    return pairs
+
+
+def factor(pairs: dict[tuple, tuple[str, float]], arch: str,
+           leave_out: Optional[tuple] = None) -> tuple[float, int, str]:
+    """(factor, cells behind it, what they are: the arch or "all") for a timed figure of
+    ``arch``: the median ratio over that architecture's cells where it has MIN_CELLS, else over
+    all cells; (1.0, 0, "") where there are fewer. ``leave_out``: a cell not to count (a cell is
+    not calibrated by itself when the calibration is checked)."""
+    ratios = {cell: pair for cell, pair in pairs.items() if cell != leave_out}
+    same = [ratio for a, ratio in ratios.values() if a == arch]
+    if len(same) >= MIN_CELLS:
+        return statistics.median(same), len(same), arch
+    if len(ratios) >= MIN_CELLS:
+        return statistics.median(r for _, r in ratios.values()), len(ratios), "all"
+    return 1.0, 0, ""
+
+
 def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads: int,
              measure: bool = True, ready: Callable[[RunSpec], bool] = lambda s: True,
-             log: Callable[[str], None] = lambda m: None) -> dict[str, Estimate]:
+             log: Callable[[str], None] = lambda m: None,
+             reference: Iterable[RunSpec] = ()) -> dict[str, Estimate]:
     """Run key → its :class:`Estimate`. ``measure``: time steps where nothing is stored;
-    ``ready(spec)``: whether its data is there to time on."""
+    ``ready(spec)``: whether its data is there to time on; ``reference``: the runs whose stored
+    cells calibrate timed figures (the whole suite)."""
     specs = list(specs)
     by_cell, by_loose = stored_epoch_times(store_path)
     cache, timed_now = _read_cache(), {}
+    pairs = calibration_pairs(reference, by_cell, cache, threads)
+    factors: dict[str, tuple[float, int, str]] = {}     # arch → factor(), for timed figures
     load: list[str] = []                 # the busy-machine note ("" quiet), asked once
 
     def busy() -> str:
@@ -181,14 +226,14 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     for spec in specs:
         epoch = by_cell.get(_cell(spec), by_loose.get(_loose(spec)))
         source = STORED if epoch is not None else UNKNOWN
+        figure_busy = False                # a timed figure taken under load: not calibrated
         if epoch is None:
             key = _cache_key(spec, threads)
             cached, cached_busy = _cached(cache.get(key))
             timeable = measure and not spec.skip_reason and ready(spec)
             # a figure timed on a busy machine stands until a dry run on a quiet one
             if cached is not None and not (cached_busy and timeable and not busy()):
-                epoch, source = cached, TIMED
-                stood += cached_busy
+                epoch, source, figure_busy = cached, TIMED, cached_busy
             elif timeable:
                 if _cell(spec) not in timed_now:
                     if not timed_now and busy():
@@ -202,9 +247,25 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                 epoch = timed_now[_cell(spec)]
                 if epoch is not None:
                     cache[key], source = {"seconds": epoch, "busy": bool(busy())}, TIMED
+                    figure_busy = bool(busy())
                 elif cached is not None:     # timing it again failed: the busy figure stands
-                    epoch, source = cached, TIMED
-        out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source)
+                    epoch, source, figure_busy = cached, TIMED, cached_busy
+        stood += figure_busy
+        scale = 1.0                          # a busy figure has its load in it already
+        if source == TIMED and epoch is not None and not figure_busy:
+            if spec.arch.name not in factors:
+                factors[spec.arch.name] = factor(pairs, spec.arch.name)
+            scale = factors[spec.arch.name][0]
+            epoch *= scale
+        out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source,
+                                   scale, figure_busy)
+    said = [f"× {f:.2f} for {arch} (median over {n} {'' if over == arch else 'of all '}cells "
+            f"with both)" for arch, (f, n, over) in sorted(factors.items()) if n]
+    if said:
+        log("timed steps calibrated by the store's recorded ÷ timed epochs: " + ", ".join(said))
+    elif factors and reference:
+        log(f"timed steps not calibrated: fewer than {MIN_CELLS} cells of the suite have both "
+            "stored epochs and a quiet machine's timing")
     if stood:
         log(f"note: {stood} run(s) are estimated from steps timed on a busy machine (slower "
             "than alone); a dry run on a quiet machine times them again")

@@ -136,8 +136,9 @@ def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, t
         taken = conn.execute("SELECT SUM(train_time_s + eval_time_s) FROM epochs").fetchone()[0]
     row = next(line for line in out.splitlines() if line.startswith("bp "))
     assert row.split()[1:3] == ["blobs/mlp", "2"]
-    assert float(row.split()[-2]) == round(2 * 0.5 / 60, 2)     # 2 epochs of the timed 0.5 s
-    assert float(row.split()[-1]) == pytest.approx(2.0 / taken, abs=0.006)   # 2 runs × 1 s
+    assert float(row.split()[-3]) == round(2 * 0.5 / 60, 2)     # 2 epochs of the timed 0.5 s
+    assert float(row.split()[-2]) == pytest.approx(2.0 / taken, abs=0.006)   # 2 runs × 1 s
+    assert row.split()[-1] == row.split()[-2]       # one cell: no other to calibrate it
     assert f"2 s estimated, {estimate.human(taken)} taken: {2.0 / taken:.2f}x" in out
     monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path), "--device", "cuda"])
     assert script.main() == 2
@@ -147,3 +148,51 @@ def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, t
     assert script.main() == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "none.sqlite: no such store" in err
+
+
+def test_the_calibration_factor_is_the_median_of_the_other_cells(tmp_path):
+    pairs = {("a",): ("mlp", 1.5), ("b",): ("mlp", 2.5), ("c",): ("mlp", 9.0),
+             ("d",): ("rnn", 3.0)}
+    assert estimate.factor(pairs, "mlp") == (2.5, 3, "mlp")
+    assert estimate.factor(pairs, "mlp", leave_out=("c",)) == (2.0, 2, "mlp")
+    assert estimate.factor(pairs, "rnn") == (2.75, 4, "all")      # one rnn cell: every cell's
+    assert estimate.factor({("d",): ("rnn", 3.0)}, "rnn") == (1.0, 0, "")   # too few: none
+
+
+def test_timed_figures_are_calibrated_by_the_stores_recorded_epochs(blob_suite, cli, tmp_path,
+                                                                    monkeypatch):
+    """A cell with nothing stored is estimated from its timed steps × the median recorded ÷
+    timed epoch of the suite's stored cells; a figure timed on a busy machine is not scaled
+    again, and the dry run says the factor."""
+    path = blob_suite(algorithms="  bp: {lr: 0.01}\n  fa: {lr: 0.01}\n  dfa: {lr: 0.01}",
+                      epochs=2)
+    status, _, err = cli("run", path, "--no-progress", "--no-report", "--device", "cpu",
+                         "--only", "algorithm=bp,fa")
+    assert status == 0, err
+    suite = suite_mod.load(path, device="cpu")
+    by_cell, _ = estimate.stored_epoch_times(suite.store_path)
+    specs = {s.algorithm: s for s in suite.specs}
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    estimate._write_cache({   # recorded ÷ timed: 2 for bp, 4 for fa → × 3
+        estimate._cache_key(specs["bp"], 1): {
+            "seconds": by_cell[estimate._cell(specs["bp"])] / 2, "busy": False},
+        estimate._cache_key(specs["fa"], 1): {
+            "seconds": by_cell[estimate._cell(specs["fa"])] / 4, "busy": False}})
+    monkeypatch.setattr(estimate, "timed_epoch", lambda spec, data_dir, threads: 0.5)
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
+
+    def dfa(load, reference):
+        monkeypatch.setattr(estimate.os, "getloadavg", lambda: (load, load, load))
+        lines: list[str] = []
+        found = estimate.estimate([specs["dfa"]], suite.store_path, str(tmp_path), 1,
+                                  log=lines.append, reference=reference)
+        return found[specs["dfa"].key()], lines
+    busy, _ = dfa(4.0, suite.specs)                 # timed under load: its load is in it
+    assert (busy.epoch_s, busy.factor, busy.busy) == (0.5, 1.0, True)
+    quiet, lines = dfa(0.1, suite.specs)            # timed again, quiet: × 3
+    assert quiet.epoch_s == pytest.approx(1.5) and quiet.factor == pytest.approx(3.0)
+    assert quiet.seconds == pytest.approx(3.0) and not quiet.busy
+    assert ("timed steps calibrated by the store's recorded ÷ timed epochs: × 3.00 for mlp "
+            "(median over 2 cells with both)") in lines
+    alone, lines = dfa(0.1, [])                     # no reference: the figure as timed
+    assert alone.epoch_s == 0.5 and not any("calibrated" in line for line in lines)
