@@ -40,6 +40,11 @@ SAMPLERS = ("tpe", "qmc", "random")
 TRIAL = " · trial "
 
 
+def row_of(label: str) -> str:
+    """The row a run's label belongs to: a tuning trial's label is its row's, then TRIAL."""
+    return str(label).split(TRIAL)[0]
+
+
 @dataclass(frozen=True)
 class Tune:
     trials: int

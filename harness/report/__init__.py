@@ -19,6 +19,7 @@ from typing import Optional
 from harness import store as store_mod
 from harness.report import coverage, render, tables
 from harness.report.layout import Layout, md
+from harness.tune import row_of
 
 __all__ = ["Layout", "build", "md", "stale_cells", "headline"]
 
@@ -33,7 +34,7 @@ def stale_cells(runs, current) -> tuple[int, list[str]]:
     done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
     role = done["role"] if "role" in done.columns else [""] * len(done)
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
-    old = {(key, str(row).split(" · trial ")[0] + (" (tuning)" if kind == "trial" else ""), task,
+    old = {(key, row_of(row) + (" (tuning)" if kind == "trial" else ""), task,
             arch)
            for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
                done["key"], role, done["label"], done["algorithm"], done["task"],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from harness.exchange import without_machine_paths
 from harness.report.layout import Layout
+from harness.tune import row_of
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def missing_cells(layout: Layout, runs) -> list[MissingCell]:
     stored = set(runs["key"]) if len(runs) else set()
     by_cell: dict[tuple, list] = {}
     for entry in layout.plan:
-        row = entry["label"].split(" · trial ")[0]      # a tuning trial: its row runs it
+        row = row_of(entry["label"])      # a tuning trial: its row runs it
         cell = (row, entry["task"], entry["arch"])
         by_cell.setdefault(cell, []).append(entry)
     suite = layout.raw.get("path") or f"suites/{layout.name}.yaml"
@@ -69,7 +70,7 @@ def grouped_missing(layout: Layout, missing: list[MissingCell]) -> list[tuple[st
     planned: dict[tuple, set] = {}
     tuned = set()
     for entry in layout.plan:
-        row = entry["label"].split(" · trial ")[0]
+        row = row_of(entry["label"])
         planned.setdefault((entry["task"], entry["arch"]), set()).add(row)
         if entry.get("role") == "trial":
             tuned.add((entry["task"], entry["arch"]))

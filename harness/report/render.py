@@ -8,6 +8,7 @@ from typing import Optional
 from harness import stats
 from harness.report import tables
 from harness.report.layout import Layout, md
+from harness.tune import row_of
 
 ARROW = {"max": "↑", "min": "↓"}
 MARKS = ("**bold**: best, distinguishable from every other row of its column (Holm-corrected "
@@ -315,7 +316,7 @@ def _trial_values(trials):
     out: dict[tuple, list] = {}
     for (row, task, arch, trial), group in trials.groupby(["label", "task_label", "arch",
                                                            "trial"]):
-        base = row.split(" · trial ")[0]
+        base = row_of(row)
         ok = group[group["status"] == "ok"]["clean_val"].dropna()
         params = group["params"].iloc[0]
         out.setdefault((base, task, arch), []).append(
