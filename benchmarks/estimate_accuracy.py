@@ -8,9 +8,11 @@ time (every epoch's training and evaluation seconds, as the store recorded them)
 
 The ratio is estimate ÷ actual (above 1: the dry run said longer), over the epochs each run
 had (an early-stopped run is compared on the epochs it ran). The calibrated column is what the
-dry run says once other cells are stored: the quiet machine's timed figure × the median
-actual ÷ timed ratio of the *other* cells (of the same architecture where it has two, else of
-all; harness.estimate.factor), so no cell is calibrated by its own runs. The runs' time depends on
+dry run says once other cells are stored: the quiet machine's timed figure × the factor of
+harness.estimate.factor over the *other* cells' median recorded ÷ timed epoch (after the
+first, at these --threads), so no cell is calibrated by its own runs. With --only, only the
+selected cells calibrate each other (a dry run uses the whole suite's). Its timings are cached
+as a dry run's are, so a later dry run can calibrate by the cells timed here. The runs' time depends on
 what else the machine ran beside them, the timed steps' on the load while they were timed: run
 it on a quiet machine, at the `--threads` the runs had, and read the total, not single cells.
 The store (or runs.jsonl) is only read.
@@ -21,6 +23,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -85,18 +88,36 @@ def _report(args) -> int:
                               str(data_dir), args.threads, measure=not args.no_timing,
                               log=lambda m: print(m, file=sys.stderr))
     known: dict[tuple, tuple[float, float, bool]] = {}   # cell → (estimate, actual, busy)
-    medians: dict[tuple, tuple[float, float]] = {}
+    medians: dict[tuple, tuple[float, Optional[float]]] = {}
     for cell, keys in cells.items():
         # per epoch the run had (an early-stopped run had fewer than the spec's)
         pairs = [(ahead[k].epoch_s * int(counted[k]), float(seconds[k])) for k in keys
-                 if ahead[k].epoch_s is not None]
+                 if ahead[k].epoch_s is not None and ahead[k].epoch_s > 0]
         medians[cell] = (statistics.median(float(seconds[k]) for k in keys) / 60,
                          statistics.median(g for g, _ in pairs) / 60 if pairs else None)
         if pairs:
             known[cell] = (sum(g for g, _ in pairs), sum(a for _, a in pairs),
                            any(ahead[k].busy for k in keys))
-    ratios = {cell: (cell[2], actual / guess) for cell, (guess, actual, busy) in known.items()
-              if not busy}
+    # the calibration's ratios as the dry run takes them (harness.estimate.calibration_pairs):
+    # each cell's median recorded epoch after the first, at these threads and device kind, of
+    # its ok and diverged runs, ÷ its quiet timed epoch
+    finished = found.runs[found.runs["status"].isin(["ok", "diverged"])
+                          & (found.runs["threads"] == args.threads)
+                          & (found.runs["device"].map(estimate.device_kind)
+                             == estimate.device_kind(args.device))]
+    after_first = epochs[~epochs["warmup"].astype(bool)] if len(epochs) else epochs
+    per_run = {key: list(group) for key, group in
+               (after_first["train_time_s"].fillna(0) + after_first["eval_time_s"].fillna(0))
+               .groupby(after_first["run_key"])} if len(after_first) else {}
+    recorded = estimate.cell_medians(
+        ((label, task, arch), per_run.get(key, [])) for key, label, task, arch in zip(
+            finished["key"], finished["label"], finished["task_label"], finished["arch"]))
+    ratios = {}
+    for cell, keys in cells.items():
+        timed = next((ahead[k].epoch_s for k in keys if ahead[k].epoch_s), None)
+        if cell in recorded and timed and not known.get(cell, (0, 0, True))[2]:
+            ratios[cell] = (cell[2], recorded[cell] / timed)
+    counts = {"calibrated": 0, "busy": 0, "too few others": 0}
     rows, totals = [], [0.0, 0.0, 0.0]            # estimate, calibrated, actual
     for cell, keys in sorted(cells.items()):
         row = [cell[0], f"{cell[1]}/{cell[2]}", len(keys), *medians[cell]]
@@ -104,7 +125,9 @@ def _report(args) -> int:
             rows.append(row + [None, None])
             continue
         guess, actual, busy = known[cell]
-        calibrated = guess * (1.0 if busy else estimate.factor(ratios, cell[2], cell)[0])
+        scale, others, _ = (1.0, 0, "") if busy else estimate.factor(ratios, cell[2], cell)
+        counts["busy" if busy else "calibrated" if others else "too few others"] += 1
+        calibrated = guess * scale
         for i, value in enumerate((guess, calibrated, actual)):
             totals[i] += value
         rows.append(row + [guess / actual, calibrated / actual])
@@ -119,6 +142,9 @@ def _report(args) -> int:
             verdict = "within" if 1 / 1.5 <= ratio <= 1.5 else "outside"
             print(f"{name}: {estimate.human(value)} estimated, {estimate.human(actual)} "
                   f"taken: {ratio:.2f}x ({verdict} a factor of 1.5)")
+        print(f"cells: {counts['calibrated']} calibrated by the others, {counts['busy']} timed "
+              f"on a busy machine (not scaled), {counts['too few others']} with fewer than "
+              f"{estimate.MIN_CELLS} others to calibrate them (not scaled)")
     return 0
 
 

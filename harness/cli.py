@@ -395,7 +395,7 @@ def _dry_run(suite, specs, args, sources) -> int:
                 "to run" + (" (stale)" if key in stale else ""))
         rows.append([spec.label, spec.task_label or spec.task, spec.arch.name, spec.seed,
                      spec.epochs, spec.batch_size, spec.device,
-                     f"{human(guess.seconds)} ({guess.source})" if guess else "", state[:100]])
+                     _guess(guess) if guess else "", state[:100]])
     print(tabulate(rows, headers=["algorithm", "task", "arch", "seed", "epochs", "batch",
                                   "device", "estimate", "state"], tablefmt="simple"))
     to_run = sum(1 for r in rows if r[-1].startswith("to run"))
@@ -420,6 +420,14 @@ def _dry_run(suite, specs, args, sources) -> int:
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
                               else "they are to run again (--rerun-stale)"))
     return 0
+
+
+def _guess(guess) -> str:
+    """``12 min (timed ×1.28)``: the estimate, where it came from and how it was scaled."""
+    from harness.estimate import human
+    how = guess.source + (f" ×{guess.factor:.2f}" if guess.factor != 1.0 else "") + \
+        (", busy" if guess.busy else "")
+    return f"{human(guess.seconds)} ({how})"
 
 
 def _dry_run_tuning(suite, runnable, estimates) -> None:

@@ -13,12 +13,17 @@ dry run on a quiet machine times it again. Timing steps needs the
 data and torch; a run whose data is missing gets no estimate (and says so).
 
 Timed steps say how long an epoch takes alone; the runs a suite really makes take longer
-(evaluation's first batches, the other jobs beside them, the memory they share), measured here
-up to 2.6× on the RNN and 1.4× on the MLP and CNN. So a timed figure is calibrated by the store
-itself: for the cells of the suite that have both stored epochs and a quiet machine's timed
-figure, the median ratio of recorded to timed epoch, per architecture where it has two such
-cells (else over all of them), multiplies the quiet machine's timed figures (a busy machine's
-has its load in it already) — and the dry run prints it.
+(evaluation's first batches, the other jobs beside them, the memory they share). So a quiet
+machine's timed figure is calibrated by the store itself: over the suite's cells that have
+both stored epochs (at the same threads per run and device kind) and a cached quiet timing
+(same machine, threads and code digest), the median ratio of recorded to timed epoch — the
+architecture's own cells where it has MIN_CELLS, else the median of each architecture's median
+— multiplies the timed figure, and the dry run prints the factor. The factor carries the load
+the stored runs had (made at ``--jobs 2``, it overestimates a ``--jobs 1`` plan a little). A
+busy machine's figure has its load in it already and is not scaled. A dry run times only
+cells with nothing stored, so the pairs come from cells it timed before their runs landed, or
+from benchmarks/estimate_accuracy.py, which times the stored cells (and checks the
+calibration, leaving each cell out of its own).
 """
 from __future__ import annotations
 
@@ -58,35 +63,49 @@ def _loose(spec: RunSpec) -> tuple:
     return (spec.algorithm, spec.task, spec.arch.name, spec.batch_size)
 
 
-def stored_epoch_times(store_path: Path) -> tuple[dict, dict]:
-    """(per row cell, per plugin cell) → median seconds of one epoch (train + eval), from the
-    epochs after the first of every finished run in the store."""
+def cell_medians(runs: Iterable[tuple[tuple, list[float]]]) -> dict[tuple, float]:
+    """Cell → the median over its runs of each run's median epoch; ``runs``: (cell, the
+    seconds of the run's epochs after the first). The dry run's stored figure and its
+    calibration, and benchmarks/estimate_accuracy.py's, are this one computation."""
+    by: dict[tuple, list[float]] = {}
+    for cell, seconds in runs:
+        if seconds:
+            by.setdefault(cell, []).append(statistics.median(seconds))
+    return {cell: statistics.median(v) for cell, v in by.items()}
+
+
+def device_kind(device: Optional[str]) -> str:
+    return str(device or "cpu").split(":")[0]
+
+
+def stored_epoch_times(store_path: Path) -> tuple[dict, dict, dict]:
+    """(per row cell, per plugin cell, per row cell and setting) → median seconds of one epoch
+    (train + eval), from the epochs after the first of every finished run in the store; the
+    setting is (device kind, threads per run), the cell (label, task label, arch, batch)."""
     import sqlite3
     if not Path(store_path).exists():
-        return {}, {}
+        return {}, {}, {}
     try:
         conn = sqlite3.connect(f"file:{Path(store_path).resolve()}?mode=ro", uri=True)
-        runs = conn.execute("SELECT key, label, task_label, arch, algorithm, task, spec FROM runs "
-                            "WHERE status IN ('ok', 'diverged')").fetchall()
+        runs = conn.execute("SELECT key, label, task_label, arch, algorithm, task, spec, device, "
+                            "threads FROM runs WHERE status IN ('ok', 'diverged')").fetchall()
         epochs = conn.execute("SELECT run_key, train_time_s + eval_time_s FROM epochs "
                               "WHERE warmup = 0").fetchall()
         conn.close()
     except sqlite3.Error:
-        return {}, {}
+        return {}, {}, {}
     per_run: dict[str, list[float]] = {}
     for key, seconds in epochs:
-        per_run.setdefault(key, []).append(seconds)
-    by_cell: dict[tuple, list[float]] = {}
-    by_loose: dict[tuple, list[float]] = {}
-    for key, label, task_label, arch, algorithm, task, spec in runs:
-        if key not in per_run:
-            continue
+        if seconds is not None:
+            per_run.setdefault(key, []).append(seconds)
+    cells, loose, settings = [], [], []
+    for key, label, task_label, arch, algorithm, task, spec, device, threads in runs:
+        seconds = per_run.get(key, [])
         batch = json.loads(spec).get("batch_size")
-        median = statistics.median(per_run[key])
-        by_cell.setdefault((label, task_label, arch, batch), []).append(median)
-        by_loose.setdefault((algorithm, task, arch, batch), []).append(median)
-    return ({k: statistics.median(v) for k, v in by_cell.items()},
-            {k: statistics.median(v) for k, v in by_loose.items()})
+        cells.append(((label, task_label, arch, batch), seconds))
+        loose.append(((algorithm, task, arch, batch), seconds))
+        settings.append(((label, task_label, arch, batch, device_kind(device), threads), seconds))
+    return cell_medians(cells), cell_medians(loose), cell_medians(settings)
 
 
 def _code(spec: RunSpec) -> str:
@@ -173,34 +192,51 @@ def timed_epoch(spec: RunSpec, data_dir: str, threads: int) -> float:
     return train + (time.perf_counter() - start)
 
 
-def calibration_pairs(reference: Iterable[RunSpec], by_cell: dict, cache: dict,
+def calibration_pairs(reference: Iterable[RunSpec], by_setting: dict, cache: dict,
                       threads: int) -> dict[tuple, tuple[str, float]]:
     """Cell → (its architecture, recorded ÷ timed epoch) for the cells of ``reference`` that
-    have stored epochs and a cached timing of the same code, taken on a quiet machine."""
+    have stored epochs at ``threads`` threads per run on the device kind of their spec, and a
+    cached timing of the same code, machine and threads taken on a quiet machine."""
     pairs: dict[tuple, tuple[str, float]] = {}
     for spec in reference:
         cell = _cell(spec)
-        if cell in pairs or cell not in by_cell:
+        recorded = by_setting.get((*cell, device_kind(spec.device), threads))
+        if cell in pairs or recorded is None:
             continue
         timed, busy = _cached(cache.get(_cache_key(spec, threads)))
-        if timed and not busy:
-            pairs[cell] = (spec.arch.name, by_cell[cell] / timed)
+        if timed and timed > 0 and not busy:
+            pairs[cell] = (spec.arch.name, recorded / timed)
     return pairs
 
 
 def factor(pairs: dict[tuple, tuple[str, float]], arch: str,
            leave_out: Optional[tuple] = None) -> tuple[float, int, str]:
-    """(factor, cells behind it, what they are: the arch or "all") for a timed figure of
-    ``arch``: the median ratio over that architecture's cells where it has MIN_CELLS, else over
-    all cells; (1.0, 0, "") where there are fewer. ``leave_out``: a cell not to count (a cell is
-    not calibrated by itself when the calibration is checked)."""
-    ratios = {cell: pair for cell, pair in pairs.items() if cell != leave_out}
-    same = [ratio for a, ratio in ratios.values() if a == arch]
-    if len(same) >= MIN_CELLS:
-        return statistics.median(same), len(same), arch
-    if len(ratios) >= MIN_CELLS:
-        return statistics.median(r for _, r in ratios.values()), len(ratios), "all"
+    """(factor, cells behind it, "own" or "pooled") for a timed figure of ``arch``: the median
+    ratio over that architecture's cells where it has MIN_CELLS of them; else, where there are
+    MIN_CELLS cells in all, the median of each architecture's median (no architecture outweighs
+    the others by its number of cells); else (1.0, 0, ""). ``leave_out``: a cell not to count
+    (benchmarks/estimate_accuracy.py: no cell is calibrated by its own runs)."""
+    by_arch: dict[str, list[float]] = {}
+    for cell, (a, ratio) in pairs.items():
+        if cell != leave_out:
+            by_arch.setdefault(a, []).append(ratio)
+    own = by_arch.get(arch, [])
+    if len(own) >= MIN_CELLS:
+        return statistics.median(own), len(own), "own"
+    cells = sum(len(v) for v in by_arch.values())
+    if cells >= MIN_CELLS:
+        return statistics.median(statistics.median(v) for v in by_arch.values()), cells, "pooled"
     return 1.0, 0, ""
+
+
+def _said(arch: str, found: tuple[float, int, str], threads: int) -> str:
+    value, cells, how = found
+    if how == "own":
+        return (f"× {value:.2f} for {arch} (the median over {cells} {arch} cells with stored "
+                f"epochs and a quiet timing here at {threads} thread(s))")
+    return (f"× {value:.2f} for {arch} (pooled: fewer than {MIN_CELLS} {arch} cells have stored "
+            f"epochs and a quiet timing here, so the median of each architecture's median, "
+            f"over {cells} cells)")
 
 
 def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads: int,
@@ -211,9 +247,10 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     ``ready(spec)``: whether its data is there to time on; ``reference``: the runs whose stored
     cells calibrate timed figures (the whole suite)."""
     specs = list(specs)
-    by_cell, by_loose = stored_epoch_times(store_path)
+    by_cell, by_loose, by_setting = stored_epoch_times(store_path)
     cache, timed_now = _read_cache(), {}
-    pairs = calibration_pairs(reference, by_cell, cache, threads)
+    reference = list(reference)
+    pairs = calibration_pairs(reference, by_setting, cache, threads)
     factors: dict[str, tuple[float, int, str]] = {}     # arch → factor(), for timed figures
     load: list[str] = []                 # the busy-machine note ("" quiet), asked once
 
@@ -224,7 +261,8 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     out: dict[str, Estimate] = {}
     stood = 0                            # runs estimated from a busy machine's figure
     for spec in specs:
-        epoch = by_cell.get(_cell(spec), by_loose.get(_loose(spec)))
+        epoch = by_setting.get((*_cell(spec), device_kind(spec.device), threads),
+                               by_cell.get(_cell(spec), by_loose.get(_loose(spec))))
         source = STORED if epoch is not None else UNKNOWN
         figure_busy = False                # a timed figure taken under load: not calibrated
         if epoch is None:
@@ -234,6 +272,7 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
             # a figure timed on a busy machine stands until a dry run on a quiet one
             if cached is not None and not (cached_busy and timeable and not busy()):
                 epoch, source, figure_busy = cached, TIMED, cached_busy
+                stood += cached_busy
             elif timeable:
                 if _cell(spec) not in timed_now:
                     if not timed_now and busy():
@@ -250,7 +289,6 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                     figure_busy = bool(busy())
                 elif cached is not None:     # timing it again failed: the busy figure stands
                     epoch, source, figure_busy = cached, TIMED, cached_busy
-        stood += figure_busy
         scale = 1.0                          # a busy figure has its load in it already
         if source == TIMED and epoch is not None and not figure_busy:
             if spec.arch.name not in factors:
@@ -259,13 +297,16 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
             epoch *= scale
         out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source,
                                    scale, figure_busy)
-    said = [f"× {f:.2f} for {arch} (median over {n} {'' if over == arch else 'of all '}cells "
-            f"with both)" for arch, (f, n, over) in sorted(factors.items()) if n]
+    said = [_said(arch, found, threads) for arch, found in sorted(factors.items()) if found[1]]
     if said:
-        log("timed steps calibrated by the store's recorded ÷ timed epochs: " + ", ".join(said))
-    elif factors and reference:
-        log(f"timed steps not calibrated: fewer than {MIN_CELLS} cells of the suite have both "
-            "stored epochs and a quiet machine's timing")
+        log("timed steps calibrated by the store's recorded ÷ timed epochs: " + "; ".join(said))
+    elif factors:
+        stored_cells = {_cell(r) for r in reference
+                        if (*_cell(r), device_kind(r.device), threads) in by_setting}
+        if stored_cells:                 # something to calibrate by, but no quiet timing of it
+            log(f"timed steps not calibrated: {len(stored_cells)} of the suite's cells have "
+                f"stored epochs at {threads} thread(s), but fewer than {MIN_CELLS} have a quiet "
+                "timing of the current code here (benchmarks/estimate_accuracy.py times them)")
     if stood:
         log(f"note: {stood} run(s) are estimated from steps timed on a busy machine (slower "
             "than alone); a dry run on a quiet machine times them again")

@@ -127,6 +127,7 @@ def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, t
     spec.loader.exec_module(script)
     monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
     monkeypatch.setattr(estimate, "timed_epoch", lambda spec, data_dir, threads: 0.5)
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.1, 0.1, 0.1))   # quiet here
     monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path)])
     capfd.readouterr()
     assert script.main() == 0
@@ -139,6 +140,7 @@ def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, t
     assert float(row.split()[-3]) == round(2 * 0.5 / 60, 2)     # 2 epochs of the timed 0.5 s
     assert float(row.split()[-2]) == pytest.approx(2.0 / taken, abs=0.006)   # 2 runs × 1 s
     assert row.split()[-1] == row.split()[-2]       # one cell: no other to calibrate it
+    assert "1 calibrated" not in out and "1 with fewer than 2 others" in out
     assert f"2 s estimated, {estimate.human(taken)} taken: {2.0 / taken:.2f}x" in out
     monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path), "--device", "cuda"])
     assert script.main() == 2
@@ -150,49 +152,110 @@ def test_estimate_accuracy_compares_the_dry_run_with_the_runs(blob_suite, cli, t
     assert err.count("\n") == 1 and "none.sqlite: no such store" in err
 
 
-def test_the_calibration_factor_is_the_median_of_the_other_cells(tmp_path):
+def test_the_calibration_factor_is_the_median_of_the_architectures_cells():
     pairs = {("a",): ("mlp", 1.5), ("b",): ("mlp", 2.5), ("c",): ("mlp", 9.0),
              ("d",): ("rnn", 3.0)}
-    assert estimate.factor(pairs, "mlp") == (2.5, 3, "mlp")
-    assert estimate.factor(pairs, "mlp", leave_out=("c",)) == (2.0, 2, "mlp")
-    assert estimate.factor(pairs, "rnn") == (2.75, 4, "all")      # one rnn cell: every cell's
+    assert estimate.factor(pairs, "mlp") == (2.5, 3, "own")
+    assert estimate.factor(pairs, "mlp", leave_out=("c",)) == (2.0, 2, "own")
+    # one rnn cell: pooled, each architecture's median counting once (not 3 mlp cells to 1)
+    assert estimate.factor(pairs, "rnn") == (2.75, 4, "pooled")
+    assert estimate.factor(pairs, "cnn", leave_out=("b",)) == (4.125, 3, "pooled")
     assert estimate.factor({("d",): ("rnn", 3.0)}, "rnn") == (1.0, 0, "")   # too few: none
+    assert estimate.factor(pairs, "rnn", leave_out=("d",)) == (2.5, 3, "pooled")
+
+
+def _three_rules(blob_suite, cli, run: str):
+    path = blob_suite(algorithms="  bp: {lr: 0.01}\n  fa: {lr: 0.01}\n  dfa: {lr: 0.01}",
+                      epochs=3)
+    status, _, err = cli("run", path, "--no-progress", "--no-report", "--device", "cpu",
+                         "--threads", "1", "--only", f"algorithm={run}")
+    assert status == 0, err
+    suite = suite_mod.load(path, device="cpu")
+    return path, suite, {s.algorithm: s for s in suite.specs}
 
 
 def test_timed_figures_are_calibrated_by_the_stores_recorded_epochs(blob_suite, cli, tmp_path,
                                                                     monkeypatch):
     """A cell with nothing stored is estimated from its timed steps × the median recorded ÷
     timed epoch of the suite's stored cells; a figure timed on a busy machine is not scaled
-    again, and the dry run says the factor."""
-    path = blob_suite(algorithms="  bp: {lr: 0.01}\n  fa: {lr: 0.01}\n  dfa: {lr: 0.01}",
-                      epochs=2)
-    status, _, err = cli("run", path, "--no-progress", "--no-report", "--device", "cpu",
-                         "--only", "algorithm=bp,fa")
-    assert status == 0, err
-    suite = suite_mod.load(path, device="cpu")
-    by_cell, _ = estimate.stored_epoch_times(suite.store_path)
-    specs = {s.algorithm: s for s in suite.specs}
+    again (nor counts as a pair), and the dry run says the factor."""
+    _, suite, specs = _three_rules(blob_suite, cli, "bp,fa")
+    _, _, by_setting = estimate.stored_epoch_times(suite.store_path)
+
+    def recorded(name):
+        return by_setting[(*estimate._cell(specs[name]), "cpu", 1)]
     monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
     estimate._write_cache({   # recorded ÷ timed: 2 for bp, 4 for fa → × 3
-        estimate._cache_key(specs["bp"], 1): {
-            "seconds": by_cell[estimate._cell(specs["bp"])] / 2, "busy": False},
-        estimate._cache_key(specs["fa"], 1): {
-            "seconds": by_cell[estimate._cell(specs["fa"])] / 4, "busy": False}})
+        estimate._cache_key(specs["bp"], 1): {"seconds": recorded("bp") / 2, "busy": False},
+        estimate._cache_key(specs["fa"], 1): {"seconds": recorded("fa") / 4, "busy": False}})
     monkeypatch.setattr(estimate, "timed_epoch", lambda spec, data_dir, threads: 0.5)
     monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
 
-    def dfa(load, reference):
+    def dfa(load, reference, threads=1):
         monkeypatch.setattr(estimate.os, "getloadavg", lambda: (load, load, load))
         lines: list[str] = []
-        found = estimate.estimate([specs["dfa"]], suite.store_path, str(tmp_path), 1,
+        found = estimate.estimate([specs["dfa"]], suite.store_path, str(tmp_path), threads,
                                   log=lines.append, reference=reference)
         return found[specs["dfa"].key()], lines
-    busy, _ = dfa(4.0, suite.specs)                 # timed under load: its load is in it
+    busy, lines = dfa(4.0, suite.specs)             # timed under load: its load is in it
     assert (busy.epoch_s, busy.factor, busy.busy) == (0.5, 1.0, True)
+    assert lines[0].startswith("note: the machine is busy")
+    assert not any(line.startswith("note: 1 run(s)") for line in lines)   # said once, above
     quiet, lines = dfa(0.1, suite.specs)            # timed again, quiet: × 3
     assert quiet.epoch_s == pytest.approx(1.5) and quiet.factor == pytest.approx(3.0)
-    assert quiet.seconds == pytest.approx(3.0) and not quiet.busy
+    assert quiet.seconds == pytest.approx(4.5) and not quiet.busy
     assert ("timed steps calibrated by the store's recorded ÷ timed epochs: × 3.00 for mlp "
-            "(median over 2 cells with both)") in lines
+            "(the median over 2 mlp cells with stored epochs and a quiet timing here at 1 "
+            "thread(s))") in lines
     alone, lines = dfa(0.1, [])                     # no reference: the figure as timed
     assert alone.epoch_s == 0.5 and not any("calibrated" in line for line in lines)
+    # fa's timing taken on a busy machine: one pair left, too few — and the dry run says why
+    estimate._write_cache({**estimate._read_cache(), estimate._cache_key(specs["fa"], 1): {
+        "seconds": recorded("fa") / 4, "busy": True}})
+    few, lines = dfa(0.1, suite.specs)
+    assert few.epoch_s == 0.5 and few.factor == 1.0
+    assert ("timed steps not calibrated: 2 of the suite's cells have stored epochs at 1 "
+            "thread(s), but fewer than 2 have a quiet timing of the current code here "
+            "(benchmarks/estimate_accuracy.py times them)") in lines
+    # runs stored at 1 thread calibrate nothing at 2 (and a fresh store says nothing)
+    other, lines = dfa(0.1, suite.specs, threads=2)
+    assert other.factor == 1.0 and not any("calibrated" in line for line in lines)
+
+
+def test_estimate_accuracy_calibrates_each_cell_by_the_others(blob_suite, cli, tmp_path,
+                                                              monkeypatch, capfd):
+    """The benchmark's calibrated column: each cell's timed estimate × the median recorded ÷
+    timed epoch of the two other cells (never its own)."""
+    import importlib.util
+    import sqlite3
+    import sys
+
+    from conftest import ROOT
+    path, suite, specs = _three_rules(blob_suite, cli, "bp,fa,dfa")
+    timed = {"bp": 0.5, "fa": 0.25, "dfa": 1.0}
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate, "timed_epoch", lambda spec, d, t: timed[spec.algorithm])
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    _, _, by_setting = estimate.stored_epoch_times(suite.store_path)
+    ratio = {a: by_setting[(*estimate._cell(specs[a]), "cpu", 1)] / timed[a] for a in timed}
+    with sqlite3.connect(suite.store_path) as conn:
+        actual = dict(conn.execute("SELECT r.algorithm, SUM(e.train_time_s + e.eval_time_s) "
+                                   "FROM epochs e JOIN runs r ON r.key = e.run_key "
+                                   "GROUP BY r.algorithm").fetchall())
+    spec = importlib.util.spec_from_file_location(
+        "estimate_accuracy", ROOT / "benchmarks" / "estimate_accuracy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["estimate_accuracy.py", str(path)])
+    capfd.readouterr()
+    assert script.main() == 0
+    out = capfd.readouterr().out
+    for name in timed:
+        row = next(line for line in out.splitlines() if line.startswith(name + " "))
+        others = [ratio[a] for a in timed if a != name]
+        guess = timed[name] * 3                           # 3 epochs of the timed figure
+        assert float(row.split()[-2]) == pytest.approx(guess / actual[name], abs=0.006)
+        calibrated = guess * sum(others) / 2 / actual[name]    # the median of two: their mean
+        assert float(row.split()[-1]) == pytest.approx(calibrated, abs=0.006)
+    assert ("cells: 3 calibrated by the others, 0 timed on a busy machine (not scaled), 0 "
+            "with fewer than 2 others to calibrate them (not scaled)") in out

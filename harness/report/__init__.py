@@ -34,8 +34,7 @@ def stale_cells(runs, current) -> tuple[int, list[str]]:
     done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
     role = done["role"] if "role" in done.columns else [""] * len(done)
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
-    old = {(key, row_of(row) + (" (tuning)" if kind == "trial" else ""), task,
-            arch)
+    old = {(key, row_of(row) + (" (tuning)" if kind == "trial" else ""), task, arch)
            for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
                done["key"], role, done["label"], done["algorithm"], done["task"],
                done["task_label"], done["arch"], done["source"])
