@@ -112,11 +112,11 @@ def _report(args) -> int:
     recorded = estimate.cell_medians(
         ((label, task, arch), per_run.get(key, [])) for key, label, task, arch in zip(
             finished["key"], finished["label"], finished["task_label"], finished["arch"]))
-    ratios = {}
+    ratios: dict[bool, dict] = {False: {}, True: {}}     # by whether the timing was busy
     for cell, keys in cells.items():
         timed = next((ahead[k].epoch_s for k in keys if ahead[k].epoch_s), None)
-        if cell in recorded and timed and not known.get(cell, (0, 0, True))[2]:
-            ratios[cell] = (cell[2], recorded[cell] / timed)
+        if cell in recorded and cell in known and timed:
+            ratios[known[cell][2]][cell] = (cell[2], recorded[cell] / timed)
     counts = {"calibrated": 0, "busy": 0, "too few others": 0}
     rows, totals = [], [0.0, 0.0, 0.0]            # estimate, calibrated, actual
     for cell, keys in sorted(cells.items()):
@@ -125,8 +125,9 @@ def _report(args) -> int:
             rows.append(row + [None, None])
             continue
         guess, actual, busy = known[cell]
-        scale, others, _ = (1.0, 0, "") if busy else estimate.factor(ratios, cell[2], cell)
-        counts["busy" if busy else "calibrated" if others else "too few others"] += 1
+        scale, others, _ = estimate.factor(ratios[busy], cell[2], cell)
+        counts["calibrated" if others else "too few others"] += 1
+        counts["busy"] += busy
         calibrated = guess * scale
         for i, value in enumerate((guess, calibrated, actual)):
             totals[i] += value
@@ -142,9 +143,10 @@ def _report(args) -> int:
             verdict = "within" if 1 / 1.5 <= ratio <= 1.5 else "outside"
             print(f"{name}: {estimate.human(value)} estimated, {estimate.human(actual)} "
                   f"taken: {ratio:.2f}x ({verdict} a factor of 1.5)")
-        print(f"cells: {counts['calibrated']} calibrated by the others, {counts['busy']} timed "
-              f"on a busy machine (not scaled), {counts['too few others']} with fewer than "
-              f"{estimate.MIN_CELLS} others to calibrate them (not scaled)")
+        print(f"cells: {counts['calibrated']} calibrated by the others, "
+              f"{counts['too few others']} with fewer than {estimate.MIN_CELLS} others to "
+              f"calibrate them (not scaled); {counts['busy']} timed on a busy machine (those "
+              "are calibrated by the other busy-timed cells only)")
     return 0
 
 

@@ -20,7 +20,8 @@ both stored epochs (at the same threads per run and device kind) and a cached qu
 architecture's own cells where it has MIN_CELLS, else the median of each architecture's median
 — multiplies the timed figure, and the dry run prints the factor. The factor carries the load
 the stored runs had (made at ``--jobs 2``, it overestimates a ``--jobs 1`` plan a little). A
-busy machine's figure has its load in it already and is not scaled. A dry run times only
+busy machine's figure has its load in it already: it is scaled only by the pairs whose
+timing was also taken under load, where MIN_CELLS of them are stored. A dry run times only
 cells with nothing stored, so the pairs come from cells it timed before their runs landed, or
 from benchmarks/estimate_accuracy.py, which times the stored cells (and checks the
 calibration, leaving each cell out of its own).
@@ -50,7 +51,7 @@ class Estimate:
     epoch_s: Optional[float]        # one epoch, training and evaluation
     source: str                     # stored | timed | unknown
     factor: float = 1.0             # the calibration a timed figure was multiplied by
-    busy: bool = False              # timed on a busy machine (so not calibrated)
+    busy: bool = False              # timed on a busy machine (calibrated by busy pairs)
 
 
 def _cell(spec: RunSpec) -> tuple:
@@ -193,18 +194,19 @@ def timed_epoch(spec: RunSpec, data_dir: str, threads: int) -> float:
 
 
 def calibration_pairs(reference: Iterable[RunSpec], by_setting: dict, cache: dict,
-                      threads: int) -> dict[tuple, tuple[str, float]]:
+                      threads: int, busy: bool = False) -> dict[tuple, tuple[str, float]]:
     """Cell → (its architecture, recorded ÷ timed epoch) for the cells of ``reference`` that
     have stored epochs at ``threads`` threads per run on the device kind of their spec, and a
-    cached timing of the same code, machine and threads taken on a quiet machine."""
+    cached timing of the same code, machine and threads taken on a quiet machine (``busy``: on
+    a busy one — those calibrate the figures timed under load)."""
     pairs: dict[tuple, tuple[str, float]] = {}
     for spec in reference:
         cell = _cell(spec)
         recorded = by_setting.get((*cell, device_kind(spec.device), threads))
         if cell in pairs or recorded is None:
             continue
-        timed, busy = _cached(cache.get(_cache_key(spec, threads)))
-        if timed and timed > 0 and not busy:
+        timed, timed_busy = _cached(cache.get(_cache_key(spec, threads)))
+        if timed and timed > 0 and timed_busy == busy:
             pairs[cell] = (spec.arch.name, recorded / timed)
     return pairs
 
@@ -229,13 +231,15 @@ def factor(pairs: dict[tuple, tuple[str, float]], arch: str,
     return 1.0, 0, ""
 
 
-def _said(arch: str, found: tuple[float, int, str], threads: int) -> str:
+def _said(arch: str, busy: bool, found: tuple[float, int, str], threads: int) -> str:
     value, cells, how = found
+    timing = "a busy machine's timing" if busy else "a quiet timing"
+    what = f"{arch}, timed on a busy machine" if busy else arch
     if how == "own":
-        return (f"× {value:.2f} for {arch} (the median over {cells} {arch} cells with stored "
-                f"epochs and a quiet timing here at {threads} thread(s))")
-    return (f"× {value:.2f} for {arch} (pooled: fewer than {MIN_CELLS} {arch} cells have stored "
-            f"epochs and a quiet timing here, so the median of each architecture's median, "
+        return (f"× {value:.2f} for {what} (the median over {cells} {arch} cells with stored "
+                f"epochs and {timing} here at {threads} thread(s))")
+    return (f"× {value:.2f} for {what} (pooled: fewer than {MIN_CELLS} {arch} cells have stored "
+            f"epochs and {timing} here, so the median of each architecture's median, "
             f"over {cells} cells)")
 
 
@@ -250,8 +254,9 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     by_cell, by_loose, by_setting = stored_epoch_times(store_path)
     cache, timed_now = _read_cache(), {}
     reference = list(reference)
-    pairs = calibration_pairs(reference, by_setting, cache, threads)
-    factors: dict[str, tuple[float, int, str]] = {}     # arch → factor(), for timed figures
+    pairs = {busy: calibration_pairs(reference, by_setting, cache, threads, busy)
+             for busy in (False, True)}
+    factors: dict[tuple, tuple[float, int, str]] = {}   # (arch, busy) → factor()
     load: list[str] = []                 # the busy-machine note ("" quiet), asked once
 
     def busy() -> str:
@@ -264,7 +269,7 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
         epoch = by_setting.get((*_cell(spec), device_kind(spec.device), threads),
                                by_cell.get(_cell(spec), by_loose.get(_loose(spec))))
         source = STORED if epoch is not None else UNKNOWN
-        figure_busy = False                # a timed figure taken under load: not calibrated
+        figure_busy = False                # a timed figure taken under load
         if epoch is None:
             key = _cache_key(spec, threads)
             cached, cached_busy = _cached(cache.get(key))
@@ -289,18 +294,20 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                     figure_busy = bool(busy())
                 elif cached is not None:     # timing it again failed: the busy figure stands
                     epoch, source, figure_busy = cached, TIMED, cached_busy
-        scale = 1.0                          # a busy figure has its load in it already
-        if source == TIMED and epoch is not None and not figure_busy:
-            if spec.arch.name not in factors:
-                factors[spec.arch.name] = factor(pairs, spec.arch.name)
-            scale = factors[spec.arch.name][0]
+        scale = 1.0          # a busy figure by busy figures' pairs: its load is in it already
+        if source == TIMED and epoch is not None:
+            which = (spec.arch.name, figure_busy)
+            if which not in factors:
+                factors[which] = factor(pairs[figure_busy], spec.arch.name)
+            scale = factors[which][0]
             epoch *= scale
         out[spec.key()] = Estimate(None if epoch is None else epoch * spec.epochs, epoch, source,
                                    scale, figure_busy)
-    said = [_said(arch, found, threads) for arch, found in sorted(factors.items()) if found[1]]
+    said = [_said(arch, b, found, threads) for (arch, b), found in sorted(factors.items())
+            if found[1]]
     if said:
         log("timed steps calibrated by the store's recorded ÷ timed epochs: " + "; ".join(said))
-    elif factors:
+    if any(not b and not found[1] for (_, b), found in factors.items()):
         stored_cells = {_cell(r) for r in reference
                         if (*_cell(r), device_kind(r.device), threads) in by_setting}
         if stored_cells:                 # something to calibrate by, but no quiet timing of it

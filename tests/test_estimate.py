@@ -197,7 +197,7 @@ def test_timed_figures_are_calibrated_by_the_stores_recorded_epochs(blob_suite, 
         found = estimate.estimate([specs["dfa"]], suite.store_path, str(tmp_path), threads,
                                   log=lines.append, reference=reference)
         return found[specs["dfa"].key()], lines
-    busy, lines = dfa(4.0, suite.specs)             # timed under load: its load is in it
+    busy, lines = dfa(4.0, suite.specs)             # timed under load: no busy pairs to scale it
     assert (busy.epoch_s, busy.factor, busy.busy) == (0.5, 1.0, True)
     assert lines[0].startswith("note: the machine is busy")
     assert not any(line.startswith("note: 1 run(s)") for line in lines)   # said once, above
@@ -217,6 +217,16 @@ def test_timed_figures_are_calibrated_by_the_stores_recorded_epochs(blob_suite, 
     assert ("timed steps not calibrated: 2 of the suite's cells have stored epochs at 1 "
             "thread(s), but fewer than 2 have a quiet timing of the current code here "
             "(benchmarks/estimate_accuracy.py times them)") in lines
+    # bp's timing too taken under load: two busy pairs (× 3) calibrate a busy figure, not a
+    # quiet one
+    cache = estimate._read_cache()
+    cache[estimate._cache_key(specs["bp"], 1)]["busy"] = True
+    del cache[estimate._cache_key(specs["dfa"], 1)]
+    estimate._write_cache(cache)
+    loaded, lines = dfa(4.0, suite.specs)
+    assert (loaded.epoch_s, loaded.busy) == (pytest.approx(1.5), True)
+    assert any("× 3.00 for mlp, timed on a busy machine (the median over 2 mlp cells with "
+               "stored epochs and a busy machine's timing here" in line for line in lines)
     # runs stored at 1 thread calibrate nothing at 2 (and a fresh store says nothing)
     other, lines = dfa(0.1, suite.specs, threads=2)
     assert other.factor == 1.0 and not any("calibrated" in line for line in lines)
@@ -257,5 +267,5 @@ def test_estimate_accuracy_calibrates_each_cell_by_the_others(blob_suite, cli, t
         assert float(row.split()[-2]) == pytest.approx(guess / actual[name], abs=0.006)
         calibrated = guess * sum(others) / 2 / actual[name]    # the median of two: their mean
         assert float(row.split()[-1]) == pytest.approx(calibrated, abs=0.006)
-    assert ("cells: 3 calibrated by the others, 0 timed on a busy machine (not scaled), 0 "
-            "with fewer than 2 others to calibrate them (not scaled)") in out
+    assert ("cells: 3 calibrated by the others, 0 with fewer than 2 others to calibrate them "
+            "(not scaled); 0 timed on a busy machine") in out
