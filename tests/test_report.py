@@ -198,6 +198,25 @@ def test_every_figure_draws_a_rule_in_one_colour(tmp_path):
         assert colours_in_figure == wanted       # every rule drawn, each in its own colour
 
 
+def test_a_panel_whose_errors_span_orders_of_magnitude_is_drawn_on_a_log_axis():
+    """One row's diverged error (300 beside the others' 0.02) would flatten every other line to
+    zero on a linear axis; accuracies, and values with a zero or below, stay linear."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from harness.report import plots
+    fig, axes = plt.subplots(1, 4)
+    try:
+        cases = [[0.02, 0.05, 310.0], [30.0, 97.5, 99.1], [0.0, 0.05, 310.0], [0.02, None, 1.0]]
+        drawn = [plots._log_if_wide(ax, pd.Series(v, dtype=float)) for ax, v in zip(axes, cases)]
+        assert drawn == [True, False, False, False]
+        assert [ax.get_yscale() for ax in axes] == ["log", "linear", "linear", "linear"]
+    finally:
+        plt.close(fig)
+
+
 def _shifted_copy(source: Path, target: Path, row: str, shift: float) -> None:
     """The same runs with one row's test accuracy moved by ``shift`` (a rule made worse)."""
     import json

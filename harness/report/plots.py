@@ -91,6 +91,20 @@ def _band(ax, group, x: str, y: str, colour) -> bool:
     return True
 
 
+WIDE = 100.0        # a panel whose positive values span this factor is drawn on a log axis
+
+
+def _log_if_wide(ax, values) -> bool:
+    """A log y axis where every value is positive and they span WIDE or more (one row's
+    diverged error, 300 beside the others' 0.02, would flatten every other line to zero);
+    True when it did."""
+    values = values.dropna()
+    if values.empty or (values <= 0).any() or values.max() < WIDE * values.min():
+        return False
+    ax.set_yscale("log")
+    return True
+
+
 def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
     """Per task/arch column: validation and test primary metric and the training loss per
     epoch (mean over seeds, band = min–max)."""
@@ -114,7 +128,9 @@ def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> lis
                 for row in rows:
                     group = here[here["label"] == row]
                     drawn |= _band(ax, group, "epoch", column, colours[row])
-            ax.set_title(f"{task}/{arch}: {title.format(metric=metric)}", fontsize=9)
+            log = drawn and _log_if_wide(ax, here[here["label"].isin(rows)][column])
+            ax.set_title(f"{task}/{arch}: {title.format(metric=metric)}"
+                         + (" (log scale)" if log else ""), fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.tick_params(labelsize=7)
             _integer_epochs(ax)
@@ -148,7 +164,8 @@ def metric_vs_time(layout: Layout, epochs, out_dir: Path, colours: dict) -> list
                 if column in run:
                     ax.plot(run["train_seconds"], run[column], color=colours[row], lw=1.1,
                             alpha=0.85)
-        ax.set_title(f"{task}/{arch}", fontsize=9)
+        log = column in here and _log_if_wide(ax, here[here["label"].isin(rows)][column])
+        ax.set_title(f"{task}/{arch}" + (" (log scale)" if log else ""), fontsize=9)
         ax.set_xlabel("cumulative training seconds", fontsize=8)
         ax.set_ylabel(f"test {metric}", fontsize=8)
         ax.tick_params(labelsize=7)
