@@ -65,6 +65,10 @@ def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
         if len(contenders) else {}
     rivals = contenders.groupby(["task_label", "arch"])["label"].nunique().to_dict()
     marks = {k: m for k, m in marks.items() if rivals.get(k[1:], 0) >= 2}   # alone: no contest
+    # …but a row with one seed cannot be told apart from the best either: where a column has
+    # one, its best is only tied
+    unseeded = set(zip(ok[~seeded]["task_label"], ok[~seeded]["arch"]))
+    marks = {k: ("tied" if m == "best" and k[1:] in unseeded else m) for k, m in marks.items()}
     algorithm_of = dict(zip(counted["label"], counted["algorithm"]))
     out = {}
     for (row, task, arch), group in counted.groupby(["label", "task_label", "arch"]):
