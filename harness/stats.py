@@ -221,27 +221,50 @@ def baseline_differences(runs, value: str, baseline: str = "bp", *, row: str = "
     return _with_holm(diffs)
 
 
+def single_value_p(values: Values, y: float) -> Optional[float]:
+    """Two-sided p that one value ``y`` (a row of one seed) comes from the population of
+    ``values`` (two or more): Student's t of a new observation against their mean and spread,
+    the prediction-interval test — ``scipy.stats.ttest_ind(values, [y], equal_var=True)``, to
+    which the single value adds no variance. None below two values or without spread."""
+    kept, _ = finite_values(values)
+    if len(kept) < 2 or not math.isfinite(float(y)):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(sps.ttest_ind(list(kept.values()), [float(y)], equal_var=True).pvalue)
+    return p if math.isfinite(p) else None
+
+
 def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
               cells: Sequence[str] = CELL, seed: str = "seed",
               alpha: float = ALPHA) -> dict[tuple, Optional[str]]:
     """``(row, *cell)`` → ``"best"``, ``"tied"`` or None. In each cell the row with the best
-    mean is ``best`` only where its difference to every other row is significant (Holm over
-    the cell's comparisons, paired where possible); otherwise it and the rows not
-    distinguishable from it are ``tied``. A row with one value is never distinguishable (no
-    test), so never best over another; a row alone in its cell is best."""
+    mean among those of two or more values is ``best`` only where its difference to every
+    other row is significant (Holm over the cell's comparisons, paired where possible);
+    otherwise it and the rows not distinguishable from it are ``tied``. A row of one value is
+    never best: it is tested against the top row's seeds as a new observation of them
+    (``single_value_p``) where it is worse than their mean, and is never told apart where it is
+    better. A row alone in its cell is best; a cell of single values only is all tied."""
     groups = seed_values(runs, value, row, cells, seed)
     by_cell: dict[tuple, list] = {}
     for key, vals in groups.items():
         summary = summarize(vals)
         if summary.n:
-            by_cell.setdefault(key[1:], []).append((summary.mean, key, vals))
+            by_cell.setdefault(key[1:], []).append((summary.mean, key, vals, summary.n))
     marks: dict[tuple, Optional[str]] = {key: None for key in groups}
     for cell, entries in by_cell.items():
         sign = 1.0 if setting(direction, cell) == "max" else -1.0
-        entries.sort(key=lambda e: -sign * e[0])
-        (_, top, top_vals), others = entries[0], entries[1:]
-        corrected = holm([difference(top_vals, vals).p for _, _, vals in others])
-        close = [key for (_, key, _), p in zip(others, corrected) if p is None or p >= alpha]
+        entries.sort(key=lambda e: (e[3] < 2, -sign * e[0]))     # seeded rows first, best first
+        (top_mean, top, top_vals, top_n), others = entries[0], entries[1:]
+
+        def p_of(mean, vals, n):
+            if n >= 2 and top_n >= 2:
+                return difference(top_vals, vals).p
+            if top_n >= 2 and sign * (top_mean - mean) > 0:     # one value, worse than the top
+                return single_value_p(top_vals, mean)
+            return None                                          # one value as good: no test
+        corrected = holm([p_of(mean, vals, n) for mean, _, vals, n in others])
+        close = [key for (_, key, _, _), p in zip(others, corrected) if p is None or p >= alpha]
         if not close:
             marks[top] = "best"
         else:

@@ -130,16 +130,20 @@ def test_best_only_where_seeds_tell_rows_apart(tmp_path):
         runs2 = store_mod.frames(store).runs
     table2 = render.results_table(layout2, runs2, "clean")
     assert "| bp" in table2 and "**99.00" in table2           # a real gap: best, in bold
-    # a third row with one seed: no test can tell bp from it, so bp is only tied (and the
-    # single seed stays unmarked)
-    layout3 = _fake_store(tmp_path / "h.sqlite", {**ok, "single": [99.0]},
-                          {"bp": 1.0, "worse": 1.0, "single": 1.0})
-    with store_mod.Store(tmp_path / "h.sqlite", readonly=True) as store:
-        runs3 = store_mod.frames(store).runs
-    line = {l.split("|")[1].strip(): l for l in
-            render.results_table(layout3, runs3, "clean").splitlines()[2:]}
-    assert "**" not in line["bp"] and "*99.00" in line["bp"]
-    assert "*" not in line["single"].split("|")[2] and "*" not in line["worse"].split("|")[2]
+    # a row with one seed as good as bp's seeds: bp is only tied, with two rows or three (the
+    # single seed stays unmarked); one far below them: bp stays bold
+    for name, rows in (("h", {**ok, "single": [99.0]}), ("i", {"bp": ok["bp"], "single": [99.0]}),
+                       ("j", {**ok, "single": [90.0]})):
+        layout3 = _fake_store(tmp_path / f"{name}.sqlite", rows, {r: 1.0 for r in rows})
+        with store_mod.Store(tmp_path / f"{name}.sqlite", readonly=True) as store:
+            runs3 = store_mod.frames(store).runs
+        line = {l.split("|")[1].strip(): l for l in
+                render.results_table(layout3, runs3, "clean").splitlines()[2:]}
+        if name == "j":
+            assert "**99.00" in line["bp"], line["bp"]
+        else:
+            assert "**" not in line["bp"] and "*99.00" in line["bp"], (name, line["bp"])
+        assert all("*" not in line[r].split("|")[2] for r in rows if r != "bp")
 
 
 def test_report_needs_neither_the_plugins_nor_torch(write_suite, cli, tmp_path, monkeypatch):

@@ -126,8 +126,24 @@ def test_a_one_seed_row_is_never_best():
                                 "clean_test", "max")
     assert top_alone[("a", "mnist", "mlp")] == "tied"
     assert top_alone[("b", "mnist", "mlp")] == "tied"
-    under = stats.best_rows(frame({"a": [99.0, 99.1, 98.9], "b": [90.0]}), "clean_test", "max")
-    assert under[("a", "mnist", "mlp")] == "tied"
+    # a one-seed row worse than the top is tested as a new observation of the top's seeds:
+    # t = (99.0 - y) / (s * sqrt(1 + 1/n)), n - 1 degrees of freedom
+    top = [99.0, 99.1, 98.9, 99.05]
+    n, mean, sd = len(top), float(np.mean(top)), float(np.std(top, ddof=1))
+    for y, expected in ((95.0, "best"), (99.09, "tied"), (99.5, "tied")):   # far, near, above
+        t = (mean - y) / (sd * math.sqrt(1 + 1 / n))
+        p = 2 * sps.t.sf(abs(t), n - 1)
+        assert stats.single_value_p(top, y) == pytest.approx(p)
+        marks = stats.best_rows(frame({"a": top, "b": [y]}), "clean_test", "max")
+        assert marks[("a", "mnist", "mlp")] == expected, (y, p)
+    assert stats.single_value_p([99.0], 95.0) is None           # no spread to test against
+    # and it joins the Holm family of the cell: one such row at p ≈ 0.047 is told apart, two
+    # are not (the smaller p doubled is above 0.05)
+    assert 0.04 < stats.single_value_p(top, 98.7) < 0.05
+    alone = stats.best_rows(frame({"a": top, "b": [98.7]}), "clean_test", "max")
+    assert alone[("a", "mnist", "mlp")] == "best"
+    twice = stats.best_rows(frame({"a": top, "b": [98.7], "c": [98.7]}), "clean_test", "max")
+    assert twice[("a", "mnist", "mlp")] == "tied"
 
 
 def _two_task_runs():

@@ -12,10 +12,10 @@ from harness.tune import row_of
 
 ARROW = {"max": "↑", "min": "↓"}
 MARKS = ("**bold**: best, distinguishable from every other row of its column (Holm-corrected "
-         "tests, paired by seed where possible, p < 0.05); *italic*: tied for best (not "
-         "distinguishable from the best, or the column has a row with one seed, which no test "
-         "can tell apart from it); a row with one seed is never marked; † runs that "
-         "diverged, left out of the statistics.")
+         "tests, paired by seed where possible, p < 0.05; a row with one seed is tested as a new "
+         "observation of the best row's seeds, and one as good as the best is never told apart "
+         "from it); *italic*: tied for best (not distinguishable from the best); a row with one "
+         "seed is never marked itself; † runs that diverged, left out of the statistics.")
 
 
 def fmt(value: Optional[float], metric: str) -> str:

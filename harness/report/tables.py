@@ -58,17 +58,15 @@ def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
     counted = runs[runs["status"].isin(["ok", "diverged"])]
     ok = ok_runs(runs).dropna(subset=[value])
     summaries = stats.cell_summaries(ok, value) if len(ok) else {}
-    # "best" is never claimed from one seed: rows with a single seed take no part (no mark)
-    seeded = ok.groupby(["label", "task_label", "arch"])[value].transform("count") >= 2
-    contenders = ok[seeded]
-    marks = stats.best_rows(contenders, value, {t: d for t, (_, d) in layout.metrics.items()}) \
-        if len(contenders) else {}
-    rivals = contenders.groupby(["task_label", "arch"])["label"].nunique().to_dict()
-    marks = {k: m for k, m in marks.items() if rivals.get(k[1:], 0) >= 2}   # alone: no contest
-    # …but a row with one seed cannot be told apart from the best either: where a column has
-    # one, its best is only tied
-    unseeded = set(zip(ok[~seeded]["task_label"], ok[~seeded]["arch"]))
-    marks = {k: ("tied" if m == "best" and k[1:] in unseeded else m) for k, m in marks.items()}
+    # a row of one seed is never marked, but takes part: the best must be told apart from it
+    # too (stats.best_rows tests it as a new observation of the top row's seeds)
+    single = ok.groupby(["label", "task_label", "arch"])[value].transform("count") < 2
+    marks = stats.best_rows(ok, value, {t: d for t, (_, d) in layout.metrics.items()}) \
+        if len(ok) else {}
+    lone = set(zip(ok[single]["label"], ok[single]["task_label"], ok[single]["arch"]))
+    rivals = ok.groupby(["task_label", "arch"])["label"].nunique().to_dict()
+    marks = {k: m for k, m in marks.items()
+             if rivals.get(k[1:], 0) >= 2 and k not in lone}     # alone: no contest
     algorithm_of = dict(zip(counted["label"], counted["algorithm"]))
     out = {}
     for (row, task, arch), group in counted.groupby(["label", "task_label", "arch"]):
