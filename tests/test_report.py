@@ -214,7 +214,10 @@ def test_every_figure_draws_a_rule_in_one_colour(tmp_path):
 
 def test_a_panel_whose_errors_span_orders_of_magnitude_is_drawn_on_a_log_axis():
     """One row's diverged error (300 beside the others' 0.02) would flatten every other line to
-    zero on a linear axis; accuracies, and values with a zero or below, stay linear."""
+    zero on a linear axis; accuracies, values with a zero or below, and an infinity beside
+    values of one magnitude stay linear."""
+    from math import inf
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,10 +226,13 @@ def test_a_panel_whose_errors_span_orders_of_magnitude_is_drawn_on_a_log_axis():
     from harness.report import plots
     fig, axes = plt.subplots(1, 4)
     try:
-        cases = [[0.02, 0.05, 310.0], [30.0, 97.5, 99.1], [0.0, 0.05, 310.0], [0.02, None, 1.0]]
-        drawn = [plots._log_if_wide(ax, pd.Series(v, dtype=float)) for ax, v in zip(axes, cases)]
+        cases = [[0.02, 0.05, 310.0], [0.5, 99.1, 99.5], [0.0, 0.05, 310.0], [0.5, 0.4, inf]]
+        errors = [True, False, True, True]                 # the second: an accuracy
+        drawn = [plots._log_if_wide(ax, pd.Series(v, dtype=float), e)
+                 for ax, v, e in zip(axes, cases, errors)]
         assert drawn == [True, False, False, False]
         assert [ax.get_yscale() for ax in axes] == ["log", "linear", "linear", "linear"]
+        assert plots._wide(pd.Series([0.5, 99.1, 99.5]))  # wide, but an accuracy: linear
     finally:
         plt.close(fig)
 

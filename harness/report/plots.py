@@ -94,12 +94,19 @@ def _band(ax, group, x: str, y: str, colour) -> bool:
 WIDE = 100.0        # a panel whose positive values span this factor is drawn on a log axis
 
 
-def _log_if_wide(ax, values) -> bool:
-    """A log y axis where every value is positive and they span WIDE or more (one row's
-    diverged error, 300 beside the others' 0.02, would flatten every other line to zero);
-    True when it did."""
-    values = values.dropna()
-    if values.empty or (values <= 0).any() or values.max() < WIDE * values.min():
+def _wide(values) -> bool:
+    """Whether an error or a loss is better drawn on a log axis: every finite value positive,
+    and they span WIDE or more (one row's diverged error, 300 beside the others' 0.02, would
+    flatten every other line to zero). Infinities (a diverged loss) are left out."""
+    import numpy as np
+    values = values[np.isfinite(values.astype(float))]
+    return not (values.empty or (values <= 0).any() or values.max() < WIDE * values.min())
+
+
+def _log_if_wide(ax, values, error: bool = True) -> bool:
+    """A log y axis for an error or a loss (``error``: lower is better; an accuracy never)
+    whose values are :func:`_wide`; True when it did."""
+    if not error or not _wide(values):
         return False
     ax.set_yscale("log")
     return True
@@ -119,7 +126,11 @@ def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> lis
     rows = [r for r in layout.row_order if r in set(frame["label"])]
     for j, (task, arch) in enumerate(cells):
         here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
-        metric = layout.metrics.get(task, ("accuracy", "max"))[0]
+        metric, direction = layout.metrics.get(task, ("accuracy", "max"))
+        drawn_here = here[here["label"].isin(rows)]
+        # validation and test share one axis kind: the same metric, decided once
+        splits = [c for c in (f"val_{metric}", f"test_{metric}") if c in here]
+        metric_log = direction == "min" and bool(splits) and _wide(drawn_here[splits].stack())
         for i, (split, title) in enumerate(panels):
             ax = axes[i][j]
             column = "train_loss" if split is None else f"{split}_{metric}"
@@ -128,7 +139,12 @@ def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> lis
                 for row in rows:
                     group = here[here["label"] == row]
                     drawn |= _band(ax, group, "epoch", column, colours[row])
-            log = drawn and _log_if_wide(ax, here[here["label"].isin(rows)][column])
+            if split is None:
+                log = drawn and _log_if_wide(ax, drawn_here[column])
+            else:
+                log = drawn and metric_log
+                if log:
+                    ax.set_yscale("log")
             ax.set_title(f"{task}/{arch}: {title.format(metric=metric)}"
                          + (" (log scale)" if log else ""), fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
@@ -157,14 +173,15 @@ def metric_vs_time(layout: Layout, epochs, out_dir: Path, colours: dict) -> list
     rows = [r for r in layout.row_order if r in set(frame["label"])]
     for ax, (task, arch) in zip(axes[0], cells):
         here = frame[(frame["task_label"] == task) & (frame["arch"] == arch)]
-        metric = layout.metrics.get(task, ("accuracy", "max"))[0]
+        metric, direction = layout.metrics.get(task, ("accuracy", "max"))
         column = f"test_{metric}"
         for row in rows:
             for _, run in here[here["label"] == row].groupby("run_key"):
                 if column in run:
                     ax.plot(run["train_seconds"], run[column], color=colours[row], lw=1.1,
                             alpha=0.85)
-        log = column in here and _log_if_wide(ax, here[here["label"].isin(rows)][column])
+        log = column in here and _log_if_wide(ax, here[here["label"].isin(rows)][column],
+                                              direction == "min")
         ax.set_title(f"{task}/{arch}" + (" (log scale)" if log else ""), fontsize=9)
         ax.set_xlabel("cumulative training seconds", fontsize=8)
         ax.set_ylabel(f"test {metric}", fontsize=8)
