@@ -8,9 +8,10 @@ time (every epoch's training and evaluation seconds, as the store recorded them)
 
 The ratio is estimate ÷ actual (above 1: the dry run said longer), over the epochs each run
 had (an early-stopped run is compared on the epochs it ran). The calibrated column is what the
-dry run says once other cells are stored: the quiet machine's timed figure × the factor of
+dry run says once other cells are stored: the timed figure × the factor of
 harness.estimate.factor over the *other* cells' median recorded ÷ timed epoch (after the
-first, at these --threads), so no cell is calibrated by its own runs. With --only, only the
+first, at these --threads; a busy machine's figure by the other busy-timed cells only), so no
+cell is calibrated by its own runs. With --only, only the
 selected cells calibrate each other (a dry run uses the whole suite's). Its timings are cached
 as a dry run's are, so a later dry run can calibrate by the cells timed here. The runs' time depends on
 what else the machine ran beside them, the timed steps' on the load while they were timed: run

@@ -205,8 +205,11 @@ def calibration_pairs(reference: Iterable[RunSpec], by_setting: dict, cache: dic
         recorded = by_setting.get((*cell, device_kind(spec.device), threads))
         if cell in pairs or recorded is None:
             continue
-        timed, timed_busy = _cached(cache.get(_cache_key(spec, threads)))
-        if timed and timed > 0 and timed_busy == busy:
+        entry = cache.get(_cache_key(spec, threads))
+        timed, timed_busy = _cached(entry)
+        # an entry cached before the flag is timed again, as a busy one is, but its load is
+        # unknown: it is a pair of neither kind
+        if timed and timed > 0 and timed_busy == busy and isinstance(entry, dict):
             pairs[cell] = (spec.arch.name, recorded / timed)
     return pairs
 
@@ -307,16 +310,19 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
             if found[1]]
     if said:
         log("timed steps calibrated by the store's recorded ÷ timed epochs: " + "; ".join(said))
-    if any(not b and not found[1] for (_, b), found in factors.items()):
-        stored_cells = {_cell(r) for r in reference
-                        if (*_cell(r), device_kind(r.device), threads) in by_setting}
-        if stored_cells:                 # something to calibrate by, but no quiet timing of it
-            log(f"timed steps not calibrated: {len(stored_cells)} of the suite's cells have "
-                f"stored epochs at {threads} thread(s), but fewer than {MIN_CELLS} have a quiet "
-                "timing of the current code here (benchmarks/estimate_accuracy.py times them)")
+    # cells to calibrate by (stored here at these threads), if a kind of figure was left as timed
+    stored_cells = {_cell(r) for r in reference
+                    if (*_cell(r), device_kind(r.device), threads) in by_setting}
+    if stored_cells and any(not b and not found[1] for (_, b), found in factors.items()):
+        log(f"timed steps not calibrated: {len(stored_cells)} of the suite's cells have "
+            f"stored epochs at {threads} thread(s), but fewer than {MIN_CELLS} have a quiet "
+            "timing of the current code here (benchmarks/estimate_accuracy.py times them)")
+    unscaled = stored_cells and any(b and not found[1] for (_, b), found in factors.items())
     if stood:
         log(f"note: {stood} run(s) are estimated from steps timed on a busy machine (slower "
-            "than alone); a dry run on a quiet machine times them again")
+            "than alone" + (f"; not calibrated: fewer than {MIN_CELLS} stored cells have a busy "
+                            "machine's timing" if unscaled else "")
+            + "); a dry run on a quiet machine times them again")
     if timed_now:
         _write_cache(cache)
     return out

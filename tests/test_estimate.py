@@ -177,8 +177,9 @@ def _three_rules(blob_suite, cli, run: str):
 def test_timed_figures_are_calibrated_by_the_stores_recorded_epochs(blob_suite, cli, tmp_path,
                                                                     monkeypatch):
     """A cell with nothing stored is estimated from its timed steps × the median recorded ÷
-    timed epoch of the suite's stored cells; a figure timed on a busy machine is not scaled
-    again (nor counts as a pair), and the dry run says the factor."""
+    timed epoch of the suite's stored cells; a figure timed on a busy machine is scaled only
+    by pairs timed busy too (an entry from before the flag is a pair of neither kind), and the
+    dry run says the factor."""
     _, suite, specs = _three_rules(blob_suite, cli, "bp,fa")
     _, _, by_setting = estimate.stored_epoch_times(suite.store_path)
 
@@ -227,6 +228,22 @@ def test_timed_figures_are_calibrated_by_the_stores_recorded_epochs(blob_suite, 
     assert (loaded.epoch_s, loaded.busy) == (pytest.approx(1.5), True)
     assert any("× 3.00 for mlp, timed on a busy machine (the median over 2 mlp cells with "
                "stored epochs and a busy machine's timing here" in line for line in lines)
+    cache = estimate._read_cache()
+    del cache[estimate._cache_key(specs["dfa"], 1)]
+    estimate._write_cache(cache)
+    quiet_again, _ = dfa(0.1, suite.specs)          # a quiet figure: no quiet pair left
+    assert (quiet_again.epoch_s, quiet_again.factor) == (0.5, 1.0)
+    # bp's entry written before the flag (a bare number): no busy pair of two, so the busy
+    # figure stands unscaled, and the note says why
+    cache = estimate._read_cache()
+    cache[estimate._cache_key(specs["bp"], 1)] = recorded("bp") / 2
+    del cache[estimate._cache_key(specs["dfa"], 1)]
+    estimate._write_cache(cache)
+    legacy, lines = dfa(4.0, suite.specs)
+    assert (legacy.epoch_s, legacy.factor) == (0.5, 1.0)
+    legacy, lines = dfa(4.0, suite.specs)           # the cached busy figure stands, and says
+    assert any("not calibrated: fewer than 2 stored cells have a busy machine's timing" in line
+               for line in lines)
     # runs stored at 1 thread calibrate nothing at 2 (and a fresh store says nothing)
     other, lines = dfa(0.1, suite.specs, threads=2)
     assert other.factor == 1.0 and not any("calibrated" in line for line in lines)
