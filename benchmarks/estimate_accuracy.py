@@ -28,7 +28,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.api import UserError  # noqa: E402
+from harness.api import UserError, device_kind  # noqa: E402
 
 
 def main() -> int:
@@ -104,8 +104,8 @@ def _report(args) -> int:
     # its ok and diverged runs, ÷ its quiet timed epoch
     finished = found.runs[found.runs["status"].isin(["ok", "diverged"])
                           & (found.runs["threads"] == args.threads)
-                          & (found.runs["device"].map(estimate.device_kind)
-                             == estimate.device_kind(args.device))]
+                          & (found.runs["device"].fillna("cpu").map(device_kind)
+                             == device_kind(args.device))]
     after_first = epochs[~epochs["warmup"].astype(bool)] if len(epochs) else epochs
     per_run = {key: list(group) for key, group in
                (after_first["train_time_s"].fillna(0) + after_first["eval_time_s"].fillna(0))

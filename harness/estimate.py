@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from harness.api import RunSpec
+from harness.api import RunSpec, device_kind
 
 CACHE_FILE = Path(__file__).resolve().parent.parent / ".cache" / "epoch_times.json"
 TIMED_STEPS = 6           # after two warm-up steps
@@ -75,10 +75,6 @@ def cell_medians(runs: Iterable[tuple[tuple, list[float]]]) -> dict[tuple, float
     return {cell: statistics.median(v) for cell, v in by.items()}
 
 
-def device_kind(device: Optional[str]) -> str:
-    return str(device or "cpu").split(":")[0]
-
-
 def stored_epoch_times(store_path: Path) -> tuple[dict, dict, dict]:
     """(per row cell, per plugin cell, per row cell and setting) → median seconds of one epoch
     (train + eval), from the epochs after the first of every finished run in the store; the
@@ -105,7 +101,8 @@ def stored_epoch_times(store_path: Path) -> tuple[dict, dict, dict]:
         batch = json.loads(spec).get("batch_size")
         cells.append(((label, task_label, arch, batch), seconds))
         loose.append(((algorithm, task, arch, batch), seconds))
-        settings.append(((label, task_label, arch, batch, device_kind(device), threads), seconds))
+        settings.append(((label, task_label, arch, batch, device_kind(device or "cpu"), threads),
+                         seconds))
     return cell_medians(cells), cell_medians(loose), cell_medians(settings)
 
 

@@ -60,13 +60,11 @@ def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
     summaries = stats.cell_summaries(ok, value) if len(ok) else {}
     # a row of one seed is never marked, but takes part: the best must be told apart from it
     # too (stats.best_rows tests it as a new observation of the top row's seeds)
-    single = ok.groupby(["label", "task_label", "arch"])[value].transform("count") < 2
     marks = stats.best_rows(ok, value, {t: d for t, (_, d) in layout.metrics.items()}) \
         if len(ok) else {}
-    lone = set(zip(ok[single]["label"], ok[single]["task_label"], ok[single]["arch"]))
     rivals = ok.groupby(["task_label", "arch"])["label"].nunique().to_dict()
-    marks = {k: m for k, m in marks.items()
-             if rivals.get(k[1:], 0) >= 2 and k not in lone}     # alone: no contest
+    marks = {k: m for k, m in marks.items()      # alone: no contest; one seed: never marked
+             if rivals.get(k[1:], 0) >= 2 and summaries[k].n >= 2}
     algorithm_of = dict(zip(counted["label"], counted["algorithm"]))
     out = {}
     for (row, task, arch), group in counted.groupby(["label", "task_label", "arch"]):
