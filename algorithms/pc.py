@@ -35,10 +35,14 @@ directly above it, no credit through time.
 RNN (tanh, (N, T, D) → (N, T, out)): one value node h_t per time step,
 μ_t = tanh(W_x x_t + W_h h_{t−1}), read-out ŷ_t = W_y h_t, all time steps predicted at once.
 
-Cost per batch: a forward pass, T state backward passes, T−1 re-predictions (none with fixed
-predictions; the first layer's prediction never changes and is not recomputed), a forward at
-the final nodes and the weight products: ≈ (2T+1)/3 × BP's matrix work or a little less
-(benchmarks/bench_pc_dtp.py prints the exact count for the MNIST MLP beside the measurement).
+Cost per batch (standard PC on a feed-forward net, :func:`layered_inference`): the nodes start
+at the forward pass, so an error goes down one layer per inference step, and only the layers it
+has reached are differentiated and predicted again; at T = 3 that is 1.26× BP's matrix work on
+the MNIST MLP and 0.69× on the paper's MNIST CNN, whose first conv layer the error never reaches
+(its weight gradient is exactly zero until T ≥ 4 there). The RNN and fixed predictions
+(:func:`dense_inference`): a forward pass, T state backward passes, T−1 re-predictions (none
+with fixed predictions), a forward at the final nodes and the weight products
+(benchmarks/bench_roofline.py counts each, checked against torch's dispatcher).
 """
 from __future__ import annotations
 
@@ -153,7 +157,21 @@ def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: 
     task loss, energies).
 
     ``energies`` (when recorded) holds E/M before each state update and after the last.
+    A feed-forward net with re-predictions takes :func:`layered_inference` (the same numbers,
+    without the work that is exactly zero); the RNN and fixed predictions take
+    :func:`dense_inference`.
     """
+    if isinstance(net, PCFeedForward) and not fixed_predictions:
+        return layered_inference(net, x, y, info, steps, state_lr, momentum, label_smoothing,
+                                 record_energy)
+    return dense_inference(net, x, y, info, steps, state_lr, momentum, fixed_predictions,
+                           label_smoothing, record_energy)
+
+
+def dense_inference(net, x, y, info: TaskInfo, steps: int, state_lr: float,
+                    momentum: float = 0.0, fixed_predictions: bool = False,
+                    label_smoothing: float = 0.0, record_energy: bool = False):
+    """Every node, error and Jacobian product at every step, for any net (:func:`inference`)."""
     leaves, mus, out = net.init_nodes(x)
     first = mus[0].detach() if isinstance(net, PCFeedForward) and mus else None
     n_terms = out.shape[0] * (out.shape[1] if info.sequence else 1)
@@ -188,6 +206,74 @@ def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: 
     dE_dmu = [-e for e in errors] + [n_terms * out_grad]
     grads = torch.autograd.grad(mus + [out], weights, dE_dmu)                  # local ∂E/∂W_i
     return [g / n_terms for g in grads], forward_loss, energies
+
+
+def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, state_lr: float,
+                      momentum: float = 0.0, label_smoothing: float = 0.0,
+                      record_energy: bool = False):
+    """:func:`dense_inference` of a feed-forward net with re-predictions, less its exact zeros.
+
+    The nodes start at the forward pass, so every hidden error is 0 there and only the output
+    loss pulls: at step s only the top s+1 nodes have moved from their forward values (an error
+    goes down one layer per step). What dense inference computes beyond them is exactly zero or
+    exactly what it had: the Jacobian products of zero errors, the re-predictions of blocks whose
+    input node has not moved, and the weight gradients of blocks whose error is still zero (the
+    bottom blocks' when T is below the depth). Here block j (0 = the input's) carries error to its
+    input node from step depth − j on, is predicted again once that node has moved, and keeps its
+    forward-pass graph until then; the result is the dense schedule's, value for value
+    (tests/test_pc_dtp.py), for about a quarter less matrix work at T = 3 on the paper's nets.
+    """
+    blocks = net.blocks
+    depth = len(blocks) - 1               # value nodes: the outputs of blocks 0 … depth−1
+    preds: list[torch.Tensor] = []        # preds[j]: block j's prediction (preds[depth]: output)
+    leaves: list = [None]                 # leaves[j]: block j's (detached) input, j ≥ 1
+    for j, block in enumerate(blocks):    # the forward pass, one graph per block
+        preds.append(block(net.stem(x) if j == 0 else leaves[j]))
+        if j < depth:
+            leaves.append(preds[j].detach().requires_grad_())
+    nodes = [leaf.detach() for leaf in leaves[1:]]          # nodes[i]: block i's output node
+    velocity = [torch.zeros_like(node) for node in nodes]
+    n_terms = preds[depth].shape[0] * (preds[depth].shape[1] if info.sequence else 1)
+
+    def predict_again(j: int) -> None:    # block j from its input node as it is now
+        leaves[j] = nodes[j - 1].detach().requires_grad_()
+        preds[j] = blocks[j](leaves[j])
+
+    def record(loss) -> None:
+        if record_energy:
+            energies.append(energy(nodes, [p.detach() for p in preds[:depth]], loss,
+                                   n_terms).detach())
+
+    loss, out_grad = loss_and_grad(info, preds[depth].detach(), y, label_smoothing)
+    forward_loss = loss                                   # the forward pass's: what is reported
+    energies: list = []
+    for step in range(steps):
+        low = max(depth - step, 1)        # blocks low … depth carry error to their input node
+        if step > 0:                      # blocks whose input node moved at the last step
+            for j in range(max(depth - step + 1, 1), depth + 1):
+                predict_again(j)
+            loss, out_grad = loss_and_grad(info, preds[depth].detach(), y, label_smoothing)
+        record(loss)
+        if not depth:                     # no value nodes: nothing to infer
+            continue
+        errors = [nodes[i] - preds[i].detach() for i in range(low - 1, depth)]  # ε_i, i ≥ low−1
+        cotangents = [-e for e in errors[1:]] + [n_terms * out_grad]            # ∂E/∂μ_j, j ≥ low
+        top_down = torch.autograd.grad(preds[low:], leaves[low:], cotangents)  # J_iᵀ ∂E/∂μ_{i+1}
+        with torch.no_grad():
+            for i, e, jt in zip(range(low - 1, depth), errors, top_down):
+                velocity[i] = momentum * velocity[i] + (e + jt)                # ∂E/∂x_i
+                nodes[i] = nodes[i] - state_lr * velocity[i]
+    last = max(depth - steps, 0)          # blocks last … depth have error at the final nodes
+    for j in range(max(depth - steps + 1, 1), depth + 1):   # their inputs moved
+        predict_again(j)
+    loss, out_grad = loss_and_grad(info, preds[depth].detach(), y, label_smoothing)
+    record(loss)
+    weights = [w for block in blocks[last:] for w in block.parameters()]
+    cotangents = [-(nodes[i] - preds[i].detach()) for i in range(last, depth)]
+    grads = torch.autograd.grad(preds[last:], weights, cotangents + [n_terms * out_grad])
+    by_weight = {id(w): g for w, g in zip(weights, grads)}    # the blocks below: exactly 0
+    return ([by_weight[id(w)] / n_terms if id(w) in by_weight else torch.zeros_like(w)
+             for w in net.parameters()], forward_loss, energies)
 
 
 # --------------------------------------------------------------------------------------------

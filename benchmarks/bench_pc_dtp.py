@@ -4,10 +4,11 @@ batch 128, Adam), each timed by the harness's own clock, in the same process, in
     python benchmarks/bench_pc_dtp.py [--subset 20000] [--repeats 3] [--threads 2]
 
 Prints the median seconds per epoch of each, the ratios PC/BP and DTP/BP, and beside each its
-operation-count expectation: PC ≈ (2T+1)/3 × BP's matrix work (a forward pass, then per
-inference step one backward and one re-prediction, then the weight products; BP = forward,
-backward, weight products = 3); DTP = (2 forward/weight + 2 target + 3k inverse passes through
-the layers that have inverses) / 3 BP passes, computed from the layer sizes.
+operation-count expectation: PC's counted layer by layer (bench_roofline.macs_pc: a forward
+pass, then per inference step the backward and re-prediction of the layers the error has
+reached, then the weight products; BP = forward, backward, weight products); DTP = (2
+forward/weight + 2 target + 3k inverse passes through the layers that have inverses) / 3 BP
+passes, computed from the layer sizes.
 Runs at each algorithm's default (tuned) parameters, on real MNIST when prepared, else on
 random tensors of its shape (same time).
 """
@@ -19,19 +20,19 @@ from _timing import interleaved_epoch_times, median
 
 from algorithms.dtp import DTPParams  # noqa: E402  (_timing put the repository on sys.path)
 from algorithms.pc import PCParams  # noqa: E402
+from harness.api import Arch, Dense, Flatten  # noqa: E402
 
 LAYERS = (784, 1024, 512, 256, 10)
 
 
 def pc_count(steps: int, fixed_predictions: bool = False) -> float:
-    """PC/BP by counted multiply-adds: BP = forward + weight products + input gradients of
-    layers 1 … L−1; PC = forward + T state backward (layers 1 … L−1) + T−1 re-predictions
-    (layers 1 … L−1; μ_1 never changes) + final forward + weight products."""
-    sizes = [a * b for a, b in zip(LAYERS, LAYERS[1:])]
-    everything, upper = sum(sizes), sum(sizes[1:])
-    if fixed_predictions:  # forward (graph kept) + T backward through layers 1 … L−1 + ∂W
-        return (2 * everything + steps * upper) / (2 * everything + upper)
-    return (3 * everything + (2 * steps - 1) * upper) / (2 * everything + upper)
+    """PC/BP by counted multiply-adds on this MLP: bench_roofline's count of what
+    ``algorithms.pc.inference`` computes (checked there against torch's dispatcher)."""
+    from bench_roofline import macs_bp, macs_pc
+    arch = Arch("mlp", (1, 28, 28), (Flatten(),) + tuple(Dense(n) for n in LAYERS[1:-1])
+                + (Dense(LAYERS[-1], "linear"),), LAYERS[-1])
+    p = PCParams(inference_steps=steps, fixed_predictions=fixed_predictions)
+    return macs_pc(arch, p) / macs_bp(arch, p)
 
 
 def dtp_expectation(inverse_updates: int) -> float:
@@ -54,7 +55,8 @@ def main() -> None:
                                     epochs=args.epochs, threads=args.threads, device=args.device)
     bp = median(times["bp"])
     steps, inverse_updates = PCParams().inference_steps, DTPParams().inverse_updates
-    expected = {"pc": ((2 * steps + 1) / 3, f"(2T+1)/3 with T = {steps}"),
+    expected = {"pc": (pc_count(steps), f"op count with T = {steps}: the error reaches the "
+                       f"bottom layer at the last step"),
                 "dtp": (dtp_expectation(inverse_updates),
                         f"op count with {inverse_updates} inverse update(s) per batch")}
     print(f"MNIST MLP epoch of {args.subset} images, batch 128, Adam, "

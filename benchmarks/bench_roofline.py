@@ -182,10 +182,13 @@ def macs_dll_fa(arch: Arch, p) -> int:
 def macs_pc(arch: Arch, p) -> int:
     """PC, what ``algorithms.pc.inference`` computes with T = inference_steps:
 
-    standard (re-predicting), feed-forward: forward F (init_nodes) + T state backward passes
-    (U: J_iᵀ through layers 2…L only, the nodes are the leaves) + T−1 re-predictions (U: μ_1
-    is reused) + the predictions at the final nodes (F: μ_1 recomputed there) + the weight
-    products (F) = 3F + (2T−1)U.
+    standard (re-predicting), feed-forward (``layered_inference``), with weighted layers
+    P_0 … P_d (one per block; d value nodes) and the nodes starting at the forward pass: the
+    forward F; at step s the state backward passes of the blocks that carry error,
+    P_j for j ≥ max(d − s, 1), and (s ≥ 1) the re-predictions of the blocks whose input node has
+    moved, j ≥ max(d − s + 1, 1); at the final nodes the re-predictions j ≥ max(d − T + 1, 1)
+    and the weight products of the blocks with error, j ≥ max(d − T, 0). With T ≥ d that is
+    the dense schedule's 3F + (2T − 1)U less the steps an error needs to reach the bottom.
     RNN: init = the states without graph (F − read-out) + the predictions (F); T backward
     (U = W_h, W_y); T−1 re-predictions (F: x·W_xᵀ is recomputed each time); final predictions
     (F) and weight products (F): (4 + T−1)F − R + T·U.
@@ -197,8 +200,18 @@ def macs_pc(arch: Arch, p) -> int:
     init = f if arch.kind != "rnn" else 2 * f - readout
     if fixed:
         return init + steps * u + f
-    again = max(steps - 1, 0) * (u if arch.kind != "rnn" else f)
-    return init + steps * u + again + f + f
+    if arch.kind == "rnn":
+        return init + steps * u + max(steps - 1, 0) * f + f + f
+    layer = [q.macs for q in products(arch)]
+    depth = len(layer) - 1
+
+    def above(j: int) -> int:          # P_j + … + P_d
+        return sum(layer[max(j, 0):])
+
+    work = f
+    for s in range(steps):
+        work += above(max(depth - s, 1)) + (above(max(depth - s + 1, 1)) if s else 0)
+    return work + above(max(depth - steps + 1, 1)) + above(max(depth - steps, 0))
 
 
 def macs_dtp(arch: Arch, p) -> int:

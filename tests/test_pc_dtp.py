@@ -179,3 +179,26 @@ def test_fixed_prediction_pc_is_bp_up_to_one_scalar_per_layer(name):
                 for g, r in zip(grads, bp)]
     assert min(cosines(True)) > 1 - 1e-6
     assert min(cosines(False)) < 0.999
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4, 7])
+def test_layered_pc_inference_gives_the_dense_schedules_numbers(name, steps):
+    """The feed-forward schedule that skips exact zeros (untouched nodes, their zero errors and
+    unmoved blocks' re-predictions) returns the dense schedule's gradients, loss and energies
+    value for value: T below, at and above the depth (2 nodes in the MLP, 3 in the CNN), with
+    momentum."""
+    from algorithms.pc import dense_inference, layered_inference
+    torch.manual_seed(2)
+    arch, info, x, y = _case(name, seed=2)
+    net = build_pc_network(arch, 0.3)
+    for momentum in (0.0, 0.5):
+        dense = dense_inference(net, x, y, info, steps, 0.2, momentum, record_energy=True)
+        layered = layered_inference(net, x, y, info, steps, 0.2, momentum, record_energy=True)
+        assert len(dense[0]) == len(layered[0]) == len(list(net.parameters()))
+        for d, l in zip(dense[0], layered[0]):
+            assert torch.equal(d, l), (steps, momentum, float((d - l).abs().max()))
+        assert torch.equal(dense[1], layered[1])
+        assert [float(e) for e in dense[2]] == [float(e) for e in layered[2]]
+        # below the depth the bottom weights have no error yet: exactly zero, in both
+        assert bool(layered[0][0].any()) == (steps >= len(net.blocks) - 1)
