@@ -188,7 +188,8 @@ def macs_pc(arch: Arch, p) -> int:
     P_j for j ≥ max(d − s, 1), and (s ≥ 1) the re-predictions of the blocks whose input node has
     moved, j ≥ max(d − s + 1, 1); at the final nodes the re-predictions j ≥ max(d − T + 1, 1)
     and the weight products of the blocks with error, j ≥ max(d − T, 0). With T ≥ d that is
-    the dense schedule's 3F + (2T − 1)U less the steps an error needs to reach the bottom.
+    the dense schedule's 3F + (2T − 1)U less the products an error meets before it reaches the
+    bottom and the first layer's prediction at the final nodes (its input never moves).
     RNN: init = the states without graph (F − read-out) + the predictions (F); T backward
     (U = W_h, W_y); T−1 re-predictions (F: x·W_xᵀ is recomputed each time); final predictions
     (F) and weight products (F): (4 + T−1)F − R + T·U.
@@ -349,10 +350,11 @@ def measure(cases: list[Case], rules: tuple[str, ...], repeats: int, epochs: int
     return times, samples, skipped
 
 
-def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
-    """The analytic count of each rule against the matrix FLOPs torch's dispatcher sees in one
-    training step (mm, addmm, bmm, convolution and their backward, counted by
-    ``torch.utils.flop_counter``'s formulas), on one batch of real (or random) data."""
+def matrix_flop_counter():
+    """A dispatch mode class whose ``total`` adds up the matrix FLOPs of every op run under it
+    (mm, addmm, bmm, convolution and their backward, by ``torch.utils.flop_counter``'s
+    formulas). Unlike ``FlopCounterMode`` it tracks no modules, so it counts inside
+    ``torch.autograd.grad`` too (PC's and DTP's local products)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map
     from torch.utils.flop_counter import flop_registry
@@ -361,7 +363,9 @@ def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
         return t.shape if isinstance(t, torch.Tensor) else t
 
     class Counter(TorchDispatchMode):
-        total = 0
+        def __init__(self):
+            super().__init__()
+            self.total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -372,6 +376,14 @@ def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
                                     out_val=tree_map(shape, result))
             return result
 
+    return Counter
+
+
+def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
+    """The analytic count of each rule against the matrix FLOPs torch's dispatcher sees in one
+    training step (mm, addmm, bmm, convolution and their backward, counted by
+    ``torch.utils.flop_counter``'s formulas), on one batch of real (or random) data."""
+    Counter = matrix_flop_counter()
     table = []
     for case in cases:
         if case.missing:

@@ -181,20 +181,37 @@ def test_fixed_prediction_pc_is_bp_up_to_one_scalar_per_layer(name):
     assert min(cosines(False)) < 0.999
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+DEPTH1 = Arch("mlp", (1, 8, 8), (Flatten(), Dense(9), Dense(5, "linear")), 5)
+
+
+def _layered_case(name, seed):
+    if name == "depth1":          # one value node
+        _, info, x, y = _case("mlp", seed=seed)
+        return DEPTH1, info, x, y, False
+    if name == "cnn_channels_last":
+        arch, info, x, y = _case("cnn", seed=seed)
+        return arch, info, x.contiguous(memory_format=torch.channels_last), y, True
+    return (*_case(name, seed=seed), False)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "depth1", "cnn_channels_last"])
 @pytest.mark.parametrize("steps", [0, 1, 2, 3, 4, 7])
 def test_layered_pc_inference_gives_the_dense_schedules_numbers(name, steps):
     """The feed-forward schedule that skips exact zeros (untouched nodes, their zero errors and
     unmoved blocks' re-predictions) returns the dense schedule's gradients, loss and energies
-    value for value: T below, at and above the depth (2 nodes in the MLP, 3 in the CNN), with
-    momentum."""
+    value for value: T below, at and above the depth (1 node, 2 in the MLP, 3 in the CNN), with
+    momentum and label smoothing, and in the channels-last layout the CNN runs in."""
     from algorithms.pc import dense_inference, layered_inference
     torch.manual_seed(2)
-    arch, info, x, y = _case(name, seed=2)
+    arch, info, x, y, channels_last = _layered_case(name, seed=2)
     net = build_pc_network(arch, 0.3)
-    for momentum in (0.0, 0.5):
-        dense = dense_inference(net, x, y, info, steps, 0.2, momentum, record_energy=True)
-        layered = layered_inference(net, x, y, info, steps, 0.2, momentum, record_energy=True)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    for momentum, smoothing in ((0.0, 0.0), (0.5, 0.1)):
+        dense = dense_inference(net, x, y, info, steps, 0.2, momentum,
+                                label_smoothing=smoothing, record_energy=True)
+        layered = layered_inference(net, x, y, info, steps, 0.2, momentum, smoothing,
+                                    record_energy=True)
         assert len(dense[0]) == len(layered[0]) == len(list(net.parameters()))
         for d, l in zip(dense[0], layered[0]):
             assert torch.equal(d, l), (steps, momentum, float((d - l).abs().max()))
@@ -202,3 +219,24 @@ def test_layered_pc_inference_gives_the_dense_schedules_numbers(name, steps):
         assert [float(e) for e in dense[2]] == [float(e) for e in layered[2]]
         # below the depth the bottom weights have no error yet: exactly zero, in both
         assert bool(layered[0][0].any()) == (steps >= len(net.blocks) - 1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "depth1"])
+def test_layered_pc_inference_does_only_the_counted_matrix_work(name, monkeypatch):
+    """The matrix FLOPs torch dispatches in one layered inference are exactly the roofline
+    benchmark's count of the schedule (benchmarks/bench_roofline.py macs_pc), for every T: a
+    block predicted again or differentiated once too often would show here, not in the values."""
+    import importlib
+
+    from algorithms.pc import layered_inference
+    from conftest import ROOT
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    roofline = importlib.import_module("bench_roofline")
+    arch, info, x, y, _ = _layered_case(name, seed=3)
+    net = build_pc_network(arch, 0.3)
+    depth = len(net.blocks) - 1
+    for steps in range(depth + 3):
+        with roofline.matrix_flop_counter()() as counter:
+            layered_inference(net, x, y, info, steps, 0.2)
+        counted = roofline.macs_pc(arch, PCParams(inference_steps=steps))
+        assert counter.total == 2 * counted * len(y), (name, steps)
