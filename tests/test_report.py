@@ -461,6 +461,22 @@ def test_missing_cells_name_their_command_and_fold_a_column_every_rule_misses():
          "python bench.py suites/m.yaml --only task=svhn --only arch=mlp"),
         ("every rule (2)", "fmnist/mlp", "3 of 4",
          "python bench.py suites/m.yaml --only task=fmnist --only arch=mlp")]
+    # a rule that tried a dataset this machine lacks (its runs stored as skipped) folds in too
+    plan += [{"key": f"pc-svhn-{seed}", "label": "pc", "task": "svhn", "arch": "mlp",
+              "seed": seed} for seed in (0, 1)]
+    layout = Layout.of({"name": "m", "path": "suites/m.yaml", "rows": [
+        {"label": r, "algorithm": r} for r in ("bp", "fa", "pc")],
+        "columns": [{"task": t, "arch": "mlp"} for t in ("mnist", "svhn", "fmnist")],
+        "plan": plan})
+    runs = pd.DataFrame({"key": stored + ["pc-svhn-0", "pc-svhn-1"],
+                         "status": ["ok"] * len(stored) + ["skipped", "skipped"]})
+    missing = coverage.missing_cells(layout, runs)
+    assert ("every rule (3)", "svhn/mlp", "4 of 6",
+            "python bench.py suites/m.yaml --only task=svhn --only arch=mlp") in \
+        coverage.grouped_missing(layout, missing, runs)
+    runs.loc[runs["key"] == "pc-svhn-1", "status"] = "ok"      # a result: the cells stay apart
+    assert [line[0] for line in coverage.grouped_missing(layout, missing, runs)
+            if line[1] == "svhn/mlp"] == ["bp", "fa"]
 
 
 def test_cpu_share_is_read_from_cpu_runs_that_finished_only(tmp_path):

@@ -169,14 +169,15 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              render.results_table(layout, runs, protocol))
     missing = coverage.missing_cells(layout, all_runs)
     if missing:
+        grouped = coverage.grouped_missing(layout, missing, all_runs)
         rows = [[md(row), md(cell), count, f"`{command}`"]
-                for row, cell, count, command in coverage.grouped_missing(layout, missing)]
+                for row, cell, count, command in grouped]
         _section(lines, "## Cells still missing", render._table(
             rows, ["algorithm", "task/arch", "runs missing", "command"]),
             f"{sum(len(m.seeds) for m in missing)} planned run(s) are not in the data yet; each "
             "command runs the missing runs of its cell, or of its whole column where every rule "
-            "misses some (stored runs are skipped; `--dry-run` first says how long they take; "
-            "`--jobs 2` on two cores).")
+            "misses some or has only skipped ones (stored runs are skipped; `--dry-run` first "
+            "says how long they take; `--jobs 2` on two cores).")
     if layout.baseline:
         _section(lines, f"## Difference to {md(layout.baseline)}",
                  render.differences_table(layout, runs, protocol),

@@ -62,32 +62,44 @@ def missing_cells(layout: Layout, runs) -> list[MissingCell]:
     return sorted(out, key=lambda m: (columns.get((m.task, m.arch), 99), order.get(m.row, 99)))
 
 
-def grouped_missing(layout: Layout, missing: list[MissingCell]) -> list[tuple[str, str, str, str]]:
+def grouped_missing(layout: Layout, missing: list[MissingCell],
+                    runs=None) -> list[tuple[str, str, str, str]]:
     """(rows, task/arch, runs missing, command) lines for the report: a task/arch column where
-    every row planned for it misses runs is one line with one command for the column (it runs
-    what is not stored: a resumed suite skips the rest) — a dataset this machine cannot have is
-    one line, not one per rule; other cells are a line each."""
+    every row planned for it misses runs, or has only skipped ones (``runs``: the stored runs'
+    ``key`` and ``status``), is one line with one command for the column (it runs what is not
+    stored: a resumed suite skips the rest) — a dataset this machine cannot have is one line,
+    not one per rule, whichever rules tried it already; other cells are a line each."""
+    status = (dict(zip(runs["key"], runs["status"]))
+              if runs is not None and len(runs) and "status" in runs else {})
     planned: dict[tuple, set] = {}
+    planned_runs: dict[tuple, int] = {}
+    resulted: dict[tuple, set] = {}    # rows with a stored run that is not a skip
     tuned = set()
     for entry in layout.plan:
-        row = row_of(entry["label"])
-        planned.setdefault((entry["task"], entry["arch"]), set()).add(row)
+        row, column = row_of(entry["label"]), (entry["task"], entry["arch"])
+        planned.setdefault(column, set()).add(row)
+        planned_runs[column] = planned_runs.get(column, 0) + 1
+        if entry["key"] in status and status[entry["key"]] != "skipped":
+            resulted.setdefault(column, set()).add(row)
         if entry.get("role") == "trial":
-            tuned.add((entry["task"], entry["arch"]))
+            tuned.add(column)
     by_column: dict[tuple, list[MissingCell]] = {}
     for m in missing:
         by_column.setdefault((m.task, m.arch), []).append(m)
     suite = layout.raw.get("path") or f"suites/{layout.name}.yaml"
     out = []
     for (task, arch), cells in by_column.items():
-        if len(cells) < 2 or {m.row for m in cells} != planned.get((task, arch)) \
+        rows = planned.get((task, arch), set())
+        skipped_only = rows - {m.row for m in cells} - resulted.get((task, arch), set()) \
+            if status else set()
+        if len(cells) < 2 or {m.row for m in cells} | skipped_only != rows \
                 or (task, arch) in tuned:
             out += [(m.row, f"{task}/{arch}", f"{len(m.seeds)} of {m.planned}", m.command)
                     for m in cells]
             continue
         parts = ["python", "bench.py", suite, "--only", f"task={task}", "--only", f"arch={arch}"]
-        out.append((f"every rule ({len(cells)})", f"{task}/{arch}",
-                    f"{sum(len(m.seeds) for m in cells)} of {sum(m.planned for m in cells)}",
+        out.append((f"every rule ({len(rows)})", f"{task}/{arch}",
+                    f"{sum(len(m.seeds) for m in cells)} of {planned_runs[(task, arch)]}",
                     " ".join(shlex.quote(p) for p in parts)))
     return out
 
