@@ -18,7 +18,9 @@ pass is the first step's prediction); evaluation is a plain forward pass.
 Defaults (suites/tune_pc_dtp.yaml, chosen on validation; reports/tune_pc_dtp/): standard PC,
 T = 3 inference steps at state step 0.1, weights at lr 3e-4. At step 0.3 and lr 1e-3 standard
 PC matched BP on a 10,000-image sweep but collapsed after 6 epochs on full MNIST; the
-full-data stage of the sweep picked the smaller steps.
+full-data stage of the sweep picked the smaller steps. These defaults are the MLP's: T must
+reach the depth for the first layer to learn (below), and on the paper CNN (4 value nodes) the
+same kind of search chose T = 8 (suites/tune_pc_cnn.yaml, which the paper table follows).
 
 ``fixed_predictions`` (Millidge et al. 2020; the DLL paper's RNN baseline) keeps μ and the
 Jacobians at their forward-pass values during inference; then the hidden errors converge to
