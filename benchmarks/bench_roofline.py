@@ -60,6 +60,9 @@ from _timing import ROOT  # puts the project on sys.path
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_map  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 from harness import params as P  # noqa: E402
 from harness.api import Arch, Conv, Dense, Recurrent, RunContext, RunSpec  # noqa: E402
@@ -350,40 +353,34 @@ def measure(cases: list[Case], rules: tuple[str, ...], repeats: int, epochs: int
     return times, samples, skipped
 
 
-def matrix_flop_counter():
-    """A dispatch mode class whose ``total`` adds up the matrix FLOPs of every op run under it
-    (mm, addmm, bmm, convolution and their backward, by ``torch.utils.flop_counter``'s
-    formulas). Unlike ``FlopCounterMode`` it tracks no modules, so it counts inside
+class MatrixFlops(TorchDispatchMode):
+    """A dispatch mode whose ``total`` adds up the matrix FLOPs of every op run under it (mm,
+    addmm, bmm, convolution and their backward, by ``torch.utils.flop_counter``'s formulas).
+    Unlike ``FlopCounterMode`` it tracks no modules, so it counts inside
     ``torch.autograd.grad`` too (PC's and DTP's local products)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_map
-    from torch.utils.flop_counter import flop_registry
 
-    def shape(t):
-        return t.shape if isinstance(t, torch.Tensor) else t
+    def __init__(self):
+        super().__init__()
+        self.total = 0
 
-    class Counter(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.total = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*tree_map(_shape, args), **tree_map(_shape, kwargs),
+                                out_val=tree_map(_shape, result))
+        return result
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            result = func(*args, **kwargs)
-            count = flop_registry.get(func._overloadpacket)
-            if count is not None:
-                self.total += count(*tree_map(shape, args), **tree_map(shape, kwargs),
-                                    out_val=tree_map(shape, result))
-            return result
 
-    return Counter
+def _shape(t):
+    return t.shape if isinstance(t, torch.Tensor) else t
 
 
 def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
     """The analytic count of each rule against the matrix FLOPs torch's dispatcher sees in one
     training step (mm, addmm, bmm, convolution and their backward, counted by
     ``torch.utils.flop_counter``'s formulas), on one batch of real (or random) data."""
-    Counter = matrix_flop_counter()
     table = []
     for case in cases:
         if case.missing:
@@ -400,7 +397,7 @@ def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
             torch.manual_seed(0)
             learner = alg.build(case.arch, data.info, p, ctx)
             learner.train_step(x, y)
-            with Counter() as counter:
+            with MatrixFlops() as counter:
                 learner.train_step(x, y)
             analytic = 2 * MACS[name](case.arch, p) * len(y)
             table.append([case.key, name, f"{counter.total / 1e6:.2f}", f"{analytic / 1e6:.2f}",

@@ -236,7 +236,7 @@ def test_layered_pc_inference_does_only_the_counted_matrix_work(name, monkeypatc
     net = build_pc_network(arch, 0.3)
     depth = len(net.blocks) - 1
     for steps in range(depth + 3):
-        with roofline.matrix_flop_counter()() as counter:
+        with roofline.MatrixFlops() as counter:
             layered_inference(net, x, y, info, steps, 0.2)
         counted = roofline.macs_pc(arch, PCParams(inference_steps=steps))
         assert counter.total == 2 * counted * len(y), (name, steps)
