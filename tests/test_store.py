@@ -82,7 +82,8 @@ def test_not_a_store_is_a_user_error(tmp_path, cli, blob_suite):
 
 def test_ctrl_c_keeps_finished_runs(blob_suite):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) with two workers."""
-    path = blob_suite("  slow_bp: {lr: 0.01, sleep_s: 0.05}", seeds=8, epochs=3, name="ctrlc")
+    # slow enough per step that the interrupt lands before all 8 runs end (0.05 s raced once)
+    path = blob_suite("  slow_bp: {lr: 0.01, sleep_s: 0.2}", seeds=8, epochs=3, name="ctrlc")
     suite = load_suite(path)
     command = [sys.executable, str(ROOT / "bench.py"), "run", str(path), "--device", "cpu",
                "--jobs", "2", "--no-progress", "--plugins", str(TEST_PLUGINS)]
