@@ -398,9 +398,11 @@ def _dry_run(suite, specs, args, sources) -> int:
                      _guess(guess) if guess else "", state[:100]])
     print(tabulate(rows, headers=["algorithm", "task", "arch", "seed", "epochs", "batch",
                                   "device", "estimate", "state"], tablefmt="simple"))
-    to_run = sum(1 for r in rows if r[-1].startswith("to run"))
+    to_run = len(runnable)
+    waiting = len(todo) - to_run           # their data is not ready here
     print(f"{len(rows)} runs: {to_run} to run, {len(done)} stored, "
-          f"{len(rows) - to_run - len(done)} skipped (dry run: nothing was run)")
+          + (f"{waiting} to run once their data is fetched, " if waiting else "")
+          + f"{len(rows) - to_run - waiting - len(done)} skipped (dry run: nothing was run)")
     known = [e.seconds for e in estimates.values() if e.seconds is not None]
     sources_count = {src: sum(1 for e in estimates.values() if e.source == src)
                      for src in ("stored", "timed", "unknown")}
@@ -419,6 +421,10 @@ def _dry_run(suite, specs, args, sources) -> int:
         print(f"{len(stale)} stored run(s) were made with source other than the current code "
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
                               else "they are to run again (--rerun-stale)"))
+    from harness.runner import threads_for
+    changed = parallel.thread_changes(the_plan, args.threads or threads_for(args.jobs))
+    if changed:
+        print(changed)
     return 0
 
 

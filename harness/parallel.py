@@ -39,6 +39,8 @@ class Plan:
     done: list[RunSpec]
     skipped: list[RunSpec]
     stale: list[RunSpec] = field(default_factory=list)   # stored, made with other source
+    # stored runs to do again (stale, rerun, retried errors) → the threads they were made with
+    redo_threads: dict[str, Optional[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,9 +73,11 @@ def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
     runs made with other source as stale, to do again with ``rerun_stale``."""
     stored: dict[str, str] = {}
     stored_sources: dict[str, Optional[str]] = {}
+    stored_threads: dict[str, Optional[int]] = {}
     if Path(store_path).exists() and Path(store_path).stat().st_size > 0:
         with Store(store_path, readonly=True) as store:
             stored, stored_sources = store.statuses(), store.sources()
+            stored_threads = store.threads()
     done_statuses = [s for s in DONE_STATUSES if not (retry_errors and s == Status.ERROR)]
     the_plan = Plan([], [], [])
     for spec in specs:
@@ -89,7 +93,26 @@ def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
             the_plan.skipped.append(spec)
         else:
             the_plan.todo.append(spec)
+            if status is not None and status != Status.SKIPPED:
+                the_plan.redo_threads[key] = stored_threads.get(key)
     return the_plan
+
+
+def thread_changes(the_plan: Plan, threads: int) -> Optional[str]:
+    """One line where stored runs to do again were made at other torch threads than ``threads``:
+    the reduction order of their float sums differs, so a re-run meant to reproduce them may
+    move their last digits (and, through training, their metrics); None where all match."""
+    other: dict[int, int] = {}
+    for made_at in the_plan.redo_threads.values():
+        if made_at is not None and made_at != threads:
+            other[made_at] = other.get(made_at, 0) + 1
+    if not other:
+        return None
+    counts = ", ".join(f"{n} at {t}" for t, n in sorted(other.items()))
+    reproduce = (f"; --threads {next(iter(other))} reproduces them" if len(other) == 1 else "")
+    return (f"note: {sum(other.values())} stored run(s) to run again were made at other torch "
+            f"threads ({counts}) than these will have ({threads}): float sums in another "
+            f"order may move their numbers{reproduce}")
 
 
 def prepare_data(specs: list[RunSpec], data_dir: Path, log: Callable[[str], None],
@@ -196,6 +219,9 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
     summary.already_stored, summary.stale = len(the_plan.done), len(the_plan.stale)
     threads = threads or (slurm.threads() if backend == "slurm" else threads_for(jobs))
     device = specs[0].device if specs else "cpu"
+    changed = thread_changes(the_plan, threads)
+    if changed:
+        log(changed)
     plugin_paths = tuple(dict.fromkeys([*map(str, plugin_paths), *plugin_folders()]))
     with Store(store_path) as store:       # a store that cannot be written fails here, first
         reasons = prepare_data(the_plan.todo, data_dir, log)

@@ -340,6 +340,10 @@ class Store:
         """Run key → the source digest it was made with."""
         return dict(self.query("SELECT key, source FROM runs"))
 
+    def threads(self) -> dict[str, Optional[int]]:
+        """Run key → the torch threads it ran with (None where not recorded)."""
+        return dict(self.query("SELECT key, threads FROM runs"))
+
     def save(self, result: RunResult, session_id: Optional[int],
              owner: Optional[Owner] = None) -> None:
         """Write one finished run and its epochs in one transaction (replacing an older record

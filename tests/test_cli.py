@@ -94,3 +94,41 @@ def test_log_epochs_prints_a_line_per_epoch(blob_suite, cli, tmp_path, monkeypat
     status, _, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
                          "--rerun")
     assert ": epoch " not in err
+
+
+def test_a_rerun_at_other_threads_says_so(blob_suite, cli, tmp_path, monkeypatch):
+    """Runs to do again that were made at other torch threads are named, with the --threads
+    that reproduces them; at their own threads nothing is said."""
+    monkeypatch.chdir(tmp_path)
+    path = blob_suite("  bp: {lr: 0.01}", seeds=2, epochs=1, name="threads")
+    status, _, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
+                         "--threads", "1")
+    assert status == 0, err
+    status, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--rerun",
+                         "--threads", "2")
+    assert status == 0
+    assert ("note: 2 stored run(s) to run again were made at other torch threads (2 at 1) than "
+            "these will have (2)") in out and "--threads 1 reproduces them" in out
+    status, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--rerun",
+                         "--threads", "1")
+    assert status == 0 and "other torch threads" not in out
+    status, _, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
+                         "--rerun", "--threads", "2", "--only", "seed=0")
+    assert status == 0 and "note: 1 stored run(s) to run again" in err, err
+
+
+def test_dry_run_counts_runs_waiting_for_data_apart(write_suite, cli, tmp_path, monkeypatch):
+    """Runs whose data is not prepared are neither 'to run' nor 'skipped' in the dry run's
+    count: they run once the data is fetched."""
+    monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "empty"))
+    path = write_suite(f"""
+        store: {tmp_path / 'w.sqlite'}
+        epochs: 1
+        tasks:
+          blobs: {{archs: [mlp], params: {{n_train: 256, n_test: 128}}}}
+          mnist: {{archs: [mlp]}}
+        algorithms: {{bp: {{}}, pc: {{}}}}
+    """, "waiting")
+    status, out, err = cli("run", path, "--dry-run", "--device", "cpu")
+    assert status == 0, err
+    assert "4 runs: 2 to run, 0 stored, 2 to run once their data is fetched, 0 skipped" in out
