@@ -2,8 +2,9 @@
 progress bar's ETA counts in the same seconds.
 
 A run's estimate is its epochs × the time of one epoch (training and evaluation) of the same
-rule, task and architecture at the same batch size, taken from the epochs already stored
-(median over runs of their median epoch after the first), or — where none is stored — from a
+rule, task and architecture at the same batch size, taken from the epochs already stored by the
+current code (median over runs of their median epoch after the first; stale runs are left out),
+or — where none is stored — from a
 few training steps and one evaluation timed here, on the task's real data, laid out as the
 runner lays it (channels-last conv tensors where the rule asks for them), scaled to the epoch.
 Timed figures are cached in ``.cache/epoch_times.json`` (keyed by machine, threads and the
@@ -75,17 +76,22 @@ def cell_medians(runs: Iterable[tuple[tuple, list[float]]]) -> dict[tuple, float
     return {cell: statistics.median(v) for cell, v in by.items()}
 
 
-def stored_epoch_times(store_path: Path) -> tuple[dict, dict, dict]:
+def stored_epoch_times(store_path: Path, current: Optional[Callable[[str, str], Optional[str]]]
+                       = None) -> tuple[dict, dict, dict]:
     """(per row cell, per plugin cell, per row cell and setting) → median seconds of one epoch
     (train + eval), from the epochs after the first of every finished run in the store; the
-    setting is (device kind, threads per run), the cell (label, task label, arch, batch)."""
+    setting is (device kind, threads per run), the cell (label, task label, arch, batch).
+    ``current(algorithm, task)``: the source digest the code here gives such runs
+    (:func:`harness.fingerprint.current_source`); runs made with other source (stale) are left
+    out, as a timing of older code is (a rule made faster would be estimated at its old speed)."""
     import sqlite3
     if not Path(store_path).exists():
         return {}, {}, {}
     try:
         conn = sqlite3.connect(f"file:{Path(store_path).resolve()}?mode=ro", uri=True)
         runs = conn.execute("SELECT key, label, task_label, arch, algorithm, task, spec, device, "
-                            "threads FROM runs WHERE status IN ('ok', 'diverged')").fetchall()
+                            "threads, source FROM runs WHERE status IN ('ok', 'diverged')"
+                            ).fetchall()
         epochs = conn.execute("SELECT run_key, train_time_s + eval_time_s FROM epochs "
                               "WHERE warmup = 0").fetchall()
         conn.close()
@@ -96,7 +102,10 @@ def stored_epoch_times(store_path: Path) -> tuple[dict, dict, dict]:
         if seconds is not None:
             per_run.setdefault(key, []).append(seconds)
     cells, loose, settings = [], [], []
-    for key, label, task_label, arch, algorithm, task, spec, device, threads in runs:
+    for key, label, task_label, arch, algorithm, task, spec, device, threads, source in runs:
+        now = current(algorithm, task) if current is not None else None
+        if now is not None and source != now:
+            continue
         seconds = per_run.get(key, [])
         batch = json.loads(spec).get("batch_size")
         cells.append(((label, task_label, arch, batch), seconds))
@@ -250,8 +259,9 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
     """Run key → its :class:`Estimate`. ``measure``: time steps where nothing is stored;
     ``ready(spec)``: whether its data is there to time on; ``reference``: the runs whose stored
     cells calibrate timed figures (the whole suite)."""
+    from harness.fingerprint import current_source
     specs = list(specs)
-    by_cell, by_loose, by_setting = stored_epoch_times(store_path)
+    by_cell, by_loose, by_setting = stored_epoch_times(store_path, current_source())
     cache, timed_now = _read_cache(), {}
     reference = list(reference)
     pairs = {busy: calibration_pairs(reference, by_setting, cache, threads, busy)

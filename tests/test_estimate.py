@@ -286,3 +286,23 @@ def test_estimate_accuracy_calibrates_each_cell_by_the_others(blob_suite, cli, t
         assert float(row.split()[-1]) == pytest.approx(calibrated, abs=0.006)
     assert ("cells: 3 calibrated by the others, 0 with fewer than 2 others to calibrate them "
             "(not scaled); 0 timed on a busy machine") in out
+
+
+def test_stale_runs_do_not_estimate_the_current_code(blob_suite, cli, tmp_path, monkeypatch):
+    """Stored epochs of runs made with other source are not the current code's speed (a rule
+    made 2× faster was estimated at its old speed): the cell is timed instead."""
+    from harness import fingerprint
+    _, suite, specs = _three_rules(blob_suite, cli, "bp")
+    spec = specs["bp"]
+    current = fingerprint.current_source()
+    assert estimate.stored_epoch_times(suite.store_path, current)[0]          # current: kept
+    assert estimate.stored_epoch_times(suite.store_path, lambda a, t: "edited") == ({}, {}, {})
+    assert estimate.stored_epoch_times(suite.store_path, lambda a, t: None)[0]   # unknown: kept
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate, "timed_epoch", lambda spec, data_dir, threads: 0.25)
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    found = estimate.estimate([spec], suite.store_path, str(tmp_path), 1)[spec.key()]
+    assert found.source == "stored"
+    monkeypatch.setattr(fingerprint, "current_source", lambda *a: (lambda alg, task: "edited"))
+    found = estimate.estimate([spec], suite.store_path, str(tmp_path), 1)[spec.key()]
+    assert found.source == "timed" and found.epoch_s == 0.25
