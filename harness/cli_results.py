@@ -160,7 +160,7 @@ def cmd_compare(args) -> int:
         if d.ci is not None:
             part += f" [{d.ci[0]:+.4g}, {d.ci[1]:+.4g}]"
         if d.p_holm is not None:
-            part += f" p={d.p_holm:.2g}"
+            part += f" p={stats.format_p(d.p_holm, args.alpha)}"
         if min(d.n_a, d.n_b) < 2:
             return part + " (one seed: no test)"
         return part + f" ({'paired' if d.paired else 'unpaired'})"

@@ -148,6 +148,16 @@ def difference(a: Values, b: Values, confidence: float = CONFIDENCE) -> Differen
     return Difference(estimate, ci, p, paired, **common)
 
 
+def format_p(p: float, alpha: float = ALPHA) -> str:
+    """``p`` to two significant digits, or as many more as keep it on its side of ``alpha``
+    (0.0497 is not printed as 0.05 beside a mark that says "below 0.05")."""
+    for digits in range(2, 7):
+        text = f"{p:.{digits}g}"
+        if (float(text) < alpha) == (p < alpha):
+            return text
+    return repr(p)
+
+
 def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
     """Holm-corrected p-values (``statsmodels.stats.multitest.multipletests``); a None (no
     test) stays None and is not part of the family."""
@@ -240,11 +250,13 @@ def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
               alpha: float = ALPHA) -> dict[tuple, Optional[str]]:
     """``(row, *cell)`` → ``"best"``, ``"tied"`` or None. In each cell the row with the best
     mean among those of two or more values is ``best`` only where its difference to every
-    other row is significant (Holm over the cell's comparisons, paired where possible);
-    otherwise it and the rows not distinguishable from it are ``tied``. A row of one value is
-    never best: it is tested against the top row's seeds as a new observation of them
-    (``single_value_p``) where it is worse than their mean, and is never told apart where it is
-    better. A row alone in its cell is best; a cell of single values only is all tied."""
+    other row is significant (paired where possible), with Holm's correction over every cell's
+    comparisons together — the same family as :func:`baseline_differences`, so a mark never
+    claims a difference that the table's difference column calls noise; otherwise it and the
+    rows not distinguishable from it are ``tied``. A row of one value is never best: it is
+    tested against the top row's seeds as a new observation of them (``single_value_p``) where
+    it is worse than their mean, and is never told apart where it is better. A row alone in
+    its cell is best; a cell of single values only is all tied."""
     groups = seed_values(runs, value, row, cells, seed)
     by_cell: dict[tuple, list] = {}
     for key, vals in groups.items():
@@ -252,6 +264,7 @@ def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
         if summary.n:
             by_cell.setdefault(key[1:], []).append((summary.mean, key, vals, summary.n))
     marks: dict[tuple, Optional[str]] = {key: None for key in groups}
+    tests: list[tuple[tuple, tuple, Optional[float]]] = []   # (top, other, p) of every cell
     for cell, entries in by_cell.items():
         sign = 1.0 if setting(direction, cell) == "max" else -1.0
         entries.sort(key=lambda e: (e[3] < 2, -sign * e[0]))     # seeded rows first, best first
@@ -263,13 +276,12 @@ def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
             if top_n >= 2 and sign * (top_mean - mean) > 0:     # one value, worse than the top
                 return single_value_p(top_vals, mean)
             return None                                          # one value as good: no test
-        corrected = holm([p_of(mean, vals, n) for mean, _, vals, n in others])
-        close = [key for (_, key, _, _), p in zip(others, corrected) if p is None or p >= alpha]
-        if not close:
-            marks[top] = "best"
-        else:
-            for key in [top, *close]:
-                marks[key] = "tied"
+        marks[top] = "best"
+        tests += [(top, key, p_of(mean, vals, n)) for mean, key, vals, n in others]
+    corrected = holm([p for _, _, p in tests])
+    for (top, key, _), p in zip(tests, corrected):
+        if p is None or p >= alpha:                              # not told apart from the top
+            marks[top] = marks[key] = "tied"
     return marks
 
 

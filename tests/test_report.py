@@ -268,7 +268,7 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     text = readme.read_text()
     assert status == 0 and "OLD TABLE" not in text and "| close" in text and text.endswith("end\n")
     assert "clean protocol (the test metric at the best-validation epoch)" in text
-    assert "– no result" in text and "tied for best" in text
+    assert "– no result" in text and "not told apart from the best" in text
     status, out, _ = cli("export", data, "--format", "csv", "--out", tmp_path / "csv")
     import pandas as pd
     runs = pd.read_csv(tmp_path / "csv" / "runs.csv")

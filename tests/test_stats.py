@@ -121,6 +121,23 @@ def test_best_needs_every_comparison_to_survive_holm():
     assert two[("a", "mnist", "mlp")] == "best"
 
 
+def test_marks_are_corrected_across_the_table_as_the_differences_are():
+    """A best mark is a claim the difference column must not contradict: both are corrected
+    over the whole table. Two cells whose one comparison each passes alone (p ≈ 0.03) are
+    told apart by neither once the table's two tests are corrected together."""
+    top, other = [10.0, 10.2, 10.1, 10.3], [9.85, 10.15, 10.0, 10.1]
+    raw = sps.ttest_rel(top, other).pvalue
+    assert 0.025 < raw < 0.05
+    one = stats.best_rows(frame({"a": top, "b": other}), "clean_test", "max")
+    assert one[("a", "mnist", "mlp")] == "best"                 # alone in its table: best
+    both = pd.concat([frame({"a": top, "b": other}),
+                      frame({"a": top, "b": other}, task="fashion_mnist")])
+    marks = stats.best_rows(both, "clean_test", "max")
+    assert set(marks.values()) == {"tied"}
+    diffs = stats.baseline_differences(both, "clean_test", baseline="a")
+    assert all(not d.significant() for d in diffs.values())     # the same verdict
+
+
 def test_a_one_seed_row_is_never_best():
     top_alone = stats.best_rows(frame({"a": [99.9], "b": [90.0, 90.1, 89.9, 90.0]}),
                                 "clean_test", "max")
@@ -247,3 +264,10 @@ def test_compare_time_regression_and_noise_is_not_one():
     assert stats.has_regression(changes, threshold=0.5, time_threshold=0.2)
     noisy = _timed({"bp": [97.0, 99.0, 96.5, 99.5]}, [1.0, 1.1, 1.0, 1.05])
     assert not stats.has_regression(stats.compare(a, noisy, "clean_test", "max"), 0.1)
+
+
+def test_p_values_are_printed_on_their_side_of_alpha():
+    assert stats.format_p(0.0497) == "0.0497"          # not "0.05" beside "* below 0.05"
+    assert stats.format_p(0.0504) == "0.05"            # 0.05 is not below 0.05
+    assert stats.format_p(0.013) == "0.013" and stats.format_p(0.51) == "0.51"
+    assert stats.format_p(0.00999, alpha=0.01) == "0.00999"

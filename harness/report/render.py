@@ -11,11 +11,13 @@ from harness.report.layout import Layout, md
 from harness.tune import row_of
 
 ARROW = {"max": "↑", "min": "↓"}
-MARKS = ("**bold**: best, distinguishable from every other row of its column (Holm-corrected "
-         "tests, paired by seed where possible, p < 0.05; a row with one seed is tested as a new "
-         "observation of the best row's seeds, and one as good as the best is never told apart "
-         "from it); *italic*: tied for best (not distinguishable from the best); a row with one "
-         "seed is never marked itself; † runs that diverged, left out of the statistics.")
+MARKS = ("**bold**: best, distinguishable from every other row of its column (tests paired by "
+         "seed where possible, Holm-corrected over every such comparison of the table together, "
+         "p < 0.05; a row with one seed is tested as a new observation of the best row's seeds, "
+         "and one as good as the best is never told apart from it); *italic*: not told apart "
+         "from the best — as good as it, or too few or too spread seeds to tell (read its "
+         "interval); a row with one seed is never marked itself; † runs that diverged, left out "
+         "of the statistics.")
 
 
 def fmt(value: Optional[float], metric: str) -> str:
@@ -118,7 +120,7 @@ def differences_table(layout: Layout, runs, protocol: str) -> Optional[str]:
             if d.ci is not None:
                 text += f" [{signed(d.ci[0], metric)}, {signed(d.ci[1], metric)}]"
             if d.p_holm is not None:
-                text += f" p={d.p_holm:.2g}" + (" *" if d.significant() else "")
+                text += f" p={stats.format_p(d.p_holm)}" + (" *" if d.significant() else "")
             n = min(d.n_a, d.n_b)
             text += (" (one seed: no test)" if n < 2
                      else f" ({'paired' if d.paired else 'unpaired'}, {n})")

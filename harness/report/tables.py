@@ -2,9 +2,9 @@
 
 Every cell is a mean over seeds with its 95% t interval and n (``harness.stats``); "best" is
 marked only where the best row is distinguishable from every other row of its column
-(Holm-corrected tests, paired by seed where both rows ran the same seeds), ties as ties; each
-row's difference to the suite's baseline comes with its interval and its Holm-corrected
-p-value across the table. Diverged runs are left out of the statistics and counted beside
+(tests paired by seed where both rows ran the same seeds, Holm-corrected over the whole table's
+such comparisons), ties as ties; each row's difference to the suite's baseline comes with its
+interval and its p-value, Holm-corrected across the table likewise. Diverged runs are left out of the statistics and counted beside
 them.
 """
 from __future__ import annotations
