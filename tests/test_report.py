@@ -501,3 +501,46 @@ def test_cpu_share_is_read_from_cpu_runs_that_finished_only(tmp_path):
         frames = store_mod.frames(store)
     (timing,) = tables.timing(layout, frames.runs, frames.epochs)
     assert timing.cpu_share == 0.6            # the two CPU runs that finished: median
+
+
+def test_time_ratios_are_like_for_like_or_say_why_not(tmp_path):
+    """A run is divided by the baseline's runs made at its own torch threads (a baseline seed
+    at two threads no longer halves every ratio); a ratio whose sides had their cores taken,
+    whose load was not recorded, or that has no baseline at its threads, is marked ‡ with the
+    reason beside the table."""
+    import json
+    import sqlite3
+
+    from harness.report import render, tables
+    layout = _fake_store(tmp_path / "t.sqlite", {"bp": [98.0, 98.1, 98.2, 98.3],
+                                                 "fa": [97.0, 97.1, 97.2, 97.3]},
+                         {"bp": 1.0, "fa": 1.5})
+    with sqlite3.connect(tmp_path / "t.sqlite") as conn:
+        runs = conn.execute("SELECT key, label, seed FROM runs").fetchall()
+        for key, label, seed in runs:
+            two = label == "bp" and seed == 3          # one bp seed at 2 threads, twice as fast
+            conn.execute("UPDATE runs SET threads = ?, device = 'cpu', notes = ? WHERE key = ?",
+                         (2 if two else 1, json.dumps({"cpu_share": 0.99}), key))
+            if two:
+                conn.execute("UPDATE epochs SET train_time_s = 0.5 WHERE run_key = ?", (key,))
+
+    def timings():
+        with store_mod.Store(tmp_path / "t.sqlite", readonly=True) as store:
+            frames = store_mod.frames(store)
+        return {t.row: t for t in tables.timing(layout, frames.runs, frames.epochs)}
+    found = timings()
+    assert found["fa"].ratio.mean == pytest.approx(1.5)        # ÷ bp's one-thread runs only
+    assert found["fa"].unlike == () and found["bp"].unlike == ()
+    assert "‡" not in render.timing_table(layout, list(found.values()))
+    with sqlite3.connect(tmp_path / "t.sqlite") as conn:       # fa starved, then unrecorded
+        conn.execute("UPDATE runs SET notes = ? WHERE label = 'fa'",
+                     (json.dumps({"cpu_share": 0.6}),))
+    found = timings()
+    assert found["fa"].unlike == ("starved",) and found["bp"].unlike == ()
+    table = render.timing_table(layout, list(found.values()))
+    assert "1.50× [1.50, 1.50] ‡" in table and "other work slowed them: fa on blobs/mlp." in table
+    with sqlite3.connect(tmp_path / "t.sqlite") as conn:
+        conn.execute("UPDATE runs SET notes = '{}' WHERE label = 'fa'")
+        conn.execute("UPDATE runs SET threads = 4 WHERE label = 'fa' AND seed = 0")
+    found = timings()
+    assert set(found["fa"].unlike) == {"threads", "unrecorded"}

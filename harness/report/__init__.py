@@ -210,7 +210,11 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     noted = any(t.cpu_share is not None for t in timings)
     _section(lines, "## Time per epoch and memory", render.timing_table(layout, timings),
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
-             "ratios in one process." + (
+             "ratios in one process. A run's ratio divides it by the baseline's runs of the "
+             "same cell made at the same torch threads; ‡ marks a ratio that is not like for "
+             "like (no baseline run at those threads, or one-thread runs that had less than "
+             f"{tables.STARVED} of their core on either side), and the list below the table "
+             "says why." + (
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
                  "seconds × its threads) over the whole run, set-up and evaluation included, "
                  "median over the cell's CPU runs — near 1 where a one-thread run had its core, "

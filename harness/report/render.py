@@ -152,7 +152,7 @@ def timing_table(layout: Layout, timings: list) -> Optional[str]:
     for t in timings:
         ratio = "" if t.ratio is None else (
             f"{t.ratio.mean:.2f}×" + (f" [{t.ratio.ci[0]:.2f}, {t.ratio.ci[1]:.2f}]"
-                                     if t.ratio.ci else ""))
+                                     if t.ratio.ci else "") + (" ‡" if t.unlike else ""))
         lines.append([md(t.row), md(f"{t.task}/{t.arch}"),
                       f"{t.epoch_s.mean:.3f}" + (f" ± {t.epoch_s.std:.3f}"
                                                  if t.epoch_s.std is not None else ""),
@@ -166,11 +166,17 @@ def timing_table(layout: Layout, timings: list) -> Optional[str]:
         headers.insert(4, "CPU share")
         for line, t in zip(lines, timings):
             line.insert(4, "–" if t.cpu_share is None else f"{t.cpu_share:.2f}")
+    notes = ""
+    for reason, text in tables.UNLIKE.items():
+        cells = [f"{md(t.row)} on {md(t.task)}/{md(t.arch)}" for t in timings
+                 if reason in t.unlike]
+        if cells:
+            notes += f"\n\n‡ {text}: {', '.join(cells)}."
     total = tables.compute_per_rule(timings)
     per_rule = _table([[md(r), f"{h:.2f}"] for r, h in sorted(
         total.items(), key=lambda kv: layout.row_order.index(kv[0])
         if kv[0] in layout.row_order else 99)], ["algorithm", "training hours, all cells"])
-    return _table(lines, headers) + "\n\nTotal compute per rule:\n\n" + per_rule
+    return _table(lines, headers) + notes + "\n\nTotal compute per rule:\n\n" + per_rule
 
 
 def settings_section(layout: Layout) -> str:

@@ -116,6 +116,7 @@ class Timing:
     memory_mb: Optional[float]
     train_hours: float              # every epoch of every run of the cell, warm-up included
     cpu_share: Optional[float] = None   # median of the CPU runs' shares of their cores
+    unlike: tuple = ()              # why the ratio is not like for like (UNLIKE's keys)
 
 
 def cpu_share(notes) -> Optional[float]:
@@ -129,41 +130,94 @@ def cpu_share(notes) -> Optional[float]:
     return float(value)
 
 
+STARVED = 0.9     # a one-thread run below this CPU share had its core taken by other work
+UNLIKE = {         # why a time ratio is not like for like
+    "threads": "no baseline run made at the same torch threads",
+    "starved": f"one-thread runs (the row's or the baseline's) had less than {STARVED} of their "
+               "core: other work slowed them",
+    "unrecorded": "the load is not recorded (the row's or the baseline's one-thread runs were "
+                  "made before runs noted their CPU share)"}
+
+
 def timing(layout: Layout, runs, epochs) -> list[Timing]:
+    """Each cell's training seconds per epoch and its ratio to the baseline's. A run is divided
+    by the baseline's runs made at the same torch threads (one thread or two halves or doubles
+    an epoch); ``unlike`` says where that was not possible, or where either side's one-thread
+    runs had less than STARVED of their cores (the load, not the rule, moved the ratio)."""
     counted = epochs[epochs["status"].isin(["ok", "diverged"])]
     if counted.empty:
         return []
     timed = counted[~counted["warmup"]] if (~counted["warmup"]).any() else counted
     per_run = timed.groupby(["label", "task_label", "arch", "run_key"])["train_time_s"].median()
-    base = {}
+    threads_of = dict(zip(runs["key"], runs["threads"])) if "threads" in runs.columns else {}
+    finished = runs[runs["status"].isin(["ok", "diverged"])]
+    base: dict[tuple, float] = {}          # (task, arch) and (task, arch, threads) → mean
     if layout.baseline:
-        for (task, arch), group in per_run[per_run.index.get_level_values(0)
-                                           == layout.baseline].groupby(level=[1, 2]):
+        ours = per_run[per_run.index.get_level_values(0) == layout.baseline]
+        for (task, arch), group in ours.groupby(level=[1, 2]):
             base[(task, arch)] = float(group.mean())
+            by_threads: dict = {}
+            for (_, _, _, key), seconds in group.items():
+                by_threads.setdefault(threads_of.get(key), []).append(seconds)
+            for count, values in by_threads.items():
+                base[(task, arch, count)] = float(statistics.mean(values))
     out = []
     for row in rows(layout, counted):
         for task, arch in columns(layout, counted):
             key = (row, task, arch)
             try:
-                medians = per_run.loc[key].tolist()
+                medians = per_run.loc[key]
             except KeyError:
                 continue
             here = counted[(counted["label"] == row) & (counted["task_label"] == task)
                            & (counted["arch"] == arch)]
-            cell = runs[(runs["label"] == row) & (runs["task_label"] == task)
-                        & (runs["arch"] == arch) & runs["status"].isin(["ok", "diverged"])]
+            cell = finished[(finished["label"] == row) & (finished["task_label"] == task)
+                            & (finished["arch"] == arch)]
             memory = cell["peak_memory_mb"].max()
-            ratio = stats.summarize([m / base[(task, arch)] for m in medians]) \
-                if (task, arch) in base else None
-            shares = [v for v in (cpu_share(n) for n, d in zip(cell["notes"], cell["device"])
-                                  if str(d).startswith("cpu")) if v is not None] \
-                if {"notes", "device"} <= set(cell.columns) else []
-            out.append(Timing(row, task, arch, stats.summarize(medians), ratio,
+            shares = _shares(cell, one_thread=False)
+            ratio, unlike = None, []
+            if (task, arch) in base:
+                ratios = []
+                for run_key, seconds in medians.items():
+                    same = base.get((task, arch, threads_of.get(run_key)))
+                    if same is None and "threads" not in unlike:
+                        unlike.append("threads")
+                    ratios.append(seconds / (same if same is not None else base[(task, arch)]))
+                ratio = stats.summarize(ratios)
+                baseline_cell = finished[(finished["label"] == layout.baseline)
+                                         & (finished["task_label"] == task)
+                                         & (finished["arch"] == arch)]
+                sides = [(cell, _shares(cell)), (baseline_cell, _shares(baseline_cell))]
+                if any(values and statistics.median(values) < STARVED for _, values in sides):
+                    unlike.append("starved")
+                if any(not values and _one_thread_cpu(frame) for frame, values in sides):
+                    unlike.append("unrecorded")
+                if row == layout.baseline:       # its own mean: 1 by definition
+                    unlike = []
+            out.append(Timing(row, task, arch, stats.summarize(medians.tolist()), ratio,
                               float(here["eval_time_s"].mean()),
                               None if memory != memory else float(memory),
                               float(here["train_time_s"].sum()) / 3600.0,
-                              statistics.median(shares) if shares else None))
+                              statistics.median(shares) if shares else None,
+                              tuple(unlike)))
     return out
+
+
+def _one_thread_cpu(cell) -> bool:
+    return {"device", "threads"} <= set(cell.columns) and any(
+        str(d).startswith("cpu") and t == 1 for d, t in zip(cell["device"], cell["threads"]))
+
+
+def _shares(cell, one_thread: bool = True) -> list[float]:
+    """The CPU shares the cell's CPU runs noted; ``one_thread``: of its one-thread runs only (a
+    run of more threads may fall below 1 with its own threads idle: its share does not tell
+    the load)."""
+    if not {"notes", "device"} <= set(cell.columns) or (
+            one_thread and "threads" not in cell.columns):
+        return []
+    threads = cell["threads"] if one_thread else [1] * len(cell)
+    return [v for v in (cpu_share(n) for n, d, t in zip(cell["notes"], cell["device"], threads)
+                        if str(d).startswith("cpu") and t == 1) if v is not None]
 
 
 def compute_per_rule(timings: list[Timing]) -> dict[str, float]:
