@@ -544,3 +544,35 @@ def test_time_ratios_are_like_for_like_or_say_why_not(tmp_path):
         conn.execute("UPDATE runs SET threads = 4 WHERE label = 'fa' AND seed = 0")
     found = timings()
     assert set(found["fa"].unlike) == {"threads", "unrecorded"}
+
+
+def test_rules_are_compared_across_the_cells_they_all_have():
+    """A rule that ran only its easy cells is not ranked by them against rules that ran hard
+    ones too: the comparison is over the common cells, each rule's own-cells IQM beside it,
+    and the profile does not count a cell a rule lacks against it."""
+    import pandas as pd
+
+    from harness.report import tables
+    rows = []
+    for label, cells in (("bp", {"easy": 90.0, "hard": 50.0}),
+                         ("good", {"easy": 90.0, "hard": 49.0}),
+                         ("easy_only", {"easy": 89.0})):
+        for task, value in cells.items():
+            for seed in range(3):
+                rows.append(dict(label=label, task_label=task, arch="mlp", seed=seed,
+                                 status="ok", clean_test=value + 0.1 * seed))
+    runs = pd.DataFrame(rows)
+    layout = Layout.of({"name": "x", "baseline": "bp", "protocol": "clean",
+                        "rows": [{"label": r, "algorithm": "bp"} for r in
+                                 ("bp", "good", "easy_only")],
+                        "columns": [{"task": t, "arch": "mlp"} for t in ("easy", "hard")],
+                        "tasks": {t: {"task": "blobs", "metrics": [["accuracy", "max"]]}
+                                  for t in ("easy", "hard")}, "plan": []})
+    across = tables.aggregate(layout, runs, "clean")
+    assert across.common == (("easy", "mlp"),)
+    assert set(across.iqm_common) == {"bp", "good", "easy_only"}
+    assert across.iqm_common["good"].iqm > across.iqm_common["easy_only"].iqm
+    assert across.iqm_own["good"].n_cells == 2 and across.iqm_own["easy_only"].n_cells == 1
+    assert across.profile is None                  # one common cell: no profile
+    text = render.aggregate_table(layout, runs, "clean")
+    assert "The cells every rule here has: easy/mlp." in text

@@ -190,8 +190,10 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
                  f"Every run's score as a ratio to {md(layout.baseline)}'s mean in its cell "
                  "(inverted for metrics where lower is better: above 1 is better than the "
                  "baseline), their interquartile mean per rule with a 95% stratified bootstrap "
-                 "interval (Agarwal et al. 2021); the performance profile below shows the "
-                 "fraction of cells where each rule is within a factor τ of the best.")
+                 "interval (Agarwal et al. 2021). Rules are compared over the cells they all "
+                 "have (first column); the IQM over all of a rule's cells is beside it, over a "
+                 "set of cells of its own. The performance profile below shows the fraction of "
+                 "the common cells where each rule is within a factor τ of the best.")
     if len(trials):
         _section(lines, "## Tuning", render.tuning_table(layout, trials),
                  render.tuning_caption(layout))
@@ -256,7 +258,8 @@ def _figures(layout: Layout, runs, epochs, out_dir: Path, trials) -> list[tuple[
     made += plots.alignment(layout, epochs, out_dir, colours)
     made += plots.logged(layout, epochs, out_dir, colours)
     made += plots.tuning(layout, trials, out_dir, colours)
-    _, profile = tables.aggregate(layout, runs, layout.protocol)
+    across = tables.aggregate(layout, runs, layout.protocol)
+    profile = across.profile if across is not None else None
     if profile is not None:
         figure = profiles.plot_profile(profile, colours, title="Performance profile "
                                        f"({layout.protocol} protocol)")

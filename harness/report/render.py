@@ -130,18 +130,27 @@ def differences_table(layout: Layout, runs, protocol: str) -> Optional[str]:
 
 
 def aggregate_table(layout: Layout, runs, protocol: str) -> Optional[str]:
-    iqm, _ = tables.aggregate(layout, runs, protocol)
-    if not iqm:
+    across = tables.aggregate(layout, runs, protocol)
+    if across is None:
         return None
+
+    def text(a) -> str:
+        if a is None:
+            return "–"
+        return f"{a.iqm:.3f} " + (f"[{a.ci[0]:.3f}, {a.ci[1]:.3f}]" if a.ci
+                                  else "(no interval: one run per cell)")
     lines = []
     for row in layout.row_order:
-        a = iqm.get(row)
-        if a is None:
+        own = across.iqm_own.get(row)
+        if own is None:
             continue
-        ci = f"[{a.ci[0]:.3f}, {a.ci[1]:.3f}]" if a.ci else "(no interval: one run per cell)"
-        lines.append([md(row), f"{a.iqm:.3f} {ci}", a.n_runs, a.n_cells])
-    return _table(lines, ["algorithm", f"IQM of score ÷ {md(layout.baseline)}'s [95% CI]",
-                          "runs", "cells"])
+        shared = across.iqm_common.get(row)
+        lines.append([md(row), text(shared), shared.n_runs if shared else "–", text(own),
+                      own.n_runs, own.n_cells])
+    common = ", ".join(md(f"{t}/{a}") for t, a in across.common) or "none"
+    return (f"The cells every rule here has: {common}.\n\n" + _table(lines, [
+        "algorithm", f"IQM of score ÷ {md(layout.baseline)}'s, common cells [95% CI]", "runs",
+        "IQM over all its cells [95% CI]", "runs", "cells"]))
 
 
 def timing_table(layout: Layout, timings: list) -> Optional[str]:

@@ -86,23 +86,46 @@ def baseline_differences(layout: Layout, runs, protocol: str) -> dict[tuple, sta
     return stats.baseline_differences(ok, value, layout.baseline)
 
 
-def aggregate(layout: Layout, runs, protocol: str):
-    """(IQM per row of baseline-normalised scores, performance profile) across task/arch
-    cells; (None, None) without a baseline or with fewer than two cells."""
+@dataclass(frozen=True)
+class Across:
+    """The rules across cells. ``common``: the task/arch cells every row with a result has;
+    ``iqm_common``: each row's IQM over those (the comparison between rules: the same cells
+    for all); ``iqm_own``: over every cell the row has (``n_cells`` says how many; a rule that
+    ran other cells is not compared by it); ``profile``: over the common cells (a cell a rule
+    could not run, or has not yet, is not counted against it)."""
+
+    common: tuple
+    iqm_common: dict
+    iqm_own: dict
+    profile: Optional[object]
+
+
+def aggregate(layout: Layout, runs, protocol: str) -> Optional[Across]:
+    """:class:`Across` for the baseline-normalised scores; None without a baseline or with
+    fewer than two cells."""
     value = PROTOCOL_COLUMN[protocol]
     ok = ok_runs(runs).dropna(subset=[value])
     ok = ok[ok[value] > 0]
     if not layout.baseline or layout.baseline not in set(ok["label"]):
-        return None, None
+        return None
     base_cells = set(zip(ok[ok["label"] == layout.baseline]["task_label"],
                          ok[ok["label"] == layout.baseline]["arch"]))
     ok = ok[[c in base_cells for c in zip(ok["task_label"], ok["arch"])]]
     if len(base_cells) < 2:
-        return None, None
+        return None
     directions = {t: d for t, (_, d) in layout.metrics.items()}
-    iqm = profiles.interquartile_means(ok, value, directions, layout.baseline)
-    profile = profiles.performance_profile(ok, value, directions)
-    return iqm, profile
+    cells_of: dict[str, set] = {}
+    for row, task, arch in zip(ok["label"], ok["task_label"], ok["arch"]):
+        cells_of.setdefault(row, set()).add((task, arch))
+    common = set.intersection(*cells_of.values())
+    shared = ok[[c in common for c in zip(ok["task_label"], ok["arch"])]]
+    order = [c for c in columns(layout, ok) if c in common]
+    return Across(tuple(order),
+                  profiles.interquartile_means(shared, value, directions, layout.baseline)
+                  if common else {},
+                  profiles.interquartile_means(ok, value, directions, layout.baseline),
+                  profiles.performance_profile(shared, value, directions)
+                  if len(common) >= 2 else None)
 
 
 @dataclass(frozen=True)
