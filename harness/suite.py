@@ -45,7 +45,7 @@ TOP_KEYS = ("name", "description", "store", "seeds", "epochs", "batch_size", "pr
             "validation", "patience", "baseline", "diagnostics", "diagnostics_every", "tune",
             "tasks", "algorithms", "overrides", "exclude", "reference")
 TASK_KEYS = ("task", "archs", "params", "target")
-OVERRIDE_KEYS = ("match", "params", "batch_size", "epochs", "patience")
+OVERRIDE_KEYS = ("match", "params", "batch_size", "epochs", "patience", "why")
 MATCH_KEYS = ("task", "algorithm", "arch")
 EXCLUDE_KEYS = ("task", "algorithm", "arch", "seed")
 
@@ -172,6 +172,8 @@ class Suite:
     row_order: tuple[str, ...]
     column_order: tuple[tuple[str, str], ...]
     references: dict = field(default_factory=dict)   # (row, task label, arch) -> (mean, std)
+    # each override as written: {"match", "sets", "why"} — where a report's settings come from
+    provenance: tuple = ()
     reference_source: str = ""
     tune: Optional[Any] = None                       # harness.tune.Tune: equal tuning budgets
 
@@ -209,6 +211,7 @@ class Suite:
             "references": [{"row": r, "task": t, "arch": a, "mean": m, "std": s}
                            for (r, t, a), (m, s) in self.references.items()],
             "reference_source": self.reference_source,
+            **({"overrides": [dict(p) for p in self.provenance]} if self.provenance else {}),
             "tune": None if self.tune is None else {"trials": self.tune.trials,
                                                     "sampler": self.tune.sampler,
                                                     "seeds": list(self.tune.seeds),
@@ -340,6 +343,9 @@ def _overrides(raw: Any, where: str, entries: tuple[AlgorithmEntry, ...],
                 _int(rule[key], f"{at}.{key}", low=1)
         if "patience" in rule:
             _int(rule["patience"], f"{at}.patience", low=1, allow_none=True)
+        if "why" in rule and (not isinstance(rule["why"], str) or not rule["why"].strip()):
+            raise UserError(f"{at}.why: a sentence saying where these settings come from "
+                            f"(shown in the report), not {rule['why']!r}")
         per_entry = []
         params = rule.get("params")
         if params is not None:
@@ -354,6 +360,18 @@ def _overrides(raw: Any, where: str, entries: tuple[AlgorithmEntry, ...],
         out.append(Override(match=match, params=tuple(per_entry),
                             batch_size=rule.get("batch_size"), epochs=rule.get("epochs"),
                             patience=rule.get("patience", Override.UNSET)))
+    return tuple(out)
+
+
+def _provenance(raw: Any) -> tuple:
+    """Each override as the report's settings section shows it (called on rules
+    :func:`_overrides` has checked): what it matches, what it sets, and its ``why``."""
+    out = []
+    for rule in raw or []:
+        match = {k: v for k, v in (rule.get("match") or {}).items()}
+        sets = {k: rule[k] for k in ("batch_size", "epochs", "patience") if k in rule}
+        sets.update(rule.get("params") or {})
+        out.append({"match": match, "sets": sets, "why": rule.get("why", "").strip()})
     return tuple(out)
 
 
@@ -479,4 +497,4 @@ def load(path: str | Path, device: str = "cpu", store: Optional[str] = None,
                  tasks=task_entries, algorithms=alg_entries, overrides=overrides,
                  excludes=excludes, specs=tuple(specs), row_order=tuple(rows),
                  column_order=tuple(columns), references=references, reference_source=source,
-                 tune=tune)
+                 tune=tune, provenance=_provenance(raw.get("overrides")))

@@ -576,3 +576,39 @@ def test_rules_are_compared_across_the_cells_they_all_have():
     assert across.profile is None                  # one common cell: no profile
     text = render.aggregate_table(layout, runs, "clean")
     assert "The cells every rule here has: easy/mlp." in text
+
+
+def test_the_settings_say_where_each_override_comes_from(write_suite, cli, tmp_path,
+                                                        monkeypatch):
+    """An override's ``why`` is the report's answer to "where does this learning rate come
+    from?": every override is listed with what it matched, what it set and why; a ``why``
+    changes no run's key."""
+    from harness import suite as suite_mod
+    monkeypatch.chdir(tmp_path)
+    text = """
+        name: why
+        seeds: 1
+        epochs: 1
+        batch_size: 64
+        tasks: {blobs: {archs: [mlp], params: {n_train: 256, n_test: 128}}}
+        algorithms: {bp: {}, fa: {}}
+        overrides:
+          - match: {algorithm: bp}
+            params: {lr: 0.01}
+            why: "the paper's rate, not searched"
+          - {match: {algorithm: fa}, epochs: 2}
+    """
+    path = write_suite(text, "why")
+    bare = write_suite(text.replace('            why: "the paper\'s rate, not searched"\n', ""),
+                       "bare")
+    assert [s.key() for s in suite_mod.load(path).specs] == \
+        [s.key() for s in suite_mod.load(bare).specs]
+    status, _, err = cli("run", path, "--device", "cpu", "--no-progress")
+    assert status == 0, err
+    report = (tmp_path / "reports" / "why" / "report.md").read_text()
+    assert "| algorithm=bp   | lr=0.01  | the paper's rate, not searched |" in report
+    assert "| algorithm=fa   | epochs=2 | –" in report
+    again = tmp_path / "again"                    # and from the committed data alone
+    status, _, err = cli("report", tmp_path / "reports" / "why" / "runs.jsonl", "--out", again)
+    assert status == 0 and "the paper's rate, not searched" in (again / "why" / "report.md") \
+        .read_text(), err

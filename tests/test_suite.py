@@ -109,6 +109,7 @@ BAD = [
     ("tasks: [blobs]\nalgorithms: {bp: {}}", "tasks: a mapping"),
     ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nname: 'my suite!'", "name"),
     ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\noverrides: {lr: 1}", "overrides: a list"),
+    ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\noverrides: [{params: {lr: 1}, why: 3}]", "overrides[0].why: a sentence"),
     ("tasks: {blobs: {}}\nalgorithms: {bp: {}}\nexclude: [{seed: 1, colour: red}]", "unknown key 'colour'"),
 ]
 

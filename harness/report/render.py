@@ -205,6 +205,17 @@ def settings_section(layout: Layout) -> str:
         rows.append([md(row), md(text)])
     if rows:
         lines.append(_table(rows, ["algorithm", "every hyper-parameter of its runs"]))
+    overrides = s.get("overrides") or []
+    if overrides:
+        def text(mapping: dict) -> str:
+            return ", ".join(f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}"
+                             for k, v in mapping.items()) or "every run"
+        lines += ["", "Where the settings come from: the suite's overrides, in order (a later "
+                  "one wins where two set the same thing), each with the reason the suite "
+                  "gives.", "",
+                  _table([[md(text(o.get("match") or {})), md(text(o.get("sets") or {})),
+                           md(o.get("why") or "–")] for o in overrides],
+                         ["runs matched", "set to", "why"])]
     return "\n".join(lines)
 
 
