@@ -612,3 +612,41 @@ def test_the_settings_say_where_each_override_comes_from(write_suite, cli, tmp_p
     status, _, err = cli("report", tmp_path / "reports" / "why" / "runs.jsonl", "--out", again)
     assert status == 0 and "the paper's rate, not searched" in (again / "why" / "report.md") \
         .read_text(), err
+
+
+def test_a_cell_still_improving_when_its_budget_ended_says_so(tmp_path):
+    """↗ where every seed selected the last epoch of its planned budget (the metric was still
+    rising: the cell measures speed as much as reach); not where one seed peaked earlier."""
+    import sqlite3
+
+    from harness.report import frames_for, render, tables
+    layout = _fake_store(tmp_path / "b.sqlite", {"bp": [98.0, 98.1, 98.2]}, {"bp": 1.0})
+
+    def cell():
+        with store_mod.Store(tmp_path / "b.sqlite", readonly=True) as store:
+            runs = frames_for(store, layout).runs
+        return tables.results(layout, runs, "clean")[("bp", "blobs", "mlp")]
+    assert cell().at_budget and render.cell_text(cell(), "accuracy").endswith(" ↗")
+    with sqlite3.connect(tmp_path / "b.sqlite") as conn:   # one seed peaked at epoch 2
+        conn.execute("UPDATE runs SET clean_epoch = 2 WHERE seed = 1")
+    assert not cell().at_budget and "↗" not in render.cell_text(cell(), "accuracy")
+
+
+def test_a_tasks_reference_predictor_is_named_under_the_results():
+    """A secondary test metric ``<predictor>_<primary>`` is the task's own reference predictor
+    (the chars task's most frequent symbol, the forecast's persistence): listed per cell."""
+    import pandas as pd
+
+    from harness.report import tables
+    layout = Layout.of({"name": "x", "protocol": "clean", "rows": [{"label": "bp",
+                        "algorithm": "bp"}], "columns": [{"task": "chars", "arch": "rnn"},
+                                                         {"task": "digits", "arch": "mlp"}],
+                        "tasks": {"chars": {"task": "chars", "metrics": [["accuracy", "max"]]},
+                                  "digits": {"task": "d", "metrics": [["accuracy", "max"]]}},
+                        "plan": []})
+    epochs = pd.DataFrame([dict(label="bp", task_label="chars", arch="rnn", status="ok",
+                                test_accuracy=40.0, test_baseline_accuracy=15.9, test_bpc=2.0),
+                           dict(label="bp", task_label="digits", arch="mlp", status="ok",
+                                test_accuracy=98.0, test_baseline_accuracy=None, test_bpc=None)])
+    assert tables.reference_predictors(layout, epochs) == [
+        ("chars", "rnn", "baseline_accuracy", 15.9)]

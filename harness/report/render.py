@@ -16,8 +16,9 @@ MARKS = ("**bold**: best, distinguishable from every other row of its column (te
          "p < 0.05; a row with one seed is tested as a new observation of the best row's seeds, "
          "and one as good as the best is never told apart from it); *italic*: not told apart "
          "from the best — as good as it, or too few or too spread seeds to tell (read its "
-         "interval); a row with one seed is never marked itself; † runs that diverged, left out "
-         "of the statistics.")
+         "interval); a row with one seed is never marked itself; ↗ every seed's selected epoch "
+         "was the last of its budget: still improving when training stopped; † runs that "
+         "diverged, left out of the statistics.")
 
 
 def fmt(value: Optional[float], metric: str) -> str:
@@ -53,6 +54,8 @@ def cell_text(cell: tables.Cell, metric: str) -> str:
         text = f"**{text}**"
     elif cell.mark == "tied" and cell.summary.n:
         text = f"*{text}*"
+    if cell.at_budget and cell.summary.n:
+        text += " ↗"
     if cell.diverged:
         text += f" † {cell.diverged}"
     return text

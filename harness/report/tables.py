@@ -19,6 +19,7 @@ from harness import profiles, stats
 from harness.report.layout import Layout
 
 PROTOCOL_COLUMN = {"clean": "clean_test", "paper": "paper_test"}
+PROTOCOL_EPOCH = {"clean": "clean_epoch", "paper": "paper_epoch"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Cell:
     diverged: int                            # runs left out: their metric went non-finite
     reference: Optional[tuple[float, Optional[float]]]
     delta_reference: Optional[float]         # measured mean − published mean
+    at_budget: bool = False                  # every seed selected its planned last epoch
 
 
 def ok_runs(runs):
@@ -66,13 +68,45 @@ def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
     marks = {k: m for k, m in marks.items()      # alone: no contest; one seed: never marked
              if rivals.get(k[1:], 0) >= 2 and summaries[k].n >= 2}
     algorithm_of = dict(zip(counted["label"], counted["algorithm"]))
+    planned = {p["key"]: p.get("epochs") for p in layout.plan}
     out = {}
     for (row, task, arch), group in counted.groupby(["label", "task_label", "arch"]):
         summary = summaries.get((row, task, arch), stats.summarize([]))
         ref = reference(layout, row, algorithm_of.get(row, row), task, arch)
         delta = summary.mean - ref[0] if ref and summary.mean is not None else None
         out[(row, task, arch)] = Cell(summary, marks.get((row, task, arch)),
-                                      int((group["status"] == "diverged").sum()), ref, delta)
+                                      int((group["status"] == "diverged").sum()), ref, delta,
+                                      at_budget(ok[(ok["label"] == row) & (ok["task_label"] == task)
+                                                   & (ok["arch"] == arch)], protocol, planned))
+    return out
+
+
+def at_budget(cell, protocol: str, planned: dict) -> bool:
+    """Whether every run of the cell selected the last epoch of its planned budget (it ran all
+    of them, no early stop): the metric was still improving when the budget ended, so the
+    cell measures how fast a rule learns as much as how far."""
+    epoch = PROTOCOL_EPOCH[protocol]
+    if cell.empty or epoch not in cell.columns:
+        return False
+    return all(planned.get(key) is not None and selected == planned[key]
+               for key, selected in zip(cell["key"], cell[epoch]))
+
+
+def reference_predictors(layout: Layout, epochs) -> list[tuple[str, str, str, float]]:
+    """(task, arch, metric, value): what a task's own reference predictor scores on the test
+    split, where the task records one beside the primary metric (a secondary metric named
+    ``<predictor>_<primary metric>``: the chars task's ``baseline_accuracy``, the most frequent
+    symbol; the forecast task's ``persistence_mse``), the median over the cell's epochs."""
+    out = []
+    counted = epochs[epochs["status"].isin(["ok", "diverged"])]
+    for task, arch in columns(layout, counted):
+        primary = layout.metrics[task][0]
+        here = counted[(counted["task_label"] == task) & (counted["arch"] == arch)]
+        for column in here.columns:
+            name = column[len("test_"):]
+            if (column.startswith("test_") and name.endswith("_" + primary)
+                    and name != primary and here[column].notna().any()):
+                out.append((task, arch, name, float(here[column].median())))
     return out
 
 
