@@ -163,7 +163,11 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
         else "the best test metric over epochs (as the DLL paper reports)."),
               "Cells: mean [95% t interval] (seeds). " + render.MARKS]
     if layout.reference_source:
-        lines += [f"Published values: {md(layout.reference_source)}; Δ = measured − published."]
+        lines += [f"Published values: {md(layout.reference_source)}; Δ = measured − published. "
+                  "A published cell is its mean ± std over the paper's seeds, a measured one its "
+                  "mean and 95% interval of the mean: compare them by their means, not their "
+                  "spreads; and Δ also holds what differs between the paper's setup and this "
+                  "suite's (budgets, optimiser, a baseline's variant: the settings section)."]
     lines.append("")
     headline_table = render.results_table(layout, runs, protocol)
     _section(lines, f"## Results ({protocol} protocol)", headline_table)
