@@ -169,15 +169,14 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
                   "spreads; and Δ also holds what differs between the paper's setup and this "
                   "suite's (budgets, optimiser, a baseline's variant: the settings section)."]
     lines.append("")
-    headline_table = render.results_table(layout, runs, protocol)
-    _section(lines, f"## Results ({protocol} protocol)", headline_table)
     predictors = tables.reference_predictors(layout, epochs)
-    if headline_table and predictors:
-        lines += ["The tasks' own reference predictors, scored on the same test data without "
-                  "learning (each defined by its task plugin; a rule that scores "
-                  "worse does worse than that fixed predictor): " + "; ".join(
-                      f"{md(t)}/{md(a)} {md(m)} {render.fmt(v, m)}"
-                      for t, a, m, v in predictors) + ".", ""]
+    _section(lines, f"## Results ({protocol} protocol)",
+             render.results_table(layout, runs, protocol),
+             "The tasks' own reference predictors, scored on the same test data without "
+             "learning (each defined by its task plugin; a rule that scores worse does worse "
+             "than that fixed predictor): " + "; ".join(
+                 f"{md(t)}/{md(a)} {md(m)} {render.fmt(v, m)}" for t, a, m, v in predictors)
+             + "." if predictors else "")
     missing = coverage.missing_cells(layout, all_runs)
     if missing:
         grouped = coverage.grouped_missing(layout, missing, all_runs)
