@@ -89,15 +89,20 @@ def normalized_scores(runs, value: str, direction: PerCell, baseline: str = "bp"
 def interquartile_means(runs, value: str, direction: PerCell, baseline: str = "bp", *,
                         row: str = "label", cells: Sequence[str] = CELL, seed: str = "seed",
                         confidence: float = CONFIDENCE, n_resamples: int = 2000,
-                        random_state: int = 0) -> dict[str, Aggregate]:
+                        random_state: int = 0,
+                        failures: Sequence[tuple] = ()) -> dict[str, Aggregate]:
     """Row → ``Aggregate``: the IQM of the row's normalised scores (``normalized_scores``)
     with a stratified bootstrap interval (cells = strata, reproducible for a given
     ``random_state``). A row that ran fewer cells is aggregated over those it ran
-    (``n_cells`` says how many)."""
+    (``n_cells`` says how many). ``failures``: ``(row, *cell)`` of each run that failed
+    (diverged), scored 0 — no model — in its cell, so that failing is never better than
+    scoring badly."""
     strata: dict[str, dict[tuple, list[float]]] = {}
     for key, _, score in normalized_scores(runs, value, direction, baseline, row=row,
                                            cells=cells, seed=seed):
         strata.setdefault(key[0], {}).setdefault(key[1:], []).append(score)
+    for key in failures:
+        strata.setdefault(key[0], {}).setdefault(tuple(key[1:]), []).append(0.0)
     out = {}
     for name, by_cell in strata.items():
         samples = [np.asarray(v) for v in by_cell.values() if len(v) >= 2]

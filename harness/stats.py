@@ -217,18 +217,26 @@ def cell_summaries(runs, value: str, *, row: str = "label", cells: Sequence[str]
 
 def baseline_differences(runs, value: str, baseline: str = "bp", *, row: str = "label",
                          cells: Sequence[str] = CELL, seed: str = "seed",
-                         confidence: float = CONFIDENCE) -> dict[tuple, Difference]:
+                         confidence: float = CONFIDENCE,
+                         direction: Optional[PerCell] = None) -> dict[tuple, Difference]:
     """``(row, *cell)`` → ``difference(rule, baseline)`` for every row other than
     ``baseline`` in every cell where the baseline ran; p-values Holm-corrected across the
-    whole table."""
-    groups = seed_values(runs, value, row, cells, seed)
+    whole table — together with :func:`best_rows`' comparisons where ``direction`` is given
+    (:func:`table_tests`: one family for the marks and the differences of one table)."""
+    if direction is not None:
+        return table_tests(runs, value, direction, baseline, row=row, cells=cells, seed=seed,
+                           confidence=confidence)[1]
+    return _with_holm(_raw_differences(seed_values(runs, value, row, cells, seed), baseline,
+                                       confidence))
+
+
+def _raw_differences(groups: dict, baseline: str, confidence: float) -> dict[tuple, Difference]:
     if not any(key[0] == baseline for key in groups):
         raise ValueError(f"baseline row {baseline!r} is not among the rows: "
                          + ", ".join(sorted({str(k[0]) for k in groups})))
-    diffs = {key: difference(vals, groups[(baseline, *key[1:])], confidence)
-             for key, vals in groups.items()
-             if key[0] != baseline and (baseline, *key[1:]) in groups}
-    return _with_holm(diffs)
+    return {key: difference(vals, groups[(baseline, *key[1:])], confidence)
+            for key, vals in groups.items()
+            if key[0] != baseline and (baseline, *key[1:]) in groups}
 
 
 def single_value_p(values: Values, y: float) -> Optional[float]:
@@ -246,17 +254,36 @@ def single_value_p(values: Values, y: float) -> Optional[float]:
 
 
 def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
-              cells: Sequence[str] = CELL, seed: str = "seed",
-              alpha: float = ALPHA) -> dict[tuple, Optional[str]]:
+              cells: Sequence[str] = CELL, seed: str = "seed", alpha: float = ALPHA,
+              baseline: Optional[str] = None) -> dict[tuple, Optional[str]]:
     """``(row, *cell)`` → ``"best"``, ``"tied"`` or None. In each cell the row with the best
     mean among those of two or more values is ``best`` only where its difference to every
     other row is significant (paired where possible), with Holm's correction over every cell's
-    comparisons together — the same family as :func:`baseline_differences`, so a mark never
-    claims a difference that the table's difference column calls noise; otherwise it and the
-    rows not distinguishable from it are ``tied``. A row of one value is never best: it is
-    tested against the top row's seeds as a new observation of them (``single_value_p``) where
-    it is worse than their mean, and is never told apart where it is better. A row alone in
-    its cell is best; a cell of single values only is all tied."""
+    comparisons together — and, given the ``baseline``, over the table's differences to it as
+    well (:func:`table_tests`), so that a mark never claims a difference that the difference
+    column calls noise; otherwise it and the rows not distinguishable from it are ``tied``. A
+    row of one value is never best: it is tested against the top row's seeds as a new
+    observation of them (``single_value_p``) where it is worse than their mean, and is never
+    told apart where it is better. A row alone in its cell is best; a cell of single values
+    only is all tied."""
+    return table_tests(runs, value, direction, baseline, row=row, cells=cells, seed=seed,
+                       alpha=alpha)[0]
+
+
+def _pair(cell: tuple, a, b) -> tuple:
+    """One comparison's name, whichever way round it was made (the tests are symmetric)."""
+    return (cell, frozenset((a, b)))
+
+
+def table_tests(runs, value: str, direction: PerCell, baseline: Optional[str] = None, *,
+                row: str = "label", cells: Sequence[str] = CELL, seed: str = "seed",
+                alpha: float = ALPHA, confidence: float = CONFIDENCE
+                ) -> tuple[dict[tuple, Optional[str]], dict[tuple, Difference]]:
+    """(marks as :func:`best_rows` gives them, differences to ``baseline`` as
+    :func:`baseline_differences` gives them — empty without one) from one Holm family: every
+    distinct comparison either makes (the best row against each other row of its cell, each
+    row against the baseline; a pair both make is one test, counted once), so that the two
+    never disagree about a pair."""
     groups = seed_values(runs, value, row, cells, seed)
     by_cell: dict[tuple, list] = {}
     for key, vals in groups.items():
@@ -264,7 +291,8 @@ def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
         if summary.n:
             by_cell.setdefault(key[1:], []).append((summary.mean, key, vals, summary.n))
     marks: dict[tuple, Optional[str]] = {key: None for key in groups}
-    tests: list[tuple[tuple, tuple, Optional[float]]] = []   # (top, other, p) of every cell
+    tests: list[tuple[tuple, tuple, tuple]] = []       # (pair, top, other) of every cell
+    family: dict[tuple, Optional[float]] = {}          # pair → its raw p
     for cell, entries in by_cell.items():
         sign = 1.0 if setting(direction, cell) == "max" else -1.0
         entries.sort(key=lambda e: (e[3] < 2, -sign * e[0]))     # seeded rows first, best first
@@ -277,12 +305,24 @@ def best_rows(runs, value: str, direction: PerCell, *, row: str = "label",
                 return single_value_p(top_vals, mean)
             return None                                          # one value as good: no test
         marks[top] = "best"
-        tests += [(top, key, p_of(mean, vals, n)) for mean, key, vals, n in others]
-    corrected = holm([p for _, _, p in tests])
-    for (top, key, _), p in zip(tests, corrected):
+        for mean, key, vals, n in others:
+            pair = _pair(cell, top[0], key[0])
+            family[pair] = p_of(mean, vals, n)
+            tests.append((pair, top, key))
+    diffs = _raw_differences(groups, baseline, confidence) if baseline is not None else {}
+    for key, d in diffs.items():
+        pair = _pair(key[1:], key[0], baseline)
+        if pair not in family:                       # a pair the marks did not test
+            family[pair] = d.p
+    pairs = list(family)
+    corrected = dict(zip(pairs, holm([family[p] for p in pairs])))
+    for pair, top, key in tests:
+        p = corrected[pair]
         if p is None or p >= alpha:                              # not told apart from the top
             marks[top] = marks[key] = "tied"
-    return marks
+    diffs = {key: replace(d, p_holm=corrected[_pair(key[1:], key[0], baseline)]
+                          if d.p is not None else None) for key, d in diffs.items()}
+    return marks, diffs
 
 
 def compare(a, b, value: str, direction: PerCell, *, time: Optional[str] = None,

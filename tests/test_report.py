@@ -650,3 +650,31 @@ def test_a_tasks_reference_predictor_is_named_under_the_results():
                                 test_accuracy=98.0, test_baseline_accuracy=None, test_bpc=None)])
     assert tables.reference_predictors(layout, epochs) == [
         ("chars", "rnn", "baseline_accuracy", 15.9)]
+
+
+def test_a_rule_that_diverges_is_not_compared_over_fewer_cells():
+    """Diverging on every seed of the hard cell does not drop the cell from the comparison:
+    the cell stays common, its runs score 0 in the IQM and never within τ in the profile."""
+    import pandas as pd
+
+    from harness.report import tables
+    rows = []
+    for label, cells in (("bp", {"a": 90.0, "b": 80.0, "hard": 50.0}),
+                         ("good", {"a": 89.0, "b": 79.0, "hard": 49.0}),
+                         ("bad", {"a": 90.5, "b": 80.5, "hard": None})):
+        for task, value in cells.items():
+            for seed in range(3):
+                rows.append(dict(label=label, task_label=task, arch="mlp", seed=seed,
+                                 status="ok" if value else "diverged",
+                                 clean_test=value + 0.1 * seed if value else None))
+    layout = Layout.of({"name": "x", "baseline": "bp", "protocol": "clean",
+                        "rows": [{"label": r, "algorithm": "bp"} for r in ("bp", "good", "bad")],
+                        "columns": [{"task": t, "arch": "mlp"} for t in ("a", "b", "hard")],
+                        "tasks": {t: {"task": "blobs", "metrics": [["accuracy", "max"]]}
+                                  for t in ("a", "b", "hard")}, "plan": []})
+    across = tables.aggregate(layout, pd.DataFrame(rows), "clean")
+    assert across.common == (("a", "mlp"), ("b", "mlp"), ("hard", "mlp"))
+    assert across.iqm_common["bad"].iqm < across.iqm_common["good"].iqm
+    assert across.iqm_common["bad"].n_runs == 9                 # its 3 failures counted
+    hard = across.profile.cells.index(("hard", "mlp"))
+    assert across.profile.ratios["bad"][hard] == float("inf")

@@ -138,6 +138,25 @@ def test_marks_are_corrected_across_the_table_as_the_differences_are():
     assert all(not d.significant() for d in diffs.values())     # the same verdict
 
 
+def test_a_mark_and_the_difference_column_never_disagree_about_a_pair():
+    """Three rows: the top row's test against the baseline is one comparison of both tables,
+    corrected once in one family — marked best only where the difference column stars it."""
+    runs = frame({"x": [98.171, 98.463, 98.06, 98.242, 97.976],
+                  "bp": [97.838, 98.111, 98.017, 98.055, 97.893],
+                  "y": [97.691, 98.088, 97.68, 98.002, 97.773]})
+    marks, diffs = stats.table_tests(runs, "clean_test", "max", "bp")
+    assert marks == stats.best_rows(runs, "clean_test", "max", baseline="bp")
+    assert diffs == stats.baseline_differences(runs, "clean_test", "bp", direction="max")
+    x_vs_bp = diffs[("x", "mnist", "mlp")]
+    assert (marks[("x", "mnist", "mlp")] == "best") == x_vs_bp.significant()
+    # the family: x–bp, x–y (the marks) and y–bp (the differences), each once
+    raw = [sps.ttest_rel(runs[runs.label == a].clean_test, runs[runs.label == b].clean_test
+                         ).pvalue for a, b in (("x", "bp"), ("x", "y"), ("y", "bp"))]
+    expected = multipletests(raw, method="holm")[1]
+    assert [x_vs_bp.p_holm, diffs[("y", "mnist", "mlp")].p_holm] == \
+        pytest.approx([expected[0], expected[2]])
+
+
 def test_a_one_seed_row_is_never_best():
     top_alone = stats.best_rows(frame({"a": [99.9], "b": [90.0, 90.1, 89.9, 90.0]}),
                                 "clean_test", "max")

@@ -193,9 +193,9 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
                  render.differences_table(layout, runs, protocol),
                  f"Each row minus {md(layout.baseline)} in the same cell, {protocol} protocol: "
                  "mean difference [95% interval, uncorrected], p-value Holm-corrected across the "
-                 "table (* below 0.05; the marks of the results table are corrected the same "
-                 "way), paired by seed where both ran the same seeds (same split and data "
-                 "order).")
+                 "table in one family with the comparisons behind the results table's marks (* "
+                 "below 0.05), paired by seed where both ran the same seeds (same split and "
+                 "data order).")
         _section(lines, "## Across tasks", render.aggregate_table(layout, runs, protocol),
                  f"Every run's score as a ratio to {md(layout.baseline)}'s mean in its cell "
                  "(inverted for metrics where lower is better: above 1 is better than the "

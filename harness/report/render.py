@@ -12,13 +12,14 @@ from harness.tune import row_of
 
 ARROW = {"max": "↑", "min": "↓"}
 MARKS = ("**bold**: best, distinguishable from every other row of its column (tests paired by "
-         "seed where possible, Holm-corrected over every such comparison of the table together, "
-         "p < 0.05; a row with one seed is tested as a new observation of the best row's seeds, "
-         "and one as good as the best is never told apart from it); *italic*: not told apart "
-         "from the best — as good as it, or too few or too spread seeds to tell (read its "
-         "interval); a row with one seed is never marked itself; ↗ every seed's selected epoch "
-         "was the last of its budget: still improving when training stopped; † runs that "
-         "diverged, left out of the statistics.")
+         "seed where possible, p < 0.05 after Holm's correction over one family: every such "
+         "comparison of the table and every difference to the baseline, so a mark can change as "
+         "other cells fill; a row with one seed is tested as a new observation of the best "
+         "row's seeds, and one as good as the best is never told apart from it); *italic*: not "
+         "told apart from the best — it may be as good, or its seeds too few or too spread to "
+         "tell (read its interval); a row with one seed is never marked itself; ↗ every "
+         "finished seed's selected epoch was the last of its budget: still improving when "
+         "training stopped; † runs that diverged, left out of the statistics.")
 
 
 def fmt(value: Optional[float], metric: str) -> str:

@@ -1,11 +1,11 @@
 """What the report's tables say, computed from the runs (no formatting here; see render.py).
 
 Every cell is a mean over seeds with its 95% t interval and n (``harness.stats``); "best" is
-marked only where the best row is distinguishable from every other row of its column
-(tests paired by seed where both rows ran the same seeds, Holm-corrected over the whole table's
-such comparisons), ties as ties; each row's difference to the suite's baseline comes with its
-interval and its p-value, Holm-corrected across the table likewise. Diverged runs are left out of the statistics and counted beside
-them.
+marked only where the best row is distinguishable from every other row of its column (tests
+paired by seed where both rows ran the same seeds), ties as ties; each row's difference to the
+suite's baseline comes with its interval and its p-value. The marks' comparisons and the
+differences are Holm-corrected in one family over the table (``stats.table_tests``).
+Diverged runs are left out of the statistics and counted beside them.
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
     summaries = stats.cell_summaries(ok, value) if len(ok) else {}
     # a row of one seed is never marked, but takes part: the best must be told apart from it
     # too (stats.best_rows tests it as a new observation of the top row's seeds)
-    marks = stats.best_rows(ok, value, {t: d for t, (_, d) in layout.metrics.items()}) \
-        if len(ok) else {}
+    baseline = layout.baseline if layout.baseline in set(ok["label"]) else None
+    marks = stats.best_rows(ok, value, {t: d for t, (_, d) in layout.metrics.items()},
+                            baseline=baseline) if len(ok) else {}
     rivals = ok.groupby(["task_label", "arch"])["label"].nunique().to_dict()
     marks = {k: m for k, m in marks.items()      # alone: no contest; one seed: never marked
              if rivals.get(k[1:], 0) >= 2 and summaries[k].n >= 2}
@@ -117,7 +118,9 @@ def baseline_differences(layout: Layout, runs, protocol: str) -> dict[tuple, sta
     ok = ok_runs(runs).dropna(subset=[value])
     if not layout.baseline or layout.baseline not in set(ok["label"]):
         return {}
-    return stats.baseline_differences(ok, value, layout.baseline)
+    return stats.baseline_differences(ok, value, layout.baseline,       # one family with
+                                      direction={t: d for t, (_, d) in   # the marks' tests
+                                                 layout.metrics.items()})
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,9 @@ class Across:
 
 def aggregate(layout: Layout, runs, protocol: str) -> Optional[Across]:
     """:class:`Across` for the baseline-normalised scores; None without a baseline or with
-    fewer than two cells."""
+    fewer than two cells. A cell a rule ran counts as its own whether its runs finished or
+    diverged: a diverged run scores 0 (no model) in the IQM, and a cell where every seed
+    diverged is never within τ in the profile — failing never shrinks the comparison."""
     value = PROTOCOL_COLUMN[protocol]
     ok = ok_runs(runs).dropna(subset=[value])
     ok = ok[ok[value] > 0]
@@ -144,20 +149,27 @@ def aggregate(layout: Layout, runs, protocol: str) -> Optional[Across]:
         return None
     base_cells = set(zip(ok[ok["label"] == layout.baseline]["task_label"],
                          ok[ok["label"] == layout.baseline]["arch"]))
-    ok = ok[[c in base_cells for c in zip(ok["task_label"], ok["arch"])]]
+    ok = _in_cells(ok, base_cells)
     if len(base_cells) < 2:
         return None
+    diverged = _in_cells(runs[runs["status"] == "diverged"], base_cells)
     directions = {t: d for t, (_, d) in layout.metrics.items()}
     cells_of: dict[str, set] = {}
-    for row, task, arch in zip(ok["label"], ok["task_label"], ok["arch"]):
-        cells_of.setdefault(row, set()).add((task, arch))
+    for frame in (ok, diverged):
+        for row, task, arch in zip(frame["label"], frame["task_label"], frame["arch"]):
+            cells_of.setdefault(row, set()).add((task, arch))
     common = set.intersection(*cells_of.values())
-    shared = ok[[c in common for c in zip(ok["task_label"], ok["arch"])]]
-    order = [c for c in columns(layout, ok) if c in common]
+
+    def failed(cells) -> list[tuple]:
+        return [(row, task, arch) for row, task, arch in zip(
+            diverged["label"], diverged["task_label"], diverged["arch"]) if (task, arch) in cells]
+    shared = _in_cells(ok, common)
+    order = [c for c in columns(layout, runs) if c in common]
     return Across(tuple(order),
-                  profiles.interquartile_means(shared, value, directions, layout.baseline)
-                  if common else {},
-                  profiles.interquartile_means(ok, value, directions, layout.baseline),
+                  profiles.interquartile_means(shared, value, directions, layout.baseline,
+                                               failures=failed(common)) if common else {},
+                  profiles.interquartile_means(ok, value, directions, layout.baseline,
+                                               failures=failed(base_cells)),
                   profiles.performance_profile(shared, value, directions)
                   if len(common) >= 2 else None)
 
@@ -168,7 +180,7 @@ class Timing:
     task: str
     arch: str
     epoch_s: stats.Summary          # per-run median seconds per training epoch (warm-up out)
-    ratio: Optional[stats.Summary]  # per-run medians ÷ the baseline's mean in the cell
+    ratio: Optional[stats.Summary]  # per-run medians ÷ the baseline's runs at the same threads
     eval_s: float
     memory_mb: Optional[float]
     train_hours: float              # every epoch of every run of the cell, warm-up included
@@ -185,6 +197,12 @@ def cpu_share(notes) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def _in_cells(frame, cells: set):
+    """The rows of ``frame`` in the given (task label, arch) cells."""
+    return frame[[c in cells for c in zip(frame["task_label"], frame["arch"])]] \
+        if len(frame) else frame
 
 
 STARVED = 0.9     # a one-thread run below this CPU share had its core taken by other work
