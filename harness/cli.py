@@ -247,7 +247,7 @@ def cmd_run(args) -> int:
         raise UserError(f"--threads: must be ≥ 1, not {args.threads}")
     if args.run_timeout is not None and not args.run_timeout > 0:
         raise UserError(f"--run-timeout: a number of seconds > 0, not {args.run_timeout}")
-    slurm = _slurm_options(args)
+    slurm = args.slurm_options = _slurm_options(args)
     device = slurm.device(args.device) if slurm else parallel.resolve_device(args.device)
     args.jobs = default_jobs(device if args.backend == "local" else "cpu", args.per_gpu,
                              args.jobs)
@@ -346,11 +346,22 @@ def _only(suite, rules: list[str]):
     return specs
 
 
+def _run_threads(args) -> int:
+    """The torch threads each run will have: ``--threads``, else the Slurm tasks' CPUs under
+    ``--backend slurm``, else the cores shared by ``--jobs`` (what parallel.run gives them)."""
+    from harness.runner import threads_for
+    if args.threads:
+        return args.threads
+    slurm = getattr(args, "slurm_options", None)
+    if args.backend == "slurm" and slurm is not None:
+        return slurm.threads()
+    return threads_for(args.jobs)
+
+
 def _estimates(suite, specs, args, measure: bool, log=lambda m: None):
     from harness import data as data_mod
-    from harness import estimate, parallel
+    from harness import estimate
     from harness.registry import tasks
-    from harness.runner import threads_for
     from harness import params as P
     data_dir = _data_dir(args)
     ready_sets: dict[str, bool] = {}
@@ -362,9 +373,10 @@ def _estimates(suite, specs, args, measure: bool, log=lambda m: None):
             if name not in ready_sets:
                 ready_sets[name] = data_mod.status(name, data_dir)[0] == "ready"
         return all(ready_sets[n] for n in names)
-    threads = args.threads or threads_for(args.jobs)
-    return estimate.estimate(specs, suite.store_path, str(data_dir), threads, measure=measure,
-                             ready=ready, log=log, reference=suite.specs)
+    from harness.fingerprint import current_source
+    return estimate.estimate(specs, suite.store_path, str(data_dir), _run_threads(args),
+                             measure=measure, ready=ready, log=log, reference=suite.specs,
+                             current=current_source(args.plugins))
 
 
 def _dry_run(suite, specs, args, sources) -> int:
@@ -421,8 +433,7 @@ def _dry_run(suite, specs, args, sources) -> int:
         print(f"{len(stale)} stored run(s) were made with source other than the current code "
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
                               else "they are to run again (--rerun-stale)"))
-    from harness.runner import threads_for
-    changed = parallel.thread_changes(the_plan, args.threads or threads_for(args.jobs))
+    changed = parallel.thread_changes(the_plan, _run_threads(args))
     if changed:
         print(changed)
     return 0

@@ -255,13 +255,18 @@ def _said(arch: str, busy: bool, found: tuple[float, int, str], threads: int) ->
 def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads: int,
              measure: bool = True, ready: Callable[[RunSpec], bool] = lambda s: True,
              log: Callable[[str], None] = lambda m: None,
-             reference: Iterable[RunSpec] = ()) -> dict[str, Estimate]:
+             reference: Iterable[RunSpec] = (),
+             current: Optional[Callable[[str, str], Optional[str]]] = None
+             ) -> dict[str, Estimate]:
     """Run key → its :class:`Estimate`. ``measure``: time steps where nothing is stored;
     ``ready(spec)``: whether its data is there to time on; ``reference``: the runs whose stored
-    cells calibrate timed figures (the whole suite)."""
+    cells calibrate timed figures (the whole suite); ``current(algorithm, task)``: the source
+    digest the code gives runs now (harness.fingerprint.current_source with the suite's
+    plugin folders; by default without them), stored runs of other source being no estimate."""
     from harness.fingerprint import current_source
     specs = list(specs)
-    by_cell, by_loose, by_setting = stored_epoch_times(store_path, current_source())
+    by_cell, by_loose, by_setting = stored_epoch_times(
+        store_path, current if current is not None else current_source())
     cache, timed_now = _read_cache(), {}
     reference = list(reference)
     pairs = {busy: calibration_pairs(reference, by_setting, cache, threads, busy)

@@ -544,6 +544,14 @@ def test_time_ratios_are_like_for_like_or_say_why_not(tmp_path):
         conn.execute("UPDATE runs SET threads = 4 WHERE label = 'fa' AND seed = 0")
     found = timings()
     assert set(found["fa"].unlike) == {"threads", "unrecorded"}
+    with sqlite3.connect(tmp_path / "t.sqlite") as conn:
+        # fa at 2 threads is divided by bp's 2-thread seed alone: bp's starved one-thread
+        # runs are not its divisors and do not mark it
+        conn.execute("UPDATE runs SET threads = 2 WHERE label = 'fa'")
+        conn.execute("UPDATE runs SET notes = ? WHERE label = 'bp' AND threads = 1",
+                     (json.dumps({"cpu_share": 0.5}),))
+    found = timings()
+    assert found["fa"].unlike == () and found["fa"].ratio.mean == pytest.approx(3.0)
 
 
 def test_rules_are_compared_across_the_cells_they_all_have():
@@ -645,7 +653,8 @@ def test_a_tasks_reference_predictor_is_named_under_the_results():
                                   "digits": {"task": "d", "metrics": [["accuracy", "max"]]}},
                         "plan": []})
     epochs = pd.DataFrame([dict(label="bp", task_label="chars", arch="rnn", status="ok",
-                                test_accuracy=40.0, test_baseline_accuracy=15.9, test_bpc=2.0),
+                                test_accuracy=40.0, test_baseline_accuracy=15.9, test_bpc=2.0,
+                                test_balanced_accuracy=38.0),       # a metric, not a predictor
                            dict(label="bp", task_label="digits", arch="mlp", status="ok",
                                 test_accuracy=98.0, test_baseline_accuracy=None, test_bpc=None)])
     assert tables.reference_predictors(layout, epochs) == [

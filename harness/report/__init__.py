@@ -172,7 +172,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     predictors = tables.reference_predictors(layout, epochs)
     _section(lines, f"## Results ({protocol} protocol)",
              render.results_table(layout, runs, protocol),
-             "The tasks' own reference predictors, scored on the same test data without "
+             "The tasks' own reference predictors, scored on the test split without "
              "learning (each defined by its task plugin; a rule that scores worse does worse "
              "than that fixed predictor): " + "; ".join(
                  f"{md(t)}/{md(a)} {md(m)} {render.fmt(v, m)}" for t, a, m, v in predictors)
@@ -224,9 +224,8 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
              "ratios in one process. A run's ratio divides it by the baseline's runs of the "
              "same cell made at the same torch threads; ‡ marks a ratio that is not like for "
-             "like (no baseline run at those threads, or one-thread runs that had less than "
-             f"{tables.STARVED} of their core on either side), and the list below the table "
-             "says why." + (
+             "like, and the lines below the table say why (" + "; ".join(
+                 tables.UNLIKE.values()) + ")." + (
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
                  "seconds × its threads) over the whole run, set-up and evaluation included, "
                  "median over the cell's CPU runs — near 1 where a one-thread run had its core, "

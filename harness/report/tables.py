@@ -75,29 +75,34 @@ def results(layout: Layout, runs, protocol: str) -> dict[tuple, Cell]:
         summary = summaries.get((row, task, arch), stats.summarize([]))
         ref = reference(layout, row, algorithm_of.get(row, row), task, arch)
         delta = summary.mean - ref[0] if ref and summary.mean is not None else None
-        out[(row, task, arch)] = Cell(summary, marks.get((row, task, arch)),
-                                      int((group["status"] == "diverged").sum()), ref, delta,
-                                      at_budget(ok[(ok["label"] == row) & (ok["task_label"] == task)
-                                                   & (ok["arch"] == arch)], protocol, planned))
+        diverged = int((group["status"] == "diverged").sum())
+        out[(row, task, arch)] = Cell(summary, marks.get((row, task, arch)), diverged, ref,
+                                      delta, not diverged and at_budget(
+                                          ok[(ok["label"] == row) & (ok["task_label"] == task)
+                                             & (ok["arch"] == arch)], protocol, planned))
     return out
 
 
 def at_budget(cell, protocol: str, planned: dict) -> bool:
-    """Whether every run of the cell selected the last epoch of its planned budget (it ran all
-    of them, no early stop): the metric was still improving when the budget ended, so the
-    cell measures how fast a rule learns as much as how far."""
+    """Whether every finished run of the cell selected the last epoch of a planned budget of
+    more than one epoch (it ran all of them, no early stop): the metric was still improving
+    when the budget ended, so the cell measures how fast a rule learns as much as how far."""
     epoch = PROTOCOL_EPOCH[protocol]
     if cell.empty or epoch not in cell.columns:
         return False
-    return all(planned.get(key) is not None and selected == planned[key]
+    return all(planned.get(key) is not None and planned[key] > 1 and selected == planned[key]
                for key, selected in zip(cell["key"], cell[epoch]))
+
+
+REFERENCE_PREDICTORS = ("baseline", "majority", "chance", "persistence")
 
 
 def reference_predictors(layout: Layout, epochs) -> list[tuple[str, str, str, float]]:
     """(task, arch, metric, value): what a task's own reference predictor scores on the test
-    split, where the task records one beside the primary metric (a secondary metric named
-    ``<predictor>_<primary metric>``: the chars task's ``baseline_accuracy``, the most frequent
-    symbol; the forecast task's ``persistence_mse``), the median over the cell's epochs."""
+    split, where the task records one beside the primary metric as a secondary metric named
+    ``<predictor>_<primary metric>`` with a predictor of REFERENCE_PREDICTORS (the chars task's
+    ``baseline_accuracy``, the most frequent symbol; the forecast task's ``persistence_mse``;
+    not a ``balanced_accuracy``), the median over the cell's epochs."""
     out = []
     counted = epochs[epochs["status"].isin(["ok", "diverged"])]
     for task, arch in columns(layout, counted):
@@ -106,7 +111,8 @@ def reference_predictors(layout: Layout, epochs) -> list[tuple[str, str, str, fl
         for column in here.columns:
             name = column[len("test_"):]
             if (column.startswith("test_") and name.endswith("_" + primary)
-                    and name != primary and here[column].notna().any()):
+                    and name[:-len(primary) - 1] in REFERENCE_PREDICTORS
+                    and here[column].notna().any()):
                 out.append((task, arch, name, float(here[column].median())))
     return out
 
@@ -206,6 +212,7 @@ def _in_cells(frame, cells: set):
 
 
 STARVED = 0.9     # a one-thread run below this CPU share had its core taken by other work
+ALL = object()    # a ratio divided by every baseline run of the cell (none at its threads)
 UNLIKE = {         # why a time ratio is not like for like
     "threads": "no baseline run made at the same torch threads",
     "starved": f"one-thread runs (the row's or the baseline's) had less than {STARVED} of their "
@@ -217,8 +224,9 @@ UNLIKE = {         # why a time ratio is not like for like
 def timing(layout: Layout, runs, epochs) -> list[Timing]:
     """Each cell's training seconds per epoch and its ratio to the baseline's. A run is divided
     by the baseline's runs made at the same torch threads (one thread or two halves or doubles
-    an epoch); ``unlike`` says where that was not possible, or where either side's one-thread
-    runs had less than STARVED of their cores (the load, not the rule, moved the ratio)."""
+    an epoch); ``unlike`` says where that was not possible, or where the row's one-thread runs
+    or the baseline runs it was divided by had less than STARVED of their cores, or never
+    recorded it (the load, not the rule, may have moved the ratio)."""
     counted = epochs[epochs["status"].isin(["ok", "diverged"])]
     if counted.empty:
         return []
@@ -252,16 +260,19 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
             shares = _shares(cell, one_thread=False)
             ratio, unlike = None, []
             if (task, arch) in base:
-                ratios = []
+                ratios, divisors = [], set()     # the baseline runs' threads divided by
                 for run_key, seconds in medians.items():
                     same = base.get((task, arch, threads_of.get(run_key)))
                     if same is None and "threads" not in unlike:
                         unlike.append("threads")
+                    divisors.add(threads_of.get(run_key) if same is not None else ALL)
                     ratios.append(seconds / (same if same is not None else base[(task, arch)]))
                 ratio = stats.summarize(ratios)
                 baseline_cell = finished[(finished["label"] == layout.baseline)
                                          & (finished["task_label"] == task)
                                          & (finished["arch"] == arch)]
+                if ALL not in divisors and "threads" in baseline_cell.columns:
+                    baseline_cell = baseline_cell[baseline_cell["threads"].isin(divisors)]
                 sides = [(cell, _shares(cell)), (baseline_cell, _shares(baseline_cell))]
                 if any(values and statistics.median(values) < STARVED for _, values in sides):
                     unlike.append("starved")
