@@ -584,6 +584,7 @@ def test_rules_are_compared_across_the_cells_they_all_have():
     assert across.profile is None                  # one common cell: no profile
     text = render.aggregate_table(layout, runs, "clean")
     assert "The cells every rule here has: easy/mlp." in text
+    assert "IQM over all its cells" in text          # some rule has more: shown beside
 
 
 def test_the_settings_say_where_each_override_comes_from(write_suite, cli, tmp_path,

@@ -144,17 +144,19 @@ def aggregate_table(layout: Layout, runs, protocol: str) -> Optional[str]:
         return f"{a.iqm:.3f} " + (f"[{a.ci[0]:.3f}, {a.ci[1]:.3f}]" if a.ci
                                   else "(no interval: one run per cell)")
     lines = []
+    # each rule's own cells beside, where some rule has more than the common ones
+    beside = any(a.n_cells > len(across.common) for a in across.iqm_own.values())
     for row in layout.row_order:
         own = across.iqm_own.get(row)
         if own is None:
             continue
         shared = across.iqm_common.get(row)
-        lines.append([md(row), text(shared), shared.n_runs if shared else "–", text(own),
-                      own.n_runs, own.n_cells])
+        lines.append([md(row), text(shared), shared.n_runs if shared else "–"]
+                     + ([text(own), own.n_runs, own.n_cells] if beside else []))
     common = ", ".join(md(f"{t}/{a}") for t, a in across.common) or "none"
     return (f"The cells every rule here has: {common}.\n\n" + _table(lines, [
-        "algorithm", f"IQM of score ÷ {md(layout.baseline)}'s, common cells [95% CI]", "runs",
-        "IQM over all its cells [95% CI]", "runs", "cells"]))
+        "algorithm", f"IQM of score ÷ {md(layout.baseline)}'s, common cells [95% CI]", "runs"]
+        + (["IQM over all its cells [95% CI]", "runs", "cells"] if beside else [])))
 
 
 def timing_table(layout: Layout, timings: list) -> Optional[str]:
