@@ -143,7 +143,8 @@ class Owner:
     pid: int = field(default_factory=os.getpid)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +155,7 @@ def _alive(pid: int) -> bool:
 
 
 def _abandoned(host: str, pid: int, heartbeat: float) -> bool:
-    if host == socket.gethostname() and pid and not _alive(pid):
+    if host == socket.gethostname() and pid and not alive(pid):
         return True
     return time.time() - (heartbeat or 0.0) > CLAIM_TTL_S
 

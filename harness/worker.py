@@ -25,6 +25,7 @@ import time
 from typing import Optional
 
 from harness.api import RunResult, RunSpec, Status
+from harness.store import alive
 
 POLL_S = 0.2
 _lock = threading.Lock()
@@ -40,16 +41,6 @@ def _fork_context():
     return context
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def watch_parents(suite_pid: int) -> None:
     """In a run process: exit as soon as the suite's process (or our own parent) is gone."""
     parent = os.getppid()
@@ -57,7 +48,7 @@ def watch_parents(suite_pid: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent or not _alive(suite_pid):
+            if os.getppid() != parent or not alive(suite_pid):
                 os._exit(75)
     threading.Thread(target=watch, name="watch-parents", daemon=True).start()
 
