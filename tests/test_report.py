@@ -688,3 +688,25 @@ def test_a_rule_that_diverges_is_not_compared_over_fewer_cells():
     assert across.iqm_common["bad"].n_runs == 9                 # its 3 failures counted
     hard = across.profile.cells.index(("hard", "mlp"))
     assert across.profile.ratios["bad"][hard] == float("inf")
+
+
+def test_a_failed_rules_curve_does_not_set_the_panels_scale():
+    """A row far outside the others (Tukey's far-out fences over four or more rows) is left off
+    the y axis, which fits the others, and the title says so; with three rows, or none far,
+    the axis is matplotlib's own."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from harness.report import plots
+    finals = {"bp": 98.4, "dll": 98.1, "fa": 98.0, "pc": 98.3, "released": 60.0}
+    assert plots._far_rows(finals) == ["released"]
+    assert plots._far_rows({k: finals[k] for k in ("bp", "dll", "released")}) == []
+    assert plots._far_rows({k: v for k, v in finals.items() if k != "released"}) == []
+    group = pd.DataFrame([dict(label=row, epoch=e, acc=value - (3 - e)) for row, value in
+                          finals.items() for e in (1, 2, 3)])
+    ax = Figure().subplots()
+    assert plots._fit_to(ax, group, "epoch", "acc", ["released"], list(finals)) == \
+        " (released off the axis)"
+    low, high = ax.get_ylim()
+    assert 95.0 - 0.5 < low < 96.0 and 98.4 < high < 98.6      # the others, padded
+    assert plots._fit_to(ax, group, "epoch", "acc", [], list(finals)) == ""

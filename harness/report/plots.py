@@ -112,6 +112,39 @@ def _log_if_wide(ax, values, error: bool = True) -> bool:
     return True
 
 
+FAR = 3.0           # a row this many interquartile ranges outside the others is off the axis
+
+
+def _far_rows(group_by_row: dict) -> list:
+    """Rows whose last-epoch mean lies more than FAR interquartile ranges outside the other
+    rows' (Tukey's far-out fences, over four or more rows): a rule that failed, drawn at full
+    scale, flattens every other curve of the panel into one line."""
+    import numpy as np
+    finals = {row: float(v) for row, v in group_by_row.items() if np.isfinite(v)}
+    if len(finals) < 4:
+        return []
+    q1, q3 = np.percentile(list(finals.values()), [25, 75])
+    spread = max(q3 - q1, 1e-12 * max(abs(q1), abs(q3), 1.0))
+    return [row for row, v in finals.items() if v < q1 - FAR * spread or v > q3 + FAR * spread]
+
+
+def _fit_to(ax, group, x: str, y: str, far: list, rows: list) -> str:
+    """Limit the y axis to the rows not ``far`` (their seeds' min–max, padded) and say which
+    rows lie off it; "" where none do."""
+    import numpy as np
+    if not far:
+        return ""
+    near = group[group["label"].isin([r for r in rows if r not in far])][[x, y]].dropna()
+    values = near[y].astype(float)
+    values = values[np.isfinite(values)]
+    if values.empty:
+        return ""
+    low, high = float(values.min()), float(values.max())
+    pad = 0.05 * (high - low) or 0.05 * max(abs(high), 1e-12)
+    ax.set_ylim(low - pad, high + pad)
+    return f" ({', '.join(map(str, far))} off the axis)"
+
+
 def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
     """Per task/arch column: validation and test primary metric and the training loss per
     epoch (mean over seeds, band = min–max)."""
@@ -145,8 +178,13 @@ def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> lis
                 log = drawn and metric_log
                 if log:
                     ax.set_yscale("log")
+            off = ""
+            if drawn and not log:     # a failed rule's curve is not the panel's scale
+                last = drawn_here.dropna(subset=[column]).sort_values("epoch")
+                finals = last.groupby(["label", "run_key"])[column].last().groupby(level=0).mean()
+                off = _fit_to(ax, drawn_here, "epoch", column, _far_rows(finals.to_dict()), rows)
             ax.set_title(f"{task}/{arch}: {title.format(metric=metric)}"
-                         + (" (log scale)" if log else ""), fontsize=9)
+                         + (" (log scale)" if log else "") + off, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.tick_params(labelsize=7)
             _integer_epochs(ax)
