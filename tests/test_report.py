@@ -705,8 +705,11 @@ def test_a_failed_rules_curve_does_not_set_the_panels_scale():
     group = pd.DataFrame([dict(label=row, epoch=e, acc=value - (3 - e)) for row, value in
                           finals.items() for e in (1, 2, 3)])
     ax = Figure().subplots()
-    assert plots._fit_to(ax, group, "epoch", "acc", ["released"], list(finals)) == \
+    assert plots._fit_to(ax, group, "acc", ["released"], list(finals)) == \
         " (released off the axis)"
     low, high = ax.get_ylim()
     assert 95.0 - 0.5 < low < 96.0 and 98.4 < high < 98.6      # the others, padded
-    assert plots._fit_to(ax, group, "epoch", "acc", [], list(finals)) == ""
+    assert plots._fit_to(ax, group, "acc", [], list(finals)) == ""
+    ax = Figure().subplots()                     # by the runs' last epochs, as the panels do
+    group["run_key"] = group["label"]
+    assert plots._off_axis(ax, group, "acc", list(finals)) == " (released off the axis)"

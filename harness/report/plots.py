@@ -128,14 +128,14 @@ def _far_rows(group_by_row: dict) -> list:
     return [row for row, v in finals.items() if v < q1 - FAR * spread or v > q3 + FAR * spread]
 
 
-def _fit_to(ax, group, x: str, y: str, far: list, rows: list) -> str:
+def _fit_to(ax, group, y: str, far: list, rows: list) -> str:
     """Limit the y axis to the rows not ``far`` (their seeds' min–max, padded) and say which
     rows lie off it; "" where none do."""
     import numpy as np
     if not far:
         return ""
-    near = group[group["label"].isin([r for r in rows if r not in far])][[x, y]].dropna()
-    values = near[y].astype(float)
+    near = group[group["label"].isin([r for r in rows if r not in far])][y].dropna()
+    values = near.astype(float)
     values = values[np.isfinite(values)]
     if values.empty:
         return ""
@@ -143,6 +143,13 @@ def _fit_to(ax, group, x: str, y: str, far: list, rows: list) -> str:
     pad = 0.05 * (high - low) or 0.05 * max(abs(high), 1e-12)
     ax.set_ylim(low - pad, high + pad)
     return f" ({', '.join(map(str, far))} off the axis)"
+
+
+def _off_axis(ax, here, column: str, rows: list) -> str:
+    """:func:`_fit_to` for the rows far from the others by their runs' last-epoch value."""
+    last = here.dropna(subset=[column]).sort_values("epoch")
+    finals = last.groupby(["label", "run_key"])[column].last().groupby(level=0).mean()
+    return _fit_to(ax, here, column, _far_rows(finals.to_dict()), rows)
 
 
 def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> list[tuple[str, str]]:
@@ -178,11 +185,8 @@ def learning_curves(layout: Layout, epochs, out_dir: Path, colours: dict) -> lis
                 log = drawn and metric_log
                 if log:
                     ax.set_yscale("log")
-            off = ""
-            if drawn and not log:     # a failed rule's curve is not the panel's scale
-                last = drawn_here.dropna(subset=[column]).sort_values("epoch")
-                finals = last.groupby(["label", "run_key"])[column].last().groupby(level=0).mean()
-                off = _fit_to(ax, drawn_here, "epoch", column, _far_rows(finals.to_dict()), rows)
+            # a failed rule's curve is not the panel's scale
+            off = _off_axis(ax, drawn_here, column, rows) if drawn and not log else ""
             ax.set_title(f"{task}/{arch}: {title.format(metric=metric)}"
                          + (" (log scale)" if log else "") + off, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
@@ -218,9 +222,10 @@ def metric_vs_time(layout: Layout, epochs, out_dir: Path, colours: dict) -> list
                 if column in run:
                     ax.plot(run["train_seconds"], run[column], color=colours[row], lw=1.1,
                             alpha=0.85)
-        log = column in here and _log_if_wide(ax, here[here["label"].isin(rows)][column],
-                                              direction == "min")
-        ax.set_title(f"{task}/{arch}" + (" (log scale)" if log else ""), fontsize=9)
+        drawn = here[here["label"].isin(rows)]
+        log = column in here and _log_if_wide(ax, drawn[column], direction == "min")
+        off = _off_axis(ax, drawn, column, rows) if column in here and not log else ""
+        ax.set_title(f"{task}/{arch}" + (" (log scale)" if log else "") + off, fontsize=9)
         ax.set_xlabel("cumulative training seconds", fontsize=8)
         ax.set_ylabel(f"test {metric}", fontsize=8)
         ax.tick_params(labelsize=7)
