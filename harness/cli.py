@@ -433,9 +433,9 @@ def _dry_run(suite, specs, args, sources) -> int:
         print(f"{len(stale)} stored run(s) were made with source other than the current code "
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
                               else "they are to run again (--rerun-stale)"))
-    changed = parallel.thread_changes(the_plan, _run_threads(args))
-    if changed:
-        print(changed)
+    for line in parallel.setting_changes(the_plan, _run_threads(args),
+                                         specs[0].device if specs else "cpu"):
+        print(line)
     return 0
 
 

@@ -39,8 +39,8 @@ class Plan:
     done: list[RunSpec]
     skipped: list[RunSpec]
     stale: list[RunSpec] = field(default_factory=list)   # stored, made with other source
-    # stored runs to do again (stale, rerun, retried errors) → the threads they were made with
-    redo_threads: dict[str, Optional[int]] = field(default_factory=dict)
+    # stored runs to do again (stale, rerun, retried errors) → (threads, CPU model) they had
+    redo_settings: dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,11 +73,11 @@ def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
     runs made with other source as stale, to do again with ``rerun_stale``."""
     stored: dict[str, str] = {}
     stored_sources: dict[str, Optional[str]] = {}
-    stored_threads: dict[str, Optional[int]] = {}
+    stored_settings: dict[str, tuple] = {}
     if Path(store_path).exists() and Path(store_path).stat().st_size > 0:
         with Store(store_path, readonly=True) as store:
             stored, stored_sources = store.statuses(), store.sources()
-            stored_threads = store.threads()
+            stored_settings = store.settings()
     done_statuses = [s for s in DONE_STATUSES if not (retry_errors and s == Status.ERROR)]
     the_plan = Plan([], [], [])
     for spec in specs:
@@ -94,25 +94,44 @@ def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
         else:
             the_plan.todo.append(spec)
             if status is not None and status != Status.SKIPPED:
-                the_plan.redo_threads[key] = stored_threads.get(key)
+                the_plan.redo_settings[key] = stored_settings.get(key, (None, None))
     return the_plan
 
 
-def thread_changes(the_plan: Plan, threads: int) -> Optional[str]:
-    """One line where stored runs to do again were made at other torch threads than ``threads``:
-    the reduction order of their float sums differs, so a re-run meant to reproduce them may
-    move their last digits (and, through training, their metrics); None where all match."""
+def setting_changes(the_plan: Plan, threads: int, device: str = "cpu",
+                    cpu: Optional[str] = None) -> list[str]:
+    """A line for each way stored runs to do again were made otherwise than they will be:
+    at other torch threads than ``threads``, or (CPU runs) on another CPU model than ``cpu``
+    (this machine's). Either changes the order and kernels of float sums, so a re-run meant to
+    reproduce them may move their last digits and, through training, their metrics (BP's MNIST
+    MLP, re-run on an AMD EPYC at its Intel Xeon runs' code and threads, moved its best test
+    accuracy by up to 0.09 points, its FashionMNIST one by up to 0.23)."""
+    from harness.store import cpu_name
+    lines = []
     other: dict[int, int] = {}
-    for made_at in the_plan.redo_threads.values():
+    for made_at, _ in the_plan.redo_settings.values():
         if made_at is not None and made_at != threads:
             other[made_at] = other.get(made_at, 0) + 1
-    if not other:
-        return None
-    counts = ", ".join(f"{n} at {t}" for t, n in sorted(other.items()))
-    reproduce = (f"; --threads {next(iter(other))} reproduces them" if len(other) == 1 else "")
-    return (f"note: {sum(other.values())} stored run(s) to run again were made at other torch "
-            f"threads ({counts}) than these will have ({threads}): float sums in another "
-            f"order may move their numbers{reproduce}")
+    if other:
+        counts = ", ".join(f"{n} at {t}" for t, n in sorted(other.items()))
+        reproduce = (f"; --threads {next(iter(other))} reproduces them" if len(other) == 1
+                     else "")
+        lines.append(f"note: {sum(other.values())} stored run(s) to run again were made at other "
+                     f"torch threads ({counts}) than these will have ({threads}): float sums in "
+                     f"another order may move their numbers{reproduce}")
+    if str(device).startswith("cpu"):
+        here = cpu if cpu is not None else cpu_name()
+        models: dict[str, int] = {}
+        for _, model in the_plan.redo_settings.values():
+            if model is not None and model != here:
+                models[model] = models.get(model, 0) + 1
+        if models:
+            counts = ", ".join(f"{n} on {m}" for m, n in sorted(models.items()))
+            lines.append(f"note: {sum(models.values())} stored run(s) to run again were made on "
+                         f"another CPU model ({counts}) than this one ({here}): its float "
+                         "kernels differ, so their numbers may move, and their times are not "
+                         "this machine's")
+    return lines
 
 
 def prepare_data(specs: list[RunSpec], data_dir: Path, log: Callable[[str], None],
@@ -219,9 +238,8 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
     summary.already_stored, summary.stale = len(the_plan.done), len(the_plan.stale)
     threads = threads or (slurm.threads() if backend == "slurm" else threads_for(jobs))
     device = specs[0].device if specs else "cpu"
-    changed = thread_changes(the_plan, threads)
-    if changed:
-        log(changed)
+    for line in setting_changes(the_plan, threads, device):
+        log(line)
     plugin_paths = tuple(dict.fromkeys([*map(str, plugin_paths), *plugin_folders()]))
     with Store(store_path) as store:       # a store that cannot be written fails here, first
         reasons = prepare_data(the_plan.todo, data_dir, log)

@@ -109,7 +109,8 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """This machine's CPU model, as sessions record it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -126,7 +127,7 @@ def environment(jobs: int, threads: int, backend: str, device: str) -> Environme
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return Environment(python=sys.version.split()[0], torch=torch.__version__,
                        project_version=__version__, git_commit=_git_commit(),
-                       platform=platform.platform(), cpu=_cpu_name(), cores=int(cores or 1),
+                       platform=platform.platform(), cpu=cpu_name(), cores=int(cores or 1),
                        gpu=gpu, jobs=jobs, threads=threads, backend=backend, device=device)
 
 
@@ -341,9 +342,12 @@ class Store:
         """Run key → the source digest it was made with."""
         return dict(self.query("SELECT key, source FROM runs"))
 
-    def threads(self) -> dict[str, Optional[int]]:
-        """Run key → the torch threads it ran with (None where not recorded)."""
-        return dict(self.query("SELECT key, threads FROM runs"))
+    def settings(self) -> dict[str, tuple[Optional[int], Optional[str]]]:
+        """Run key → (the torch threads it ran with, the CPU model of its session); None where
+        not recorded."""
+        return {key: (threads, cpu) for key, threads, cpu in self.query(
+            "SELECT runs.key, runs.threads, sessions.cpu FROM runs "
+            "LEFT JOIN sessions ON sessions.id = runs.session_id")}
 
     def save(self, result: RunResult, session_id: Optional[int],
              owner: Optional[Owner] = None) -> None:

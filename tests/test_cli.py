@@ -96,7 +96,7 @@ def test_log_epochs_prints_a_line_per_epoch(blob_suite, cli, tmp_path, monkeypat
     assert ": epoch " not in err
 
 
-def test_a_rerun_at_other_threads_says_so(blob_suite, cli, tmp_path, monkeypatch):
+def test_a_rerun_at_other_threads_or_on_another_cpu_says_so(blob_suite, cli, tmp_path, monkeypatch):
     """Runs to do again that were made at other torch threads are named, with the --threads
     that reproduces them; at their own threads nothing is said."""
     monkeypatch.chdir(tmp_path)
@@ -115,6 +115,14 @@ def test_a_rerun_at_other_threads_says_so(blob_suite, cli, tmp_path, monkeypatch
     status, _, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
                          "--rerun", "--threads", "2", "--only", "seed=0")
     assert status == 0 and "note: 1 stored run(s) to run again" in err, err
+    import sqlite3                                # and runs made on another CPU model
+    with sqlite3.connect(tmp_path / "threads.sqlite") as conn:
+        conn.execute("UPDATE sessions SET cpu = 'Another CPU 9000'")
+    status, out, _ = cli("run", path, "--dry-run", "--device", "cpu", "--rerun",
+                         "--threads", "1")
+    assert status == 0
+    assert ("note: 2 stored run(s) to run again were made on another CPU model (2 on Another "
+            "CPU 9000) than this one") in out
 
 
 def test_dry_run_counts_runs_waiting_for_data_apart(write_suite, cli, tmp_path, monkeypatch):

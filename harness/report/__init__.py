@@ -218,19 +218,19 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "the record only.")
     _section(lines, f"## Every test metric at the {protocol} protocol's epoch",
              render.metrics_table(layout, runs, epochs, protocol))
-    timings = tables.timing(layout, runs, epochs)
+    timings = tables.timing(layout, runs, epochs, sessions)
     noted = any(t.cpu_share is not None for t in timings)
     _section(lines, "## Time per epoch and memory", render.timing_table(layout, timings),
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
              "ratios in one process. A run's ratio divides it by the baseline's runs of the "
-             "same cell made at the same torch threads; ‡ marks a ratio that is not like for "
-             "like, and the lines below the table say why (" + "; ".join(
+             "same cell made at the same torch threads on the same CPU model; ‡ marks a ratio "
+             "that is not like for like, and the lines below the table say why (" + "; ".join(
                  tables.UNLIKE.values()) + ")." + (
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
                  "seconds × its threads) over the whole run, set-up and evaluation included, "
                  "median over the cell's CPU runs — near 1 where a one-thread run had its core, "
                  "well below where other work took the cores and slowed it." if noted else ""))
-    for title, name in _figures(layout, runs, epochs, out_dir, trials):
+    for title, name in _figures(layout, runs, epochs, out_dir, trials, timings):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     grouped = coverage.problems(layout, all_runs)
     if grouped:
@@ -254,7 +254,8 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     return path
 
 
-def _figures(layout: Layout, runs, epochs, out_dir: Path, trials) -> list[tuple[str, str]]:
+def _figures(layout: Layout, runs, epochs, out_dir: Path, trials,
+             timings: list) -> list[tuple[str, str]]:
     import seaborn as sns
 
     from harness import profiles
@@ -263,7 +264,7 @@ def _figures(layout: Layout, runs, epochs, out_dir: Path, trials) -> list[tuple[
     colours = plots.palette(list(layout.row_order), layout.row_algorithms)
     made = plots.learning_curves(layout, epochs, out_dir, colours)
     made += plots.metric_vs_time(layout, epochs, out_dir, colours)
-    made += plots.time_ratio(layout, epochs, out_dir, colours, layout.baseline)
+    made += plots.time_ratio(layout, timings, out_dir, colours, layout.baseline)
     made += plots.alignment(layout, epochs, out_dir, colours)
     made += plots.logged(layout, epochs, out_dir, colours)
     made += plots.tuning(layout, trials, out_dir, colours)

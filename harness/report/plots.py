@@ -6,6 +6,7 @@ pairs of the PNGs it wrote (none where there is nothing to draw).
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -236,25 +237,20 @@ def metric_vs_time(layout: Layout, epochs, out_dir: Path, colours: dict) -> list
     return [("Test metric against cumulative training time", "metric_vs_time.png")]
 
 
-def time_ratio(layout: Layout, epochs, out_dir: Path, colours: dict,
+def time_ratio(layout: Layout, timings: list, out_dir: Path, colours: dict,
                baseline: Optional[str]) -> list[tuple[str, str]]:
-    """Seconds per training epoch (warm-up excluded) of each run as a ratio to the baseline
-    row's mean in the same column: a point per run, a bar at the mean."""
+    """Seconds per training epoch (warm-up excluded) of each run as a ratio to the baseline's
+    runs of the same column, as the report's time table divides them
+    (``harness.report.tables.timing``: the same threads and CPU model where the baseline has
+    such runs): a point per run, a bar at the mean; ‡ after a row whose ratio is not like for
+    like."""
     plt = _pyplot()
-    frame = _ok(epochs)
-    if frame.empty or baseline is None:
+    with_ratio = [t for t in timings if t.run_ratios]
+    if not with_ratio or baseline is None:
         return []
-    timed = frame[~frame["warmup"]] if (~frame["warmup"]).any() else frame
-    per_run = timed.groupby(["label", "task_label", "arch", "run_key"])["train_time_s"].median()
-    per_run = per_run.reset_index()
-    cells = [c for c in _cells(layout, frame)
-             if ((per_run["label"] == baseline) & (per_run["task_label"] == c[0])
-                 & (per_run["arch"] == c[1])).any()]
-    if not cells:
-        return []
-    rows = [r for r in layout.row_order if r in set(per_run["label"])]
-    present = {c: [r for r in rows if ((per_run["label"] == r) & (per_run["task_label"] == c[0])
-                                        & (per_run["arch"] == c[1])).any()] for c in cells}
+    cells = [c for c in layout.column_order if c in {(t.task, t.arch) for t in with_ratio}]
+    present = {c: [t for r in layout.row_order for t in with_ratio
+                   if (t.row, t.task, t.arch) == (r, *c)] for c in cells}
     # horizontal bars, a panel per cell holding only its rows: readable for 3 rules or 30
     width = min(3, len(cells))
     height = -(-len(cells) // width)
@@ -265,21 +261,22 @@ def time_ratio(layout: Layout, epochs, out_dir: Path, colours: dict,
     for ax in axes[len(cells):]:
         ax.set_visible(False)
     for ax, (task, arch) in zip(axes, cells):
-        here = per_run[(per_run["task_label"] == task) & (per_run["arch"] == arch)]
-        base = here[here["label"] == baseline]["train_time_s"].mean()
         names = present[(task, arch)]
-        for y, row in enumerate(names):
-            ratios = here[here["label"] == row]["train_time_s"] / base
-            ax.barh(y, ratios.mean(), color=colours[row], alpha=0.35, height=0.7)
-            ax.scatter(ratios, [y] * len(ratios), color=colours[row], s=12, zorder=3)
+        for y, t in enumerate(names):
+            ax.barh(y, statistics.mean(t.run_ratios), color=colours[t.row], alpha=0.35,
+                    height=0.7)
+            ax.scatter(t.run_ratios, [y] * len(t.run_ratios), color=colours[t.row], s=12,
+                       zorder=3)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_yticks(range(len(names)), [t.row + (" ‡" if t.unlike else "") for t in names],
+                      fontsize=7)
         ax.set_ylim(len(names) - 0.5, -0.5)          # the first row on top
         ax.set_title(f"{task}/{arch}", fontsize=9)
         ax.set_xlabel(f"train s/epoch ÷ {baseline}'s", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"Time per training epoch relative to {baseline} (bar: mean; points: runs; "
-                 "the machine's load moves single runs)", y=1.02, fontsize=10)
+                 "‡: not like for like, the report's time table says why)", y=1.02,
+                 fontsize=10)
     fig.tight_layout()
     _save(fig, out_dir, "time_ratio.png")
     return [(f"Time per epoch relative to {baseline}", "time_ratio.png")]

@@ -192,6 +192,7 @@ class Timing:
     train_hours: float              # every epoch of every run of the cell, warm-up included
     cpu_share: Optional[float] = None   # median of the CPU runs' shares of their cores
     unlike: tuple = ()              # why the ratio is not like for like (UNLIKE's keys)
+    run_ratios: tuple = ()          # each run's ratio (the summary's values), for the plot
 
 
 def cpu_share(notes) -> Optional[float]:
@@ -214,17 +215,18 @@ def _in_cells(frame, cells: set):
 STARVED = 0.9     # a one-thread run below this CPU share had its core taken by other work
 ALL = object()    # a ratio divided by every baseline run of the cell (none at its threads)
 UNLIKE = {         # why a time ratio is not like for like
-    "threads": "no baseline run made at the same torch threads",
+    "threads": "no baseline run made at the same torch threads on the same CPU model",
     "starved": f"one-thread runs (the row's or the baseline's) had less than {STARVED} of their "
                "core: other work slowed them",
     "unrecorded": "the load is not recorded (the row's or the baseline's one-thread runs were "
                   "made before runs noted their CPU share)"}
 
 
-def timing(layout: Layout, runs, epochs) -> list[Timing]:
+def timing(layout: Layout, runs, epochs, sessions=None) -> list[Timing]:
     """Each cell's training seconds per epoch and its ratio to the baseline's. A run is divided
     by the baseline's runs made at the same torch threads (one thread or two halves or doubles
-    an epoch); ``unlike`` says where that was not possible, or where the row's one-thread runs
+    an epoch) on the same CPU model (``sessions``' ``cpu``: the stores hold runs of several
+    machines); ``unlike`` says where that was not possible, or where the row's one-thread runs
     or the baseline runs it was divided by had less than STARVED of their cores, or never
     recorded it (the load, not the rule, may have moved the ratio)."""
     counted = epochs[epochs["status"].isin(["ok", "diverged"])]
@@ -232,7 +234,13 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
         return []
     timed = counted[~counted["warmup"]] if (~counted["warmup"]).any() else counted
     per_run = timed.groupby(["label", "task_label", "arch", "run_key"])["train_time_s"].median()
-    threads_of = dict(zip(runs["key"], runs["threads"])) if "threads" in runs.columns else {}
+    cpu_of: dict = {}
+    if sessions is not None and len(sessions) and {"id", "cpu"} <= set(sessions.columns) \
+            and "session_id" in runs.columns:
+        by_session = dict(zip(sessions["id"], sessions["cpu"]))
+        cpu_of = {key: by_session.get(sid) for key, sid in zip(runs["key"], runs["session_id"])}
+    setting_of = {key: (threads, cpu_of.get(key)) for key, threads in zip(
+        runs["key"], runs["threads"])} if "threads" in runs.columns else {}   # a run's setting
     finished = runs[runs["status"].isin(["ok", "diverged"])]
     base: dict[tuple, float] = {}          # (task, arch) and (task, arch, threads) → mean
     if layout.baseline:
@@ -241,7 +249,7 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
             base[(task, arch)] = float(group.mean())
             by_threads: dict = {}
             for (_, _, _, key), seconds in group.items():
-                by_threads.setdefault(threads_of.get(key), []).append(seconds)
+                by_threads.setdefault(setting_of.get(key), []).append(seconds)
             for count, values in by_threads.items():
                 base[(task, arch, count)] = float(statistics.mean(values))
     out = []
@@ -262,17 +270,19 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
             if (task, arch) in base:
                 ratios, divisors = [], set()     # the baseline runs' threads divided by
                 for run_key, seconds in medians.items():
-                    same = base.get((task, arch, threads_of.get(run_key)))
+                    same = base.get((task, arch, setting_of.get(run_key)))
                     if same is None and "threads" not in unlike:
                         unlike.append("threads")
-                    divisors.add(threads_of.get(run_key) if same is not None else ALL)
+                    divisors.add(setting_of.get(run_key) if same is not None else ALL)
                     ratios.append(seconds / (same if same is not None else base[(task, arch)]))
                 ratio = stats.summarize(ratios)
                 baseline_cell = finished[(finished["label"] == layout.baseline)
                                          & (finished["task_label"] == task)
                                          & (finished["arch"] == arch)]
-                if ALL not in divisors and "threads" in baseline_cell.columns:
-                    baseline_cell = baseline_cell[baseline_cell["threads"].isin(divisors)]
+                if ALL not in divisors:
+                    baseline_cell = baseline_cell[[setting_of.get(k) in divisors
+                                                   for k in baseline_cell["key"]]] \
+                        if len(baseline_cell) else baseline_cell
                 sides = [(cell, _shares(cell)), (baseline_cell, _shares(baseline_cell))]
                 if any(values and statistics.median(values) < STARVED for _, values in sides):
                     unlike.append("starved")
@@ -285,7 +295,7 @@ def timing(layout: Layout, runs, epochs) -> list[Timing]:
                               None if memory != memory else float(memory),
                               float(here["train_time_s"].sum()) / 3600.0,
                               statistics.median(shares) if shares else None,
-                              tuple(unlike)))
+                              tuple(unlike), tuple(ratios) if ratio is not None else ()))
     return out
 
 
