@@ -44,9 +44,10 @@ def cmd_show(args) -> int:
     from harness.report.render import MARKS
     with _open(args.target, args.store) as store:
         layout = layout_of(store)
-        table = headline(store, layout)
+        current = current_source(args.plugins)
+        table = headline(store, layout, current)
         runs = frames_for(store, layout).runs
-        stale, cells = stale_cells(runs, current_source(args.plugins))
+        stale, cells = stale_cells(runs, current)
     meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
                else "the best test epoch, as the DLL paper reports")
     caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: mean [95% t "

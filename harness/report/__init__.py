@@ -24,23 +24,35 @@ from harness.tune import row_of
 __all__ = ["Layout", "build", "md", "stale_cells", "headline"]
 
 
-def stale_cells(runs, current) -> tuple[int, list[str]]:
-    """Runs (not skipped) whose stored source digest differs from what ``current(algorithm,
-    task)`` says the code gives now (None: unknown, not counted), and their cells. Tuning
-    trials count too, their cells marked "(tuning)": a selection resting on trials of older
-    code is as stale as a final run of it."""
+def _stale(runs, current) -> set[tuple]:
+    """(key, row label, role, task, arch) of the runs (not skipped) whose stored source digest
+    differs from what ``current(algorithm, task)`` says the code gives now (None: unknown, not
+    counted)."""
     if current is None or runs.empty or "source" not in runs.columns:
-        return 0, []
+        return set()
     done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
     role = done["role"] if "role" in done.columns else [""] * len(done)
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
-    old = {(key, row_of(row) + (" (tuning)" if kind == "trial" else ""), task, arch)
-           for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
-               done["key"], role, done["label"], done["algorithm"], done["task"],
-               done["task_label"], done["arch"], done["source"])
-           if current(algorithm, task_plugin) not in (None, source)}
+    return {(key, row, kind, task, arch)
+            for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
+                done["key"], role, done["label"], done["algorithm"], done["task"],
+                done["task_label"], done["arch"], done["source"])
+            if current(algorithm, task_plugin) not in (None, source)}
+
+
+def stale_cells(runs, current) -> tuple[int, list[str]]:
+    """How many runs are stale (:func:`_stale`), and their cells. Tuning trials count too,
+    their cells marked "(tuning)": a selection resting on trials of older code is as stale as
+    a final run of it."""
+    old = _stale(runs, current)
     return (len({key for key, *_ in old}),
-            sorted({f"{r} on {t}/{a}" for _, r, t, a in old}))
+            sorted({f"{row_of(r)}{' (tuning)' if kind == 'trial' else ''} on {t}/{a}"
+                    for _, r, kind, t, a in old}))
+
+
+def stale_groups(runs, current) -> set[tuple]:
+    """(row, task, arch) of the results cells holding a stale run (tuning trials aside)."""
+    return {(r, t, a) for _, r, kind, t, a in _stale(runs, current) if kind != "trial"}
 
 
 def layout_of(store, layout: Optional[Layout] = None) -> Layout:
@@ -89,12 +101,14 @@ def _in_key_order(frames: store_mod.Frames) -> store_mod.Frames:
                             order(frames.sessions, ["started_at", "uuid"]))
 
 
-def headline(store, layout: Optional[Layout] = None) -> str:
-    """The results table of the suite's protocol, as the report opens with it."""
+def headline(store, layout: Optional[Layout] = None, current=None) -> str:
+    """The results table of the suite's protocol, as the report opens with it (``current``:
+    as for :func:`build`, to mark the cells holding stale runs)."""
     layout = layout_of(store, layout)
     runs = frames_for(store, layout).runs
     runs = runs[runs["role"] != "trial"]
-    return render.results_table(layout, runs, layout.protocol) or "(no finished runs yet)"
+    return render.results_table(layout, runs, layout.protocol, stale_groups(runs, current)) \
+        or "(no finished runs yet)"
 
 
 def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = None,
@@ -127,7 +141,7 @@ def build(store, out_root: Path = Path("reports"), layout: Optional[Layout] = No
     except ValueError:
         shown = "<this folder>/runs.jsonl"           # never a machine path in a report
     return _write(layout, frames, out_dir, f"python bench.py report {shown}",
-                  stale_cells(frames.runs, current))
+                  current)
 
 
 def _section(lines: list[str], title: str, body: Optional[str], caption: str = "") -> None:
@@ -136,13 +150,14 @@ def _section(lines: list[str], title: str, body: Optional[str], caption: str = "
 
 
 def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
-           stale: tuple[int, list[str]] = (0, [])) -> Path:
+           current=None) -> Path:
     from harness.api import UserError
     from harness.report import plots
     all_runs, all_epochs, sessions = frames
     trials = all_runs[all_runs["role"] == "trial"]
     runs = all_runs[all_runs["role"] != "trial"]
     epochs = all_epochs[all_epochs["role"] != "trial"]
+    stale, stale_here = stale_cells(all_runs, current), stale_groups(runs, current)
     protocol = layout.protocol
     other = "paper" if protocol == "clean" else "clean"
     counts = all_runs.drop_duplicates("key")["status"].value_counts().to_dict()
@@ -171,7 +186,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     lines.append("")
     predictors = tables.reference_predictors(layout, epochs)
     _section(lines, f"## Results ({protocol} protocol)",
-             render.results_table(layout, runs, protocol),
+             render.results_table(layout, runs, protocol, stale_here),
              "The tasks' own reference predictors, scored on the test split without "
              "learning (each defined by its task plugin; a rule that scores worse does worse "
              "than that fixed predictor): " + "; ".join(
@@ -211,7 +226,8 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "Training seconds (every epoch's, the first included) and epochs until the "
              "validation metric first reached the suite's target for the task; over the seeds "
              "that reached it (intervals cut at 0).")
-    _section(lines, f"## Results ({other} protocol)", render.results_table(layout, runs, other))
+    _section(lines, f"## Results ({other} protocol)",
+             render.results_table(layout, runs, other, stale_here))
     _section(lines, "## Both protocols, per run group", render.protocols_table(layout, runs))
     _section(lines, "## Selection on validation", render.validation_table(layout, runs),
              "Bold: the best validation mean of each plugin on each task/arch; test shown for "

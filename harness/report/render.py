@@ -19,7 +19,8 @@ MARKS = ("**bold**: best, distinguishable from every other row of its column (te
          "told apart from the best — it may be as good, or its seeds too few or too spread to "
          "tell (read its interval); a row with one seed is never marked itself; ↗ every "
          "finished seed's selected epoch was the last of its budget: still improving when "
-         "training stopped; † runs that diverged, left out of the statistics.")
+         "training stopped; † runs that diverged, left out of the statistics; § runs made with "
+         "older code than the current (stale).")
 
 
 def fmt(value: Optional[float], metric: str) -> str:
@@ -67,7 +68,8 @@ def _table(rows, headers) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def results_table(layout: Layout, runs, protocol: str) -> Optional[str]:
+def results_table(layout: Layout, runs, protocol: str,
+                  stale: frozenset = frozenset()) -> Optional[str]:
     """Rows × task/arch of the protocol's selected test metric: mean [95% CI] (n), marks, and
     the published value with the difference where the suite gives one."""
     cells = tables.results(layout, runs, protocol)
@@ -89,7 +91,8 @@ def results_table(layout: Layout, runs, protocol: str) -> Optional[str]:
         for task, arch in columns:
             metric = layout.metrics[task][0]
             cell = cells.get((row, task, arch))
-            line.append(cell_text(cell, metric) if cell else "–")
+            line.append((cell_text(cell, metric) if cell else "–")
+                        + (" §" if (row, task, arch) in stale else ""))
             if (task, arch) in with_refs:
                 ref = cell.reference if cell else None
                 if ref is None:
