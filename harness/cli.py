@@ -434,7 +434,8 @@ def _dry_run(suite, specs, args, sources) -> int:
               f"(stale): " + ("--rerun-stale runs them again" if not args.rerun_stale
                               else "they are to run again (--rerun-stale)"))
     for line in parallel.setting_changes(the_plan, _run_threads(args),
-                                         specs[0].device if specs else "cpu"):
+                                         specs[0].device if specs else "cpu",
+                                         local=args.backend == "local"):
         print(line)
     return 0
 

@@ -99,10 +99,10 @@ def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
 
 
 def setting_changes(the_plan: Plan, threads: int, device: str = "cpu",
-                    cpu: Optional[str] = None) -> list[str]:
+                    cpu: Optional[str] = None, local: bool = True) -> list[str]:
     """A line for each way stored runs to do again were made otherwise than they will be:
-    at other torch threads than ``threads``, or (CPU runs) on another CPU model than ``cpu``
-    (this machine's). Either changes the order and kernels of float sums, so a re-run meant to
+    at other torch threads than ``threads``, or (CPU runs made here: ``local``, not on a
+    cluster's nodes) on another CPU model than ``cpu`` (this machine's). Either changes the order and kernels of float sums, so a re-run meant to
     reproduce them may move their last digits and, through training, their metrics (BP's MNIST
     MLP, re-run on an AMD EPYC at its Intel Xeon runs' code and threads, moved its best test
     accuracy by up to 0.09 points, its FashionMNIST one by up to 0.23)."""
@@ -119,7 +119,7 @@ def setting_changes(the_plan: Plan, threads: int, device: str = "cpu",
         lines.append(f"note: {sum(other.values())} stored run(s) to run again were made at other "
                      f"torch threads ({counts}) than these will have ({threads}): float sums in "
                      f"another order may move their numbers{reproduce}")
-    if str(device).startswith("cpu"):
+    if local and str(device).startswith("cpu"):
         here = cpu if cpu is not None else cpu_name()
         models: dict[str, int] = {}
         for _, model in the_plan.redo_settings.values():
@@ -238,7 +238,7 @@ def run(specs: list[RunSpec], store_path: Path, *, jobs: int = 1, backend: str =
     summary.already_stored, summary.stale = len(the_plan.done), len(the_plan.stale)
     threads = threads or (slurm.threads() if backend == "slurm" else threads_for(jobs))
     device = specs[0].device if specs else "cpu"
-    for line in setting_changes(the_plan, threads, device):
+    for line in setting_changes(the_plan, threads, device, local=backend == "local"):
         log(line)
     plugin_paths = tuple(dict.fromkeys([*map(str, plugin_paths), *plugin_folders()]))
     with Store(store_path) as store:       # a store that cannot be written fails here, first
