@@ -186,7 +186,7 @@ class Timing:
     task: str
     arch: str
     epoch_s: stats.Summary          # per-run median seconds per training epoch (warm-up out)
-    ratio: Optional[stats.Summary]  # per-run medians ÷ the baseline's runs at the same threads
+    ratio: Optional[stats.Summary]  # per-run medians ÷ the baseline's runs of the same setting
     eval_s: float
     memory_mb: Optional[float]
     train_hours: float              # every epoch of every run of the cell, warm-up included
@@ -213,7 +213,7 @@ def _in_cells(frame, cells: set):
 
 
 STARVED = 0.9     # a one-thread run below this CPU share had its core taken by other work
-ALL = object()    # a ratio divided by every baseline run of the cell (none at its threads)
+ALL = object()    # a ratio divided by every baseline run of the cell (none of its setting)
 UNLIKE = {         # why a time ratio is not like for like
     "threads": "no baseline run made at the same torch threads on the same CPU model",
     "starved": f"one-thread runs (the row's or the baseline's) had less than {STARVED} of their "
@@ -239,19 +239,19 @@ def timing(layout: Layout, runs, epochs, sessions=None) -> list[Timing]:
             and "session_id" in runs.columns:
         by_session = dict(zip(sessions["id"], sessions["cpu"]))
         cpu_of = {key: by_session.get(sid) for key, sid in zip(runs["key"], runs["session_id"])}
-    setting_of = {key: (threads, cpu_of.get(key)) for key, threads in zip(
-        runs["key"], runs["threads"])} if "threads" in runs.columns else {}   # a run's setting
+    setting_of = {key: (threads, cpu_of.get(key)) for key, threads in zip(   # (threads, CPU)
+        runs["key"], runs["threads"])} if "threads" in runs.columns else {}
     finished = runs[runs["status"].isin(["ok", "diverged"])]
-    base: dict[tuple, float] = {}          # (task, arch) and (task, arch, threads) → mean
+    base: dict[tuple, float] = {}          # (task, arch) and (task, arch, setting) → mean
     if layout.baseline:
         ours = per_run[per_run.index.get_level_values(0) == layout.baseline]
         for (task, arch), group in ours.groupby(level=[1, 2]):
             base[(task, arch)] = float(group.mean())
-            by_threads: dict = {}
+            by_setting: dict = {}
             for (_, _, _, key), seconds in group.items():
-                by_threads.setdefault(setting_of.get(key), []).append(seconds)
-            for count, values in by_threads.items():
-                base[(task, arch, count)] = float(statistics.mean(values))
+                by_setting.setdefault(setting_of.get(key), []).append(seconds)
+            for setting, values in by_setting.items():
+                base[(task, arch, setting)] = float(statistics.mean(values))
     out = []
     for row in rows(layout, counted):
         for task, arch in columns(layout, counted):
@@ -268,7 +268,7 @@ def timing(layout: Layout, runs, epochs, sessions=None) -> list[Timing]:
             shares = _shares(cell, one_thread=False)
             ratio, unlike = None, []
             if (task, arch) in base:
-                ratios, divisors = [], set()     # the baseline runs' threads divided by
+                ratios, divisors = [], set()     # the baseline runs' settings divided by
                 for run_key, seconds in medians.items():
                     same = base.get((task, arch, setting_of.get(run_key)))
                     if same is None and "threads" not in unlike:
