@@ -41,21 +41,27 @@ def cmd_show(args) -> int:
     """The headline table in the terminal (GitHub markdown), or into a marked block of a file."""
     from harness.fingerprint import current_source
     from harness.report import frames_for, headline, layout_of, stale_cells
-    from harness.report.render import MARKS
+    from harness.report.render import CELLS, MARKS, fmt
+    from harness.report.tables import reference_predictors
     with _open(args.target, args.store) as store:
         layout = layout_of(store)
         current = current_source(args.plugins)
         table = headline(store, layout, current)
-        runs = frames_for(store, layout).runs
-        stale, cells = stale_cells(runs, current)
+        frames = frames_for(store, layout)
+        stale, cells = stale_cells(frames.runs, current)
+        predictors = reference_predictors(
+            layout, frames.epochs[frames.epochs["role"] != "trial"])
     meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
                else "the best test epoch, as the DLL paper reports")
-    caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: mean [95% t "
-               "interval] (seeds); – no result (not run yet, skipped or failed: the report "
+    caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: {CELLS}; – "
+               "no result (not run yet, skipped or failed: the report "
                "says which); an empty published cell: no published value. "
                + MARKS.replace("**bold**", "bold").replace("*italic*", "italic")
                + (f" {stale} of the runs were made with older code (stale): "
-                  f"{', '.join(cells)}." if stale else "") + "*")
+                  f"{', '.join(cells)}." if stale else "")
+               + (" The tasks' reference predictors on test: " + "; ".join(
+                   f"{t}/{a} {m} {fmt(v, m)}" for t, a, m, v in predictors) + "."
+                  if predictors else "") + "*")
     if args.into is None:
         print(caption + "\n")
         print(table)

@@ -98,6 +98,34 @@ def _interval(ci) -> Optional[tuple[float, float]]:
     return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
+# What a metric can take, by its name (the tasks' words): a t interval of few seeds reaches
+# past it (an MSE interval below 0, an accuracy one above 100), and the mean cannot be there.
+PERCENT_SUFFIX = "accuracy"
+NON_NEGATIVE = ("mse", "mae", "rmse", "loss", "bpc", "perplexity", "s", "epochs", "ratio")
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values ``metric`` can take: an accuracy (any name ending in ``accuracy``) is a
+    percentage, 0 to 100; an error, a loss, a duration or a ratio of durations (``mse``,
+    ``persistence_mse``, ``bpc``, ``s``, ``ratio``, …) is at least 0; any other metric is
+    unbounded."""
+    if metric.endswith(PERCENT_SUFFIX):
+        return 0.0, 100.0
+    if metric in NON_NEGATIVE or metric.rsplit("_", 1)[-1] in NON_NEGATIVE:
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def within_range(summary: Summary, metric: str) -> Summary:
+    """``summary`` with its interval cut at what ``metric`` can take (the true mean lies in
+    that range, so the cut interval covers it as often as the t interval does)."""
+    if summary.ci is None:
+        return summary
+    low, high = metric_range(metric)
+    cut = (max(summary.ci[0], low), min(summary.ci[1], high))
+    return summary if cut == summary.ci else replace(summary, ci=cut)
+
+
 def summarize(values: Values, confidence: float = CONFIDENCE) -> Summary:
     """n, mean, sample std and the t interval of the mean of one cell's values (a sequence,
     or seed → value); NaN/None are dropped and counted in ``dropped``."""

@@ -662,6 +662,26 @@ def test_a_tasks_reference_predictor_is_named_under_the_results():
         ("chars", "rnn", "baseline_accuracy", 15.9)]
 
 
+def test_a_cell_no_better_than_a_constant_predictor_is_marked_as_not_learning(tmp_path):
+    """✗ where a row's mean does no better than the task's constant reference predictor (the
+    most frequent symbol); never against persistence, which reads what a model may not see."""
+    from harness.report import frames_for, render
+    layout = _fake_store(tmp_path / "c.sqlite", {"bp": [60.0, 61.0, 62.0],
+                                                 "stuck": [40.0, 41.0, 42.0]},
+                         {"bp": 1.0, "stuck": 1.0})
+    with store_mod.Store(tmp_path / "c.sqlite", readonly=True) as store:
+        runs = frames_for(store, layout).runs
+
+    def marked(predictors):
+        table = render.results_table(layout, runs, "clean", predictors=predictors)
+        return {line.split("|")[1].strip() for line in table.splitlines() if "✗" in line}
+    assert marked([("blobs", "mlp", "baseline_accuracy", 50.0)]) == {"stuck"}
+    assert marked([("blobs", "mlp", "baseline_accuracy", 61.0)]) == {"bp", "stuck"}  # ≤: no better
+    assert marked([("blobs", "mlp", "persistence_accuracy", 50.0)]) == set()
+    assert marked([]) == set()
+    assert "✗" in render.MARKS
+
+
 def test_a_rule_that_diverges_is_not_compared_over_fewer_cells():
     """Diverging on every seed of the hard cell does not drop the cell from the comparison:
     the cell stays common, its runs score 0 in the IQM and never within τ in the profile."""

@@ -33,6 +33,24 @@ def test_t_interval_matches_a_hand_computation():
     assert s.ci == pytest.approx((3.0 - half, 3.0 + half))
 
 
+def test_an_interval_is_cut_where_it_passes_what_the_metric_can_take():
+    """Few spread seeds give a t interval below 0 for an error and above 100 for an accuracy;
+    the cut interval keeps the mean and the side inside the range."""
+    errors = stats.summarize([0.01, 0.02, 300.0])
+    assert errors.ci[0] < 0
+    for name in ("mse", "persistence_mse", "bpc", "s", "ratio"):
+        cut = stats.within_range(errors, name)
+        assert cut.ci == (0.0, errors.ci[1]) and cut.mean == errors.mean
+    assert stats.within_range(errors, "angle").ci == errors.ci        # unbounded: as it was
+    accuracy = stats.summarize([99.9, 99.95, 90.0])
+    assert accuracy.ci[1] > 100
+    assert stats.within_range(accuracy, "accuracy").ci == (accuracy.ci[0], 100.0)
+    assert stats.within_range(accuracy, "balanced_accuracy").ci[1] == 100.0
+    inside = stats.summarize([98.0, 98.2, 98.4])
+    assert stats.within_range(inside, "accuracy") is inside
+    assert stats.within_range(stats.summarize([1.0]), "mse").ci is None
+
+
 def test_nan_none_dropped_and_one_value_has_no_interval():
     s = stats.summarize([2.0, None, float("nan"), 4.0])
     assert (s.n, s.dropped, s.mean) == (2, 2, 3.0)

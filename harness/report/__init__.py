@@ -105,9 +105,11 @@ def headline(store, layout: Optional[Layout] = None, current=None) -> str:
     """The results table of the suite's protocol, as the report opens with it (``current``:
     as for :func:`build`, to mark the cells holding stale runs)."""
     layout = layout_of(store, layout)
-    runs = frames_for(store, layout).runs
-    runs = runs[runs["role"] != "trial"]
-    return render.results_table(layout, runs, layout.protocol, stale_groups(runs, current)) \
+    frames = frames_for(store, layout)
+    runs = frames.runs[frames.runs["role"] != "trial"]
+    epochs = frames.epochs[frames.epochs["role"] != "trial"]
+    return render.results_table(layout, runs, layout.protocol, stale_groups(runs, current),
+                                tables.reference_predictors(layout, epochs)) \
         or "(no finished runs yet)"
 
 
@@ -176,7 +178,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     lines += [f"Protocol: **{protocol}** — " + (
         "the test metric at the epoch best on the validation split." if protocol == "clean"
         else "the best test metric over epochs (as the DLL paper reports)."),
-              "Cells: mean [95% t interval] (seeds). " + render.MARKS]
+              f"Cells: {render.CELLS}. " + render.MARKS]
     if layout.reference_source:
         lines += [f"Published values: {md(layout.reference_source)}; Δ = measured − published. "
                   "A published cell is its mean ± std over the paper's seeds, a measured one its "
@@ -186,7 +188,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     lines.append("")
     predictors = tables.reference_predictors(layout, epochs)
     _section(lines, f"## Results ({protocol} protocol)",
-             render.results_table(layout, runs, protocol, stale_here),
+             render.results_table(layout, runs, protocol, stale_here, predictors),
              "The tasks' own reference predictors, scored on the test split without "
              "learning (each defined by its task plugin; a rule that scores worse does worse "
              "than that fixed predictor): " + "; ".join(
@@ -227,7 +229,7 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "validation metric first reached the suite's target for the task; over the seeds "
              "that reached it (intervals cut at 0).")
     _section(lines, f"## Results ({other} protocol)",
-             render.results_table(layout, runs, other, stale_here))
+             render.results_table(layout, runs, other, stale_here, predictors))
     _section(lines, "## Both protocols, per run group", render.protocols_table(layout, runs))
     _section(lines, "## Selection on validation", render.validation_table(layout, runs),
              "Bold: the best validation mean of each plugin on each task/arch; test shown for "

@@ -3,7 +3,7 @@ user-written text escaped, marks explained in each table's caption."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 from harness import stats
 from harness.report import tables
@@ -20,7 +20,11 @@ MARKS = ("**bold**: best, distinguishable from every other row of its column (te
          "tell (read its interval); a row with one seed is never marked itself; ↗ every "
          "finished seed's selected epoch was the last of its budget: still improving when "
          "training stopped; † runs that diverged, left out of the statistics; § runs made with "
-         "older code than the current (stale).")
+         "older code than the current (stale); ✗ the mean does no better than the task's constant "
+         "reference predictor (the most frequent symbol or class, named under the table): the "
+         "rule did not learn the task.")
+CELLS = ("mean [95% t interval, cut where it passes what the metric can take: an accuracy's "
+         "0–100, an error's 0] (seeds)")
 
 
 def fmt(value: Optional[float], metric: str) -> str:
@@ -30,7 +34,7 @@ def fmt(value: Optional[float], metric: str) -> str:
         return f"{value:.2f}"
     if metric in ("s", "epochs"):                  # durations, not metrics
         return f"{value:.1f}"
-    return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.2e}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
 
 
 def signed(value: Optional[float], metric: str) -> str:
@@ -41,9 +45,11 @@ def signed(value: Optional[float], metric: str) -> str:
 
 
 def summary_text(summary: stats.Summary, metric: str) -> str:
-    """``98.41 [98.28, 98.54] (4)``; ``98.41 (1)`` without an interval; ``–`` when empty."""
+    """``98.41 [98.28, 98.54] (4)``; ``98.41 (1)`` without an interval; ``–`` when empty. The
+    interval is cut at what the metric can take (:func:`harness.stats.metric_range`)."""
     if not summary.n:
         return "–"
+    summary = stats.within_range(summary, metric)
     if summary.ci is None:
         return f"{fmt(summary.mean, metric)} ({summary.n})"
     low, high = summary.ci
@@ -68,10 +74,21 @@ def _table(rows, headers) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def results_table(layout: Layout, runs, protocol: str,
-                  stale: frozenset = frozenset()) -> Optional[str]:
+def no_better(cell: tables.Cell, direction: str, reference: Optional[float]) -> bool:
+    """Whether the cell's mean does no better than the task's reference predictor's score."""
+    mean = cell.summary.mean
+    if reference is None or mean is None or not cell.summary.n:
+        return False
+    return mean <= reference if direction == "max" else mean >= reference
+
+
+def results_table(layout: Layout, runs, protocol: str, stale: frozenset = frozenset(),
+                  predictors: Sequence[tuple] = ()) -> Optional[str]:
     """Rows × task/arch of the protocol's selected test metric: mean [95% CI] (n), marks, and
-    the published value with the difference where the suite gives one."""
+    the published value with the difference where the suite gives one. ``predictors``: the
+    tasks' reference predictors (:func:`tables.reference_predictors`), for the ✗ mark."""
+    floor = {(t, a): v for t, a, m, v in predictors   # a constant predictor: a learner that
+             if m.split("_", 1)[0] in tables.CONSTANT_PREDICTORS}  # cannot beat it learnt nothing
     cells = tables.results(layout, runs, protocol)
     if not cells:
         return None
@@ -92,7 +109,9 @@ def results_table(layout: Layout, runs, protocol: str,
             metric = layout.metrics[task][0]
             cell = cells.get((row, task, arch))
             line.append((cell_text(cell, metric) if cell else "–")
-                        + (" §" if (row, task, arch) in stale else ""))
+                        + (" §" if (row, task, arch) in stale else "")
+                        + (" ✗" if cell and no_better(cell, layout.metrics[task][1],
+                                                     floor.get((task, arch))) else ""))
             if (task, arch) in with_refs:
                 ref = cell.reference if cell else None
                 if ref is None:
@@ -168,9 +187,10 @@ def timing_table(layout: Layout, timings: list) -> Optional[str]:
         return None
     lines = []
     for t in timings:
-        ratio = "" if t.ratio is None else (
-            f"{t.ratio.mean:.2f}×" + (f" [{t.ratio.ci[0]:.2f}, {t.ratio.ci[1]:.2f}]"
-                                     if t.ratio.ci else "") + (" ‡" if t.unlike else ""))
+        cut = None if t.ratio is None else stats.within_range(t.ratio, "ratio")
+        ratio = "" if cut is None else (
+            f"{cut.mean:.2f}×" + (f" [{cut.ci[0]:.2f}, {cut.ci[1]:.2f}]" if cut.ci else "")
+            + (" ‡" if t.unlike else ""))
         lines.append([md(t.row), md(f"{t.task}/{t.arch}"),
                       f"{t.epoch_s.mean:.3f}" + (f" ± {t.epoch_s.std:.3f}"
                                                  if t.epoch_s.std is not None else ""),
@@ -424,14 +444,6 @@ def tuning_table(layout: Layout, trials) -> Optional[str]:
                           *(["own settings"] if own else []), "at trial", "chosen settings", ""])
 
 
-def _at_least_zero(summary: stats.Summary) -> stats.Summary:
-    """A t-interval of a duration cut at 0 (with few seeds it reaches below)."""
-    import dataclasses
-    if summary.ci is None or summary.ci[0] >= 0:
-        return summary
-    return dataclasses.replace(summary, ci=(0.0, summary.ci[1]))
-
-
 def time_to_target_table(layout: Layout, epochs) -> Optional[str]:
     found = tables.time_to_target(layout, epochs)
     if not found:
@@ -444,7 +456,7 @@ def time_to_target_table(layout: Layout, epochs) -> Optional[str]:
                           f"not reached (0 of {t.runs})", "–"])
             continue
         lines.append([md(t.row), md(f"{t.task}/{t.arch}"), fmt(t.target, metric),
-                      f"{t.reached} of {t.runs}: " + summary_text(_at_least_zero(t.seconds), "s"),
-                      summary_text(_at_least_zero(t.epochs), "epochs")])
+                      f"{t.reached} of {t.runs}: " + summary_text(t.seconds, "s"),
+                      summary_text(t.epochs, "epochs")])
     return _table(lines, ["algorithm", "task/arch", "validation target",
                           "training seconds to reach it [95% CI] (seeds)", "epochs"])

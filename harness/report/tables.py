@@ -95,6 +95,9 @@ def at_budget(cell, protocol: str, planned: dict) -> bool:
 
 
 REFERENCE_PREDICTORS = ("baseline", "majority", "chance", "persistence")
+# those that predict one fixed answer whatever the input: beating one is the least a learner
+# does (persistence is not one: it reads the target's past, which a model may not be shown)
+CONSTANT_PREDICTORS = ("baseline", "majority", "chance")
 
 
 def reference_predictors(layout: Layout, epochs) -> list[tuple[str, str, str, float]]:
