@@ -247,7 +247,10 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
                  "seconds × its threads) over the whole run, set-up and evaluation included, "
                  "median over the cell's CPU runs — near 1 where a one-thread run had its core, "
-                 "well below where other work took the cores and slowed it." if noted else ""))
+                 "well below where other work took the cores and slowed it." if noted else "")
+             + " Peak memory: the largest over the cell's runs of a CPU run's peak resident set "
+             "(getrusage: the whole worker process, Python, torch and the data included, not "
+             "the rule's tensors alone) or a CUDA run's torch.cuda.max_memory_allocated.")
     for title, name in _figures(layout, runs, epochs, out_dir, trials, timings):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     grouped = coverage.problems(layout, all_runs)
