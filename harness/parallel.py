@@ -102,16 +102,17 @@ def setting_changes(the_plan: Plan, threads: int, device: str = "cpu",
                     cpu: Optional[str] = None, local: bool = True) -> list[str]:
     """A line for each way stored runs to do again were made otherwise than they will be:
     at other torch threads than ``threads``, or (CPU runs made here: ``local``, not on a
-    cluster's nodes) on another CPU model than ``cpu`` (this machine's). Either changes the order and kernels of float sums, so a re-run meant to
-    reproduce them may move their last digits and, through training, their metrics (BP's MNIST
-    MLP, re-run on an AMD EPYC at its Intel Xeon runs' code and threads, moved its best test
-    accuracy by up to 0.09 points, its FashionMNIST one by up to 0.23)."""
+    cluster's nodes) on another CPU model than ``cpu`` (this machine's). Either changes the
+    order and kernels of float sums, so a re-run meant to reproduce them may move their last
+    digits and, through training, their metrics (BP's MNIST MLP, re-run on an AMD EPYC at its
+    Intel Xeon runs' code and threads, moved its best test accuracy by up to 0.09 points, its
+    FashionMNIST one by up to 0.23)."""
+    from collections import Counter
+
     from harness.store import cpu_name
+    made = the_plan.redo_settings.values()
     lines = []
-    other: dict[int, int] = {}
-    for made_at, _ in the_plan.redo_settings.values():
-        if made_at is not None and made_at != threads:
-            other[made_at] = other.get(made_at, 0) + 1
+    other = Counter(t for t, _ in made if t is not None and t != threads)
     if other:
         counts = ", ".join(f"{n} at {t}" for t, n in sorted(other.items()))
         reproduce = (f"; --threads {next(iter(other))} reproduces them" if len(other) == 1
@@ -119,18 +120,16 @@ def setting_changes(the_plan: Plan, threads: int, device: str = "cpu",
         lines.append(f"note: {sum(other.values())} stored run(s) to run again were made at other "
                      f"torch threads ({counts}) than these will have ({threads}): float sums in "
                      f"another order may move their numbers{reproduce}")
+    models: Counter = Counter()
     if local and str(device).startswith("cpu"):
         here = cpu if cpu is not None else cpu_name()
-        models: dict[str, int] = {}
-        for _, model in the_plan.redo_settings.values():
-            if model is not None and model != here:
-                models[model] = models.get(model, 0) + 1
-        if models:
-            counts = ", ".join(f"{n} on {m}" for m, n in sorted(models.items()))
-            lines.append(f"note: {sum(models.values())} stored run(s) to run again were made on "
-                         f"another CPU model ({counts}) than this one ({here}): its float "
-                         "kernels differ, so their numbers may move, and their times are not "
-                         "this machine's")
+        models = Counter(m for _, m in made if m is not None and m != here)
+    if models:
+        counts = ", ".join(f"{n} on {m}" for m, n in sorted(models.items()))
+        lines.append(f"note: {sum(models.values())} stored run(s) to run again were made on "
+                     f"another CPU model ({counts}) than this one ({here}): its float "
+                     "kernels differ, so their numbers may move, and their times are not "
+                     "this machine's")
     return lines
 
 
