@@ -107,11 +107,12 @@ NON_NEGATIVE = ("mse", "mae", "rmse", "loss", "bpc", "perplexity", "s", "epochs"
 def metric_range(metric: str) -> tuple[float, float]:
     """The values ``metric`` can take: an accuracy (any name ending in ``accuracy``) is a
     percentage, 0 to 100; an error, a loss, a duration or a ratio of durations (``mse``,
-    ``persistence_mse``, ``bpc``, ``s``, ``ratio``, …) is at least 0; any other metric is
-    unbounded."""
-    if metric.endswith(PERCENT_SUFFIX):
+    ``persistence_mse``, ``mse_orig``, ``bpc``, ``s``, ``ratio``, …) is at least 0; any other
+    metric is unbounded."""
+    name = metric.removesuffix("_orig")      # the same quantity in the data's own units
+    if name.endswith(PERCENT_SUFFIX):
         return 0.0, 100.0
-    if metric in NON_NEGATIVE or metric.rsplit("_", 1)[-1] in NON_NEGATIVE:
+    if name in NON_NEGATIVE or name.rsplit("_", 1)[-1] in NON_NEGATIVE:
         return 0.0, math.inf
     return -math.inf, math.inf
 

@@ -38,7 +38,7 @@ def test_an_interval_is_cut_where_it_passes_what_the_metric_can_take():
     the cut interval keeps the mean and the side inside the range."""
     errors = stats.summarize([0.01, 0.02, 300.0])
     assert errors.ci[0] < 0
-    for name in ("mse", "persistence_mse", "bpc", "s", "ratio"):
+    for name in ("mse", "persistence_mse", "mse_orig", "mae_orig", "bpc", "s", "ratio"):
         cut = stats.within_range(errors, name)
         assert cut.ci == (0.0, errors.ci[1]) and cut.mean == errors.mean
     assert stats.within_range(errors, "angle").ci == errors.ci        # unbounded: as it was

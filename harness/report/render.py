@@ -21,8 +21,8 @@ MARKS = ("**bold**: best, distinguishable from every other row of its column (te
          "finished seed's selected epoch was the last of its budget: still improving when "
          "training stopped; † runs that diverged, left out of the statistics; § runs made with "
          "older code than the current (stale); ✗ the mean does no better than the task's constant "
-         "reference predictor (the most frequent symbol or class, named under the table): the "
-         "rule did not learn the task.")
+         "reference predictor (the most frequent symbol or class, named in the table's caption): "
+         "the rule did not learn the task.")
 CELLS = ("mean [95% t interval, cut where it passes what the metric can take: an accuracy's "
          "0–100, an error's 0] (seeds)")
 
@@ -87,8 +87,11 @@ def results_table(layout: Layout, runs, protocol: str, stale: frozenset = frozen
     """Rows × task/arch of the protocol's selected test metric: mean [95% CI] (n), marks, and
     the published value with the difference where the suite gives one. ``predictors``: the
     tasks' reference predictors (:func:`tables.reference_predictors`), for the ✗ mark."""
-    floor = {(t, a): v for t, a, m, v in predictors   # a constant predictor: a learner that
-             if m.split("_", 1)[0] in tables.CONSTANT_PREDICTORS}  # cannot beat it learnt nothing
+    floor: dict[tuple, float] = {}      # a constant predictor: a learner that cannot beat it
+    for task, arch, name, value in predictors:               # learnt nothing (the best such)
+        if name.split("_", 1)[0] in tables.CONSTANT_PREDICTORS:
+            best = max if layout.metrics[task][1] == "max" else min
+            floor[(task, arch)] = best(value, floor.get((task, arch), value))
     cells = tables.results(layout, runs, protocol)
     if not cells:
         return None

@@ -111,7 +111,7 @@ def reference_predictors(layout: Layout, epochs) -> list[tuple[str, str, str, fl
     for task, arch in columns(layout, counted):
         primary = layout.metrics[task][0]
         here = counted[(counted["task_label"] == task) & (counted["arch"] == arch)]
-        for column in here.columns:
+        for column in sorted(here.columns):        # a store's order and a runs.jsonl's differ
             name = column[len("test_"):]
             if (column.startswith("test_") and name.endswith("_" + primary)
                     and name[:-len(primary) - 1] in REFERENCE_PREDICTORS
