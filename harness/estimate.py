@@ -307,6 +307,7 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
                 if epoch is not None:
                     cache[key], source = {"seconds": epoch, "busy": bool(busy())}, TIMED
                     figure_busy = bool(busy())
+                    _write_cache(cache)      # kept at once: a dry run cut short keeps its work
                 elif cached is not None:     # timing it again failed: the busy figure stands
                     epoch, source, figure_busy = cached, TIMED, cached_busy
         scale = 1.0          # a busy figure by busy figures' pairs: its load is in it already
@@ -335,8 +336,6 @@ def estimate(specs: Iterable[RunSpec], store_path: Path, data_dir: str, threads:
             "than alone" + (f"; not calibrated: fewer than {MIN_CELLS} stored cells have a busy "
                             "machine's timing" if unscaled else "")
             + "); a dry run on a quiet machine times them again")
-    if timed_now:
-        _write_cache(cache)
     return out
 
 

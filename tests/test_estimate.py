@@ -88,6 +88,31 @@ def test_a_busy_machines_timing_is_taken_again_on_a_quiet_one(write_suite, tmp_p
     assert estimate._cached(12.5) == (12.5, True)    # written before the flag: timed again
 
 
+def test_a_dry_run_cut_short_keeps_the_cells_it_timed(write_suite, tmp_path, monkeypatch):
+    """Each timed cell is cached as soon as it is timed: a dry run stopped in the next cell
+    (Ctrl-C, a time limit) does not lose it, and the next dry run does not time it again."""
+    monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    first = _spec(write_suite, tmp_path)
+    second = suite_mod.load(write_suite(SUITE.format(store=tmp_path / "e.sqlite").replace(
+        "bp: {}", "fa: {}"), "est2")).specs[0]
+    calls = []
+
+    def timed(spec, data_dir, threads):
+        calls.append(spec.algorithm)
+        if spec.algorithm == "fa":
+            raise KeyboardInterrupt
+        return 3.0
+    monkeypatch.setattr(estimate, "timed_epoch", timed)
+    with pytest.raises(KeyboardInterrupt):
+        estimate.estimate([first, second], tmp_path / "none.sqlite", str(tmp_path), 1)
+    cached = json.loads(estimate.CACHE_FILE.read_text())
+    assert list(cached.values()) == [{"seconds": 3.0, "busy": False}]
+    calls.clear()
+    found = estimate.estimate([first], tmp_path / "none.sqlite", str(tmp_path), 1)
+    assert calls == [] and next(iter(found.values())).epoch_s == 3.0
+
+
 def test_a_busy_figure_stands_where_timing_again_fails(write_suite, tmp_path, monkeypatch):
     monkeypatch.setattr(estimate, "CACHE_FILE", tmp_path / "cache" / "epoch_times.json")
     monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
