@@ -51,6 +51,10 @@ def cmd_show(args) -> int:
         stale, cells = stale_cells(frames.runs, current)
         predictors = reference_predictors(
             layout, frames.epochs[frames.epochs["role"] != "trial"])
+        counted = frames.runs[(frames.runs["role"] != "trial")
+                              & frames.runs["status"].isin(["ok", "diverged"])]
+        shown = set(zip(counted["task_label"], counted["arch"]))
+        absent = [f"{t}/{a}" for t, a in layout.column_order if (t, a) not in shown]
     meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
                else "the best test epoch, as the DLL paper reports")
     caption = (f"*{layout.name}, {layout.protocol} protocol ({meaning}). Cells: {CELLS}; – "
@@ -61,7 +65,10 @@ def cmd_show(args) -> int:
                   f"{', '.join(cells)}." if stale else "")
                + (" The tasks' reference predictors on test: " + "; ".join(
                    f"{t}/{a} {m} {fmt(v, m)}" for t, a, m, v in predictors) + "."
-                  if predictors else "") + "*")
+                  if predictors else "")
+               + (f" Not shown, no finished run yet (data not on the machines that ran it, or "
+                  f"not run): {', '.join(absent)}; the report lists each missing cell with the "
+                  "command that fills it." if absent else "") + "*")
     if args.into is None:
         print(caption + "\n")
         print(table)

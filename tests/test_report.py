@@ -269,6 +269,15 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     assert status == 0 and "OLD TABLE" not in text and "| close" in text and text.endswith("end\n")
     assert "clean protocol (the test metric at the best-validation epoch)" in text
     assert "– no result" in text and "not told apart from the best" in text
+    assert "Not shown" not in text                  # its one column has runs
+    import json
+    lines = data.read_text().splitlines()           # a planned column nothing has run in yet
+    first = json.loads(lines[0])
+    first["structure"]["columns"].append({"task": "blobs", "arch": "cnn"})
+    wider = tmp_path / "wider.jsonl"
+    wider.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    status, out, _ = cli("show", wider)
+    assert status == 0 and "Not shown, no finished run yet" in out and ": blobs/cnn;" in out
     status, out, _ = cli("export", data, "--format", "csv", "--out", tmp_path / "csv")
     import pandas as pd
     runs = pd.read_csv(tmp_path / "csv" / "runs.csv")
