@@ -84,8 +84,12 @@ def cmd_show(args) -> int:
                         "table")
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
+    new = f"{before}{start}\n{caption}\n\n{table}\n{end}{after}"
+    if new == text:
+        print(f"{path}: headline table of {layout.name} already up to date")
+        return 0
     try:
-        path.write_text(f"{before}{start}\n{caption}\n\n{table}\n{end}{after}")
+        path.write_text(new)
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
     print(f"{path}: headline table of {layout.name} updated")

@@ -270,6 +270,8 @@ def test_show_export_and_compare(tmp_path, cli, monkeypatch):
     assert "clean protocol (the test metric at the best-validation epoch)" in text
     assert "– no result" in text and "not told apart from the best" in text
     assert "Not shown" not in text                  # its one column has runs
+    status, out, _ = cli("show", data, "--into", readme)
+    assert status == 0 and "already up to date" in out and readme.read_text() == text
     import json
     lines = data.read_text().splitlines()           # a planned column nothing has run in yet
     first = json.loads(lines[0])
