@@ -46,8 +46,8 @@ def cmd_show(args) -> int:
     with _open(args.target, args.store) as store:
         layout = layout_of(store)
         current = current_source(args.plugins)
-        table = headline(store, layout, current)
         frames = frames_for(store, layout)
+        table = headline(store, layout, current, frames)
         stale, cells = stale_cells(frames.runs, current)
         predictors = reference_predictors(
             layout, frames.epochs[frames.epochs["role"] != "trial"])

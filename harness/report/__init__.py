@@ -101,11 +101,13 @@ def _in_key_order(frames: store_mod.Frames) -> store_mod.Frames:
                             order(frames.sessions, ["started_at", "uuid"]))
 
 
-def headline(store, layout: Optional[Layout] = None, current=None) -> str:
+def headline(store, layout: Optional[Layout] = None, current=None,
+             frames: Optional[store_mod.Frames] = None) -> str:
     """The results table of the suite's protocol, as the report opens with it (``current``:
-    as for :func:`build`, to mark the cells holding stale runs)."""
+    as for :func:`build`, to mark the cells holding stale runs; ``frames``: the store's, where
+    the caller has read them already)."""
     layout = layout_of(store, layout)
-    frames = frames_for(store, layout)
+    frames = frames if frames is not None else frames_for(store, layout)
     runs = frames.runs[frames.runs["role"] != "trial"]
     epochs = frames.epochs[frames.epochs["role"] != "trial"]
     return render.results_table(layout, runs, layout.protocol, stale_groups(runs, current),
