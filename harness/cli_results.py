@@ -42,7 +42,7 @@ def cmd_show(args) -> int:
     from harness.fingerprint import current_source
     from harness.report import frames_for, headline, layout_of, stale_cells
     from harness.report.render import CELLS, MARKS, fmt
-    from harness.report.tables import reference_predictors
+    from harness.report.tables import columns, reference_predictors
     with _open(args.target, args.store) as store:
         layout = layout_of(store)
         current = current_source(args.plugins)
@@ -53,7 +53,7 @@ def cmd_show(args) -> int:
             layout, frames.epochs[frames.epochs["role"] != "trial"])
         counted = frames.runs[(frames.runs["role"] != "trial")
                               & frames.runs["status"].isin(["ok", "diverged"])]
-        shown = set(zip(counted["task_label"], counted["arch"]))
+        shown = set(columns(layout, counted))          # the headline's columns
         absent = [f"{t}/{a}" for t, a in layout.column_order if (t, a) not in shown]
     meaning = ("the test metric at the best-validation epoch" if layout.protocol == "clean"
                else "the best test epoch, as the DLL paper reports")
