@@ -8,7 +8,8 @@ from pathlib import Path
 
 from harness.api import UserError
 
-COMMANDS = ("run", "list", "validate", "report", "show", "export", "compare", "data", "merge")
+COMMANDS = ("run", "list", "validate", "report", "show", "export", "compare", "data", "merge",
+            "equate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +138,27 @@ def _parser() -> argparse.ArgumentParser:
     mrg.add_argument("--replace", action="store_true", help="replace runs already present")
     mrg.add_argument("--force", action="store_true", help="accept runs of another suite")
     common(mrg)
+
+    eqt = sub.add_parser(
+        "equate", help="after a change of code: re-run a stored run of each stale "
+        "configuration for its first epochs; where every number agrees, record in "
+        "equivalences.yaml that its runs count as current (exit 1 if any differs)")
+    eqt.add_argument("suite", type=Path)
+    eqt.add_argument("--store", default=None, help="result store path (default: the suite's)")
+    eqt.add_argument("--only", action="append", default=[], metavar="KEY=V[,V]",
+                     help="as for run: check only these runs' configurations")
+    eqt.add_argument("--epochs", type=int, default=1,
+                     help="epochs re-run and compared per run (default 1)")
+    eqt.add_argument("--runs-per-cell", type=int, default=1, metavar="N",
+                     help="stored runs re-run per configuration (default 1; those made on "
+                     "this CPU model first, then by seed)")
+    eqt.add_argument("--tolerance", type=float, default=0.0, metavar="REL",
+                     help="largest relative difference accepted (default 0: every number "
+                     "equal; above 0 accepts float rounding, e.g. runs of another CPU)")
+    eqt.add_argument("--note", default="", help="why the code changed (kept in the entry)")
+    eqt.add_argument("--list", action="store_true",
+                     help="only list the stale configurations; run nothing")
+    common(eqt)
 
     dat = sub.add_parser("data", help="each dataset: ready? from where? how to get it?")
     dat.add_argument("--fetch", nargs="*", metavar="NAME",
@@ -550,6 +572,15 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_equate(args) -> int:
+    from harness import equate
+    suite = _load_suite(args)
+    specs = _only(suite, args.only)
+    return equate.run(specs, suite.store_path, _current_sources(specs), _data_dir(args),
+                      args.plugins, args.epochs, args.tolerance, args.runs_per_cell, args.note,
+                      args.list)
+
+
 def cmd_data(args) -> int:
     from harness import data
     from harness.registry import discover
@@ -586,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": cmd_run, "list": cmd_list, "validate": cmd_validate,
                 "show": cli_results.cmd_show, "export": cli_results.cmd_export,
                 "compare": cli_results.cmd_compare,
-                "report": cmd_report, "data": cmd_data, "merge": cmd_merge}[args.command](args)
+                "report": cmd_report, "data": cmd_data, "merge": cmd_merge,
+                "equate": cmd_equate}[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from harness.api import RunSpec, device_kind
+from harness.fingerprint import is_current
 
 CACHE_FILE = Path(__file__).resolve().parent.parent / ".cache" / "epoch_times.json"
 TIMED_STEPS = 6           # after two warm-up steps
@@ -104,7 +105,7 @@ def stored_epoch_times(store_path: Path, current: Optional[Callable[[str, str], 
     cells, loose, settings = [], [], []
     for key, label, task_label, arch, algorithm, task, spec, device, threads, source in runs:
         now = current(algorithm, task) if current is not None else None
-        if now is not None and source != now:
+        if not is_current(spec, source, now):
             continue
         seconds = per_run.get(key, [])
         batch = json.loads(spec).get("batch_size")

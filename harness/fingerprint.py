@@ -15,6 +15,12 @@ formatting do not count as a change; any change to code does. A stored run whose
 from the current code's is *stale*: ``run``, ``--dry-run`` and ``report`` say how many there are
 and ``--rerun-stale`` runs them again.
 
+A change that leaves the numbers as they were (a faster kernel, code moved between files) need
+not stale a day of runs: ``bench.py equate`` re-runs stored runs of each changed cell with the
+new code, compares every number of their first epochs, and — only where they agree — records
+in ``equivalences.yaml`` that runs of the old digest count as runs of the new one, for that
+(algorithm, task, arch). :func:`is_current` is the one test every caller uses.
+
 The engine digest is taken once, when this module is first imported — in the process that
 imported the engine, so a worker forked from a server that imported it earlier reports the code
 it runs, not what the files say now. A plugin's digest is likewise taken when its module is
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
@@ -182,3 +189,98 @@ def current_source(plugin_paths=()):
                 known[algorithm, task] = None
         return known[algorithm, task]
     return current
+
+
+# --------------------------------------------------------------------------------------------
+# Verified equivalences: old digest → new digest, per configuration
+# --------------------------------------------------------------------------------------------
+
+EQUIVALENCES_FILE = PROJECT_ROOT / "equivalences.yaml"
+ENTRY_KEYS = ("algorithm", "task", "arch", "config", "from", "to")
+NOT_CONFIG = ("seed", "device", "label", "task_label", "suite", "skip_reason")
+_LOADED: dict[str, dict] = {}
+
+
+def config_of(spec) -> str:
+    """A digest of everything that shapes a run's numbers but its seed — plugins, versions,
+    parameters, architecture, budget, protocol (a RunSpec, its stored JSON, or that as a
+    dict). An equivalence is verified, and holds, for one configuration: a change checked on
+    DLL says nothing of dll-released, a row of the same plugin with other parameters."""
+    import json
+    from harness.api import _canonical
+    if hasattr(spec, "identity"):
+        spec = spec.identity()
+    elif isinstance(spec, str):
+        spec = json.loads(spec)
+    kept = {k: v for k, v in spec.items() if k not in NOT_CONFIG}
+    text = json.dumps(_canonical(kept), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:SHORT]
+
+
+def equivalences_path() -> Path:
+    """The committed file of verified equivalences (``$BENCH_EQUIVALENCES`` overrides it:
+    tests, or a private study)."""
+    return Path(os.environ.get("BENCH_EQUIVALENCES") or EQUIVALENCES_FILE)
+
+
+def load_equivalences(path: Optional[Path] = None) -> list[dict]:
+    """The entries of the equivalences file (none where it does not exist); a malformed file
+    is a UserError naming it and what is wrong."""
+    import yaml
+    from harness.api import UserError
+    path = Path(path or equivalences_path())
+    if not path.exists():
+        return []
+    try:
+        entries = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: not readable as YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(entries, list):
+        raise UserError(f"{path}: must be a list of entries, each with keys "
+                        f"{', '.join(ENTRY_KEYS)}")
+    for i, entry in enumerate(entries, 1):
+        missing = [k for k in ENTRY_KEYS
+                   if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise UserError(f"{path}: entry {i} lacks {', '.join(missing)} (each entry needs "
+                            f"{', '.join(ENTRY_KEYS)} as strings)")
+    return entries
+
+
+def _mapping() -> dict[tuple, str]:
+    path = equivalences_path()
+    try:
+        stamp = f"{path}:{path.stat().st_mtime_ns}"
+    except OSError:
+        stamp = f"{path}:missing"
+    if stamp not in _LOADED:
+        _LOADED.clear()
+        _LOADED[stamp] = {(e["config"], e["from"]): e["to"] for e in load_equivalences(path)}
+    return _LOADED[stamp]
+
+
+def resolve(config: str, source: Optional[str]) -> Optional[str]:
+    """The digest a stored run of ``source`` and configuration ``config`` (:func:`config_of`)
+    counts as: followed through the verified equivalences to the newest; itself where none
+    applies."""
+    mapping, seen = _mapping(), set()
+    while source is not None and (config, source) in mapping and source not in seen:
+        seen.add(source)
+        source = mapping[config, source]
+    return source
+
+
+def is_current(spec, stored: Optional[str], current: Optional[str]) -> bool:
+    """Whether a run of ``spec`` (RunSpec, or its stored JSON) stored with digest ``stored`` is
+    a run of the code that has digest ``current`` now: the same digest, or one verified
+    equivalent for its configuration (``bench.py equate``). ``current`` None (the plugins
+    cannot be had here) counts as current: staleness is then unknown."""
+    if current is None or stored == current:
+        return True
+    if not isinstance(stored, str) or not _mapping():
+        return False
+    try:
+        config = config_of(spec)
+    except (TypeError, ValueError, AttributeError):    # no spec recorded: nothing to resolve
+        return False
+    return resolve(config, stored) == current

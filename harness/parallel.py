@@ -24,6 +24,7 @@ from harness import data as data_mod
 from harness import params as params_mod
 from harness import worker
 from harness.api import DONE_STATUSES, RunResult, RunSpec, Status, UserError
+from harness.fingerprint import is_current
 from harness.registry import plugin_folders, tasks
 from harness.runner import epoch_line, now, threads_for
 from harness.slots import DeviceSlots
@@ -84,7 +85,7 @@ def plan(specs: list[RunSpec], store_path: Path, rerun: bool = False,
         key = spec.key()
         status = stored.get(key)
         is_stale = (status is not None and status != Status.SKIPPED and sources is not None
-                    and stored_sources.get(key) != sources.get(key))
+                    and not is_current(spec, stored_sources.get(key), sources.get(key)))
         if is_stale:
             the_plan.stale.append(spec)
         if not rerun and status in done_statuses and not (is_stale and rerun_stale):

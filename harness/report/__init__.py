@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import store as store_mod
+from harness.fingerprint import is_current
 from harness.report import coverage, render, tables
 from harness.report.layout import Layout, md
 from harness.tune import row_of
@@ -24,20 +25,39 @@ from harness.tune import row_of
 __all__ = ["Layout", "build", "md", "stale_cells", "headline"]
 
 
+def _specs(runs):
+    """Each run's stored spec (JSON), or None where the frame has none."""
+    return runs["spec"] if "spec" in runs.columns else [None] * len(runs)
+
+
 def _stale(runs, current) -> set[tuple]:
     """(key, row label, role, task, arch) of the runs (not skipped) whose stored source digest
     differs from what ``current(algorithm, task)`` says the code gives now (None: unknown, not
-    counted)."""
+    counted) and is not verified equivalent to it (:func:`harness.fingerprint.is_current`)."""
     if current is None or runs.empty or "source" not in runs.columns:
         return set()
     done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
     role = done["role"] if "role" in done.columns else [""] * len(done)
     # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
     return {(key, row, kind, task, arch)
-            for key, kind, row, algorithm, task_plugin, task, arch, source in zip(
+            for key, kind, row, algorithm, task_plugin, task, arch, source, spec in zip(
                 done["key"], role, done["label"], done["algorithm"], done["task"],
-                done["task_label"], done["arch"], done["source"])
-            if current(algorithm, task_plugin) not in (None, source)}
+                done["task_label"], done["arch"], done["source"], _specs(done))
+            if not is_current(spec, source, current(algorithm, task_plugin))}
+
+
+def equated(runs, current) -> int:
+    """How many runs (not skipped) were made with a digest other than the current code's yet
+    count as current through a verified equivalence (equivalences.yaml)."""
+    if current is None or runs.empty or "source" not in runs.columns:
+        return 0
+    done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
+    count = 0
+    for algorithm, task, source, spec in zip(done["algorithm"], done["task"], done["source"],
+                                             _specs(done)):
+        now = current(algorithm, task)
+        count += now is not None and source != now and is_current(spec, source, now)
+    return count
 
 
 def stale_cells(runs, current) -> tuple[int, list[str]]:
@@ -262,12 +282,16 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
         _section(lines, "## Skipped, failed and diverged runs, by reason",
                  render._table(rows, ["status", "runs", "reason", "cells"]))
     _section(lines, "## Settings", render.settings_section(layout))
+    n_equated = equated(runs, current)
     _section(lines, "## Source of the runs", render.fingerprint_table(runs),
              "Digests of the code each run was made with (docstrings and comments aside): its "
              "algorithm plugin, its task plugin and the engine's numeric parts "
              "(harness/fingerprint.py). `python bench.py run SUITE --dry-run` says which stored "
              "runs the current code would make differently (stale); `--rerun-stale` runs "
-             "them again.")
+             "them again." + (f" {n_equated} run(s) made with an older digest count as current: "
+                              "`bench.py equate` re-ran one of each of their configurations "
+                              "with the current code and every number agreed (equivalences.yaml "
+                              "lists each check)." if n_equated else ""))
     _section(lines, "## Environment", render.environment_table(sessions, runs))
     path = out_dir / "report.md"
     try:

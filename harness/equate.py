@@ -1,0 +1,253 @@
+"""``bench.py equate``: show that a change of code leaves the stored runs' numbers as they were,
+and record it, so that those runs stay current instead of going stale.
+
+Every run records digests of the code that made it (:mod:`harness.fingerprint`); any edit to
+that code makes the stored runs *stale*, to be run again — a day of CPU for the paper table,
+even for a change that only makes a rule faster or moves code between files. ``equate`` is the
+way such a change keeps them: for each configuration (a run's identity without its seed,
+:func:`harness.fingerprint.config_of`) whose stored runs are stale, it re-runs a stored run with
+the current code for its first epochs — same seed, same threads — and compares every number
+the store holds for them (training loss, learning rate, every metric of every split). Only where
+they agree (exactly, or within ``--tolerance``, relative) does it append to
+``equivalences.yaml`` an entry saying that runs of that configuration made with the old digest
+count as runs of the new one. A configuration that differs is reported with the number that
+moved, and stays stale: run it again (``--rerun-stale``).
+
+What a check can and cannot show: the first epochs equal, to the last bit, mean the new code
+computes what the old one did on this path, for this configuration; the tail of a run (a
+schedule's later epochs, early stopping) is not re-run. A tolerance above 0 accepts float
+rounding (another CPU model, a reordered sum); over a whole run such differences grow to
+seed-level noise, so the entry records the largest difference it saw.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from harness import fingerprint
+from harness.api import RunSpec, Status, UserError
+
+CHECKED_STATUSES = (Status.OK, Status.DIVERGED)
+HEADER = """\
+# Verified equivalences of code (harness/fingerprint.py, `python bench.py equate --help`).
+#
+# Each entry says: stored runs of this configuration (`config`: the run's identity without its
+# seed) made with the code of digest `from` count as runs of the code of digest `to`, because
+# `bench.py equate` re-ran the runs named under `runs` with the `to` code and every number of
+# their first `epochs` epochs agreed (largest relative difference: max_relative_difference).
+# Entries are written by `bench.py equate`, never by hand; delete one to make its runs stale.
+"""
+
+
+class _Enough(Exception):
+    """Raised after the epochs a check compares: ends the re-run early (the runner records it
+    as a failure, keeping the epochs it finished)."""
+
+
+@dataclass
+class Cell:
+    """Stale stored runs of one configuration that share an old and a new digest."""
+    config: str
+    old: str                       # the digest the stored runs count as now (resolved)
+    new: str                       # the digest the current code gives them
+    runs: list = field(default_factory=list)   # (spec, stored record, cpu of its session)
+
+    @property
+    def first(self) -> RunSpec:
+        return self.runs[0][0]
+
+    def name(self) -> str:
+        spec = self.first
+        return f"{spec.label or spec.algorithm} on {spec.task_label or spec.task}/{spec.arch.name}"
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    keys: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    epochs: int = 0
+    threads: list = field(default_factory=list)
+    cpus: list = field(default_factory=list)
+    max_relative: float = 0.0
+    where: str = ""
+    error: str = ""
+
+    def passed(self, tolerance: float) -> bool:
+        return not self.error and self.max_relative <= tolerance
+
+
+def stale_cells(specs: list[RunSpec], store, sources: dict[str, str]) -> list[Cell]:
+    """The configurations among ``specs`` whose stored ok/diverged runs are stale, each with
+    its runs (those made on this machine's CPU model first, then by seed)."""
+    from harness.store import cpu_name
+    records = store.export_records([s.key() for s in specs])
+    by_key = {run["key"]: run for run in records["runs"]}
+    cpu_of = {s["uuid"]: s.get("cpu") for s in records["sessions"]}
+    here = cpu_name()
+    cells: dict[tuple, Cell] = {}
+    for spec in specs:
+        record = by_key.get(spec.key())
+        if record is None or record["status"] not in CHECKED_STATUSES or not record["epochs"]:
+            continue
+        stored, current = record.get("source"), sources.get(spec.key())
+        if stored is None or fingerprint.is_current(spec, stored, current):
+            continue
+        config = fingerprint.config_of(spec)
+        old = fingerprint.resolve(config, stored)
+        cell = cells.setdefault((config, old, current), Cell(config, old, current))
+        cell.runs.append((spec, record, cpu_of.get(record.get("session"))))
+    for cell in cells.values():
+        cell.runs.sort(key=lambda run: (run[2] != here, run[0].seed))
+    return sorted(cells.values(), key=Cell.name)
+
+
+def _numbers(train_loss, lr, metrics) -> dict[str, Optional[float]]:
+    out = {"train loss": train_loss, "lr": lr}
+    for split, values in (metrics or {}).items():
+        for name, value in (values or {}).items():
+            out[f"{split} {name}"] = value
+    return out
+
+
+def _relative(a, b) -> float:
+    if a is None or b is None:
+        return 0.0 if a is b else math.inf
+    a, b = float(a), float(b)
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a - b) / max(abs(a), abs(b))
+
+
+def compare(stored_epochs: list[dict], new_epochs: list, epochs: int) -> tuple[float, str]:
+    """The largest relative difference between the stored epochs and the re-run's, over their
+    first ``epochs``, and where it is (``epoch 1 test accuracy: 97.1 stored, 97.2 now``)."""
+    worst, where = 0.0, ""
+    for stored, new in zip(stored_epochs[:epochs], new_epochs[:epochs]):
+        before = _numbers(stored.get("train_loss"), stored.get("lr"), stored.get("metrics"))
+        after = _numbers(new.train_loss, new.lr, new.metrics)
+        for name in sorted(set(before) | set(after)):
+            if name.startswith("train ") and name != "train loss" and name not in before:
+                continue          # a figure the old code did not report is not a difference
+            diff = _relative(before.get(name), after.get(name))
+            if diff > worst:
+                worst = diff
+                where = (f"epoch {stored['epoch']} {name}: {before.get(name)!r} stored, "
+                         f"{after.get(name)!r} now")
+    return worst, where
+
+
+def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
+          say: Callable[[str], None]) -> Outcome:
+    """Re-run up to ``runs_per_cell`` of the cell's stored runs for their first ``epochs``
+    epochs with the current code (each with the threads it ran with) and compare."""
+    from harness.runner import execute
+    outcome = Outcome(cell)
+    for spec, record, cpu in cell.runs[:runs_per_cell]:
+        wanted = min(epochs, len(record["epochs"]))
+        threads = int(record.get("threads") or 1)
+
+        def stop(_spec, epoch_record, wanted=wanted):
+            if epoch_record.epoch >= wanted:
+                raise _Enough(f"checked {wanted} epoch(s)")
+        say(f"  re-running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s)…")
+        result = execute(spec, str(data_dir), threads, tuple(plugin_paths), on_epoch=stop)
+        finished = len(result.epochs)
+        if result.fingerprint.get("source") != cell.new:
+            outcome.error = (f"the re-run's code has digest {result.fingerprint.get('source')}, "
+                             f"not {cell.new}: files changed while it ran")
+            return outcome
+        if finished < wanted:
+            outcome.error = f"seed {spec.seed} stopped after {finished} of {wanted} epoch(s): " \
+                            f"{result.status} {result.reason}".strip()
+            return outcome
+        diff, where = compare(record["epochs"], result.epochs, wanted)
+        outcome.keys.append(spec.key())
+        outcome.seeds.append(spec.seed)
+        outcome.threads.append(threads)
+        outcome.cpus.append(cpu or "unknown")
+        outcome.epochs = wanted if not outcome.epochs else min(outcome.epochs, wanted)
+        if diff > outcome.max_relative or (diff == outcome.max_relative and not outcome.where):
+            outcome.max_relative, outcome.where = diff, where
+    return outcome
+
+
+def entry(outcome: Outcome, note: str) -> dict:
+    from harness.store import cpu_name
+    spec = outcome.cell.first
+    return {"algorithm": spec.algorithm, "task": spec.task, "arch": spec.arch.name,
+            "row": spec.label or spec.algorithm, "config": outcome.cell.config,
+            "from": outcome.cell.old, "to": outcome.cell.new,
+            "checked": datetime.date.today().isoformat(), "runs": outcome.keys,
+            "seeds": outcome.seeds, "epochs": outcome.epochs,
+            "max_relative_difference": float(outcome.max_relative),
+            "stored_on": sorted(set(outcome.cpus)), "checked_on": cpu_name(),
+            "threads": sorted(set(outcome.threads)), "note": note}
+
+
+def append(path: Path, entries: list[dict]) -> None:
+    """Add entries to the equivalences file in one atomic replace (a new file gets a header)."""
+    import yaml
+    fingerprint.load_equivalences(path)              # refuse to extend a malformed file
+    text = path.read_text() if path.exists() else HEADER
+    if text and not text.endswith("\n"):
+        text += "\n"
+    text += yaml.safe_dump(entries, sort_keys=False, allow_unicode=True, width=100)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths, epochs: int,
+        tolerance: float, runs_per_cell: int, note: str, list_only: bool) -> int:
+    from harness.store import Store
+    if epochs < 1:
+        raise UserError(f"--epochs: must be ≥ 1, not {epochs}")
+    if runs_per_cell < 1:
+        raise UserError(f"--runs-per-cell: must be ≥ 1, not {runs_per_cell}")
+    if not tolerance >= 0:
+        raise UserError(f"--tolerance: a relative difference ≥ 0, not {tolerance}")
+    if not Path(store_path).exists():
+        raise UserError(f"{store_path}: no result store there")
+    path = fingerprint.equivalences_path()
+    fingerprint.load_equivalences(path)              # a malformed file: say so before any run
+    with Store(store_path, readonly=True) as store:
+        cells = stale_cells(specs, store, sources)
+    if not cells:
+        print("nothing to check: every stored run selected is current")
+        return 0
+    print(f"{len(cells)} configuration(s) with stale runs "
+          f"({sum(len(c.runs) for c in cells)} runs):")
+    for cell in cells:
+        print(f"  {cell.name()}: {len(cell.runs)} run(s), code {cell.old} → {cell.new}")
+    if list_only:
+        return 0
+    passed, failed = [], []
+    for cell in cells:
+        print(f"{cell.name()}:", flush=True)
+        outcome = check(cell, runs_per_cell, epochs, data_dir, plugin_paths,
+                        lambda line: print(line, flush=True))
+        if outcome.passed(tolerance):
+            passed.append(outcome)
+            how = "equal" if outcome.max_relative == 0 else \
+                f"within {outcome.max_relative:.2g} (largest: {outcome.where})"
+            print(f"  {how} over {outcome.epochs} epoch(s): its {len(cell.runs)} run(s) count "
+                  f"as current", flush=True)
+        else:
+            failed.append(outcome)
+            print(f"  DIFFERS — {outcome.error or outcome.where}", flush=True)
+    if passed:
+        append(path, [entry(o, note) for o in passed])
+        print(f"{path}: {len(passed)} entr{'y' if len(passed) == 1 else 'ies'} added")
+    if failed:
+        print(f"{len(failed)} configuration(s) differ and stay stale: "
+              + "; ".join(o.cell.name() for o in failed)
+              + " (run them again with --rerun-stale)")
+        return 1
+    return 0

@@ -1,0 +1,135 @@
+"""Verified equivalences of code (`bench.py equate`, harness/fingerprint.py): a change that
+leaves a configuration's numbers equal keeps its stored runs current; one that moves them does
+not, and an equivalence checked for one configuration says nothing of another."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+BASE = "tasks: {blobs: {archs: [mlp], params: {n_train: 128, n_test: 64}}}\n"
+PLUGIN = textwrap.dedent('''
+    """An algorithm a test edits."""
+    from harness.api import Algorithm, TrainParams
+    from harness.nets import build_sequential
+    from harness.registry import algorithms
+    from harness.toolkit import ModuleLearner
+
+
+    @algorithms.register("editable_eq")
+    class Editable(Algorithm):
+        """BP, as written by a test."""
+        supports = frozenset({{"mlp"}})
+        Params = TrainParams
+
+        def build(self, arch, info, params, ctx):
+            network = build_sequential(arch, {init})
+            return ModuleLearner(network, info, params)
+''')
+
+
+def test_resolve_follows_a_chain_per_configuration(tmp_path, monkeypatch):
+    path = tmp_path / "eq.yaml"
+    path.write_text(yaml.safe_dump([
+        {"algorithm": "a", "task": "t", "arch": "mlp", "config": "c1", "from": "d1", "to": "d2"},
+        {"algorithm": "a", "task": "t", "arch": "mlp", "config": "c1", "from": "d2", "to": "d3"},
+    ]))
+    monkeypatch.setenv("BENCH_EQUIVALENCES", str(path))
+    assert fingerprint.resolve("c1", "d1") == "d3"
+    assert fingerprint.resolve("c2", "d1") == "d1"          # another configuration: no entry
+    assert fingerprint.resolve("c1", "d9") == "d9"
+    monkeypatch.setattr(fingerprint, "config_of", lambda spec: spec)
+    assert fingerprint.is_current("c1", "d1", "d3")
+    assert not fingerprint.is_current("c2", "d1", "d3")
+    assert not fingerprint.is_current("c1", "d1", "d2")     # d2 was itself superseded
+    assert fingerprint.is_current("c1", "d1", None)          # unknown current: not stale
+
+
+def test_config_is_the_identity_without_seed_or_labels():
+    spec = {"algorithm": "dll", "params": {"lr": 1e-3}, "seed": 0, "label": "a", "suite": "s",
+            "device": "cpu", "task_label": "x", "skip_reason": None, "epochs": 20}
+    same = dict(spec, seed=3, label="b", suite="t", device="cuda:1", task_label="y")
+    assert fingerprint.config_of(spec) == fingerprint.config_of(same)
+    assert fingerprint.config_of(spec) != fingerprint.config_of(
+        dict(spec, params={"lr": 1e-3, "variant": "released"}))
+    assert fingerprint.config_of(spec) != fingerprint.config_of(dict(spec, epochs=10))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("- {algorithm: a}\n", "entry 1 lacks task, arch, config, from, to"),
+    ("{a: 1}\n", "must be a list of entries"),
+    ("- [unclosed\n", "not readable as YAML"),
+])
+def test_a_malformed_equivalences_file_is_one_line(tmp_path, cli, write_suite, monkeypatch,
+                                                   text, expected):
+    path = tmp_path / "eq.yaml"
+    path.write_text(text)
+    monkeypatch.setenv("BENCH_EQUIVALENCES", str(path))
+    suite = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 1\n"
+                        "algorithms: {bp: {}}\n", "st")
+    (tmp_path / "st.sqlite").write_bytes(b"")
+    status, out, err = cli("equate", suite)
+    assert status == 2 and len(err.strip().splitlines()) == 1, (out, err)
+    assert str(path) in err and expected in err, err
+
+
+def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_suite):
+    """Two rows of one plugin; an edit that moves only the `fast` row's numbers. equate keeps
+    `slow` current (entry written), reports `fast` as differing (exit 1, no entry); the next
+    dry run shows only fast's runs stale, and equate on a current store has nothing to do."""
+    folder = tmp_path / "mine" / "algorithms"
+    folder.mkdir(parents=True)
+    plugin = folder / "editable_eq.py"
+    plugin.write_text(PLUGIN.format(init="params.init_std"))
+    equivalences = tmp_path / "equivalences.yaml"
+    path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 2\nseeds: 2\n"
+                       "algorithms:\n  slow: {algorithm: editable_eq, lr: 0.05}\n"
+                       "  fast: {algorithm: editable_eq, lr: 0.1}\n", "st")
+    plugins = ("--plugins", str(tmp_path / "mine"), "--plugins", str(TEST_PLUGINS))
+    status, out, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
+                           *plugins)
+    assert status == 0 and "ok 4" in out, err
+
+    plugin.write_text(PLUGIN.format(        # `fast` starts from other weights; `slow` does not
+        init="params.init_std * (1.5 if params.lr > 0.06 else 1.0)"))
+    env = dict(os.environ, BENCH_EQUIVALENCES=str(equivalences))
+
+    def bench(*args):
+        return subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args),
+                               *plugins], capture_output=True, text=True, cwd=ROOT, env=env)
+    listed = bench("equate", path, "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert "2 configuration(s) with stale runs (4 runs)" in listed.stdout
+    assert not equivalences.exists()                         # --list runs and writes nothing
+
+    done = bench("equate", path, "--epochs", "2", "--note", "a test's edit")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    out = done.stdout
+    assert "slow on blobs/mlp:" in out and "equal over 2 epoch(s)" in out
+    fast = out.split("fast on blobs/mlp:\n")[1].split("slow on blobs/mlp:")[0]
+    assert "DIFFERS — epoch " in fast and " stored, " in fast and " now" in fast
+    entries = yaml.safe_load(equivalences.read_text())
+    assert [e["row"] for e in entries] == ["slow"]
+    assert entries[0]["max_relative_difference"] == 0.0 and entries[0]["epochs"] == 2
+    assert entries[0]["note"] == "a test's edit" and entries[0]["seeds"] == [0]
+    assert equivalences.read_text().startswith("# Verified equivalences")
+
+    dry = bench("run", path, "--device", "cpu", "--dry-run")
+    assert dry.stdout.count("stored (stale)") == 2, dry.stdout      # fast's two seeds only
+    again = bench("equate", path)
+    assert again.returncode == 1 and "1 configuration(s) with stale runs (2 runs)" in again.stdout
+    assert len(yaml.safe_load(equivalences.read_text())) == 1       # nothing added for fast
+    rerun = bench("run", path, "--device", "cpu", "--no-progress", "--no-report",
+                  "--rerun-stale")
+    assert rerun.returncode == 0 and "ok 2" in rerun.stdout, rerun.stderr
+    assert "stale" not in bench("run", path, "--device", "cpu", "--dry-run").stdout
+    assert "nothing to check" in bench("equate", path).stdout
