@@ -155,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     eqt.add_argument("--tolerance", type=float, default=0.0, metavar="REL",
                      help="largest relative difference accepted (default 0: every number "
                      "equal; above 0 accepts float rounding, e.g. runs of another CPU)")
+    eqt.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                     help="a checkout of the code the stored runs were made with (git worktree "
+                     "add DIR COMMIT): compare with its re-run here, not with the stored numbers "
+                     "(for runs made on another CPU model)")
     eqt.add_argument("--note", default="", help="why the code changed (kept in the entry)")
     eqt.add_argument("--list", action="store_true",
                      help="only list the stale configurations; run nothing")
@@ -578,7 +582,7 @@ def cmd_equate(args) -> int:
     specs = _only(suite, args.only)
     return equate.run(specs, suite.store_path, _current_sources(specs), _data_dir(args),
                       args.plugins, args.epochs, args.tolerance, args.runs_per_cell, args.note,
-                      args.list)
+                      args.list, args.baseline, args.suite)
 
 
 def cmd_data(args) -> int:

@@ -13,6 +13,15 @@ they agree (exactly, or within ``--tolerance``, relative) does it append to
 count as runs of the new one. A configuration that differs is reported with the number that
 moved, and stays stale: run it again (``--rerun-stale``).
 
+Runs made on another CPU model (or at other threads) differ from a re-run here in their last
+digits even with unchanged code — after one epoch of the paper table's FashionMNIST MLP, BP's
+test loss moved by 1.7e-3 (relative) between an Intel Xeon and an AMD EPYC — so an exact check
+against them cannot tell rounding from a real change. ``--baseline DIR`` does the check on this
+machine instead: DIR is a checkout of the code the stored runs were made with (``git worktree
+add DIR COMMIT``); each configuration runs there and here, same seed and threads, and the two
+must agree (exactly by default), its digest there having to be the stored runs'. The stored
+numbers are then compared for information only.
+
 What a check can and cannot show: the first epochs equal, to the last bit, mean the new code
 computes what the old one did on this path, for this configuration; the tail of a run (a
 schedule's later epochs, early stopping) is not re-run. A tolerance above 0 accepts float
@@ -76,6 +85,8 @@ class Outcome:
     max_relative: float = 0.0
     where: str = ""
     error: str = ""
+    baseline: str = ""             # the old code's checkout the re-run was compared with
+    stored_relative: Optional[float] = None   # with a baseline: the stored numbers vs here
 
     def passed(self, tolerance: float) -> bool:
         return not self.error and self.max_relative <= tolerance
@@ -125,30 +136,81 @@ def _relative(a, b) -> float:
     return abs(a - b) / max(abs(a), abs(b))
 
 
-def compare(stored_epochs: list[dict], new_epochs: list, epochs: int) -> tuple[float, str]:
+def compare(stored_epochs: list[dict], new_epochs: list, epochs: int,
+            before: str = "stored") -> tuple[float, str]:
     """The largest relative difference between the stored epochs and the re-run's, over their
     first ``epochs``, and where it is (``epoch 1 test accuracy: 97.1 stored, 97.2 now``)."""
     worst, where = 0.0, ""
     for stored, new in zip(stored_epochs[:epochs], new_epochs[:epochs]):
-        before = _numbers(stored.get("train_loss"), stored.get("lr"), stored.get("metrics"))
+        old = _numbers(stored.get("train_loss"), stored.get("lr"), stored.get("metrics"))
         after = _numbers(new.train_loss, new.lr, new.metrics)
-        for name in sorted(set(before) | set(after)):
-            if name.startswith("train ") and name != "train loss" and name not in before:
+        for name in sorted(set(old) | set(after)):
+            if name.startswith("train ") and name != "train loss" and name not in old:
                 continue          # a figure the old code did not report is not a difference
-            diff = _relative(before.get(name), after.get(name))
+            diff = _relative(old.get(name), after.get(name))
             if diff > worst:
                 worst = diff
-                where = (f"epoch {stored['epoch']} {name}: {before.get(name)!r} stored, "
+                where = (f"epoch {stored['epoch']} {name}: {old.get(name)!r} {before}, "
                          f"{after.get(name)!r} now")
     return worst, where
 
 
+BASELINE_SCRIPT = """
+import json, sys
+args = json.loads(sys.argv[1])
+from harness import suite as suite_mod
+from harness.registry import discover
+from harness.runner import execute
+discover(args["plugins"])
+suite = suite_mod.load(args["suite"], device="cpu", data_dir=args["data_dir"])
+spec = [s for s in suite.specs if s.key() == args["key"]]
+if not spec:
+    print(json.dumps({"error": "the suite, loaded by this code, has no run of key " + args["key"]}))
+    sys.exit(0)
+class Enough(Exception):
+    pass
+def stop(_spec, record):
+    if record.epoch >= args["epochs"]:
+        raise Enough()
+result = execute(spec[0], args["data_dir"], args["threads"], tuple(args["plugins"]), on_epoch=stop)
+print(json.dumps({"source": result.fingerprint.get("source"), "status": str(result.status),
+                  "reason": result.reason,
+                  "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr,
+                              "metrics": e.metrics} for e in result.epochs]}))
+"""
+
+
+def run_baseline(baseline: Path, suite_path: Path, spec: RunSpec, epochs: int, threads: int,
+                 data_dir, plugin_paths) -> dict:
+    """Run ``spec`` for ``epochs`` epochs with the code checked out in ``baseline`` (a process
+    of its own, importing that checkout's harness): ``{source, status, reason, epochs}``."""
+    import json
+    import subprocess
+    import sys
+    args = {"suite": str(Path(suite_path).resolve()), "key": spec.key(), "epochs": epochs,
+            "threads": threads, "data_dir": str(Path(data_dir).resolve()),
+            "plugins": [str(Path(p).resolve()) for p in plugin_paths]}
+    done = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, json.dumps(args)],
+                          cwd=baseline, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    try:
+        found = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        found = {}
+    if done.returncode != 0 or not found or "error" in found:
+        why = found.get("error") or (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"the baseline in {baseline} failed: {why}"}
+    return found
+
+
 def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
-          say: Callable[[str], None]) -> Outcome:
+          say: Callable[[str], None], baseline: Optional[Path] = None,
+          suite_path: Optional[Path] = None) -> Outcome:
     """Re-run up to ``runs_per_cell`` of the cell's stored runs for their first ``epochs``
-    epochs with the current code (each with the threads it ran with) and compare."""
+    epochs with the current code (each with the threads it ran with) and compare with the
+    stored numbers — or, with ``baseline``, with the same run of the old code made here."""
     from harness.runner import execute
-    outcome = Outcome(cell)
+    outcome = Outcome(cell, baseline=str(baseline) if baseline else "")
     for spec, record, cpu in cell.runs[:runs_per_cell]:
         wanted = min(epochs, len(record["epochs"]))
         threads = int(record.get("threads") or 1)
@@ -156,6 +218,25 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
         def stop(_spec, epoch_record, wanted=wanted):
             if epoch_record.epoch >= wanted:
                 raise _Enough(f"checked {wanted} epoch(s)")
+        reference = record["epochs"]
+        if baseline is not None:
+            say(f"  running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s) with "
+                f"the old code ({baseline})…")
+            old = run_baseline(baseline, suite_path, spec, wanted, threads, data_dir,
+                               plugin_paths)
+            if "error" in old:
+                outcome.error = old["error"]
+                return outcome
+            if fingerprint.resolve(cell.config, old["source"]) != cell.old:
+                outcome.error = (f"the code in {baseline} has digest {old['source']}, not the "
+                                 f"stored runs' {record.get('source')}: check out the commit "
+                                 f"they were made with")
+                return outcome
+            if len(old["epochs"]) < wanted:
+                outcome.error = (f"the old code stopped after {len(old['epochs'])} of {wanted} "
+                                 f"epoch(s): {old['status']} {old['reason']}").strip()
+                return outcome
+            reference = old["epochs"]
         say(f"  re-running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s)…")
         result = execute(spec, str(data_dir), threads, tuple(plugin_paths), on_epoch=stop)
         finished = len(result.epochs)
@@ -167,7 +248,11 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
             outcome.error = f"seed {spec.seed} stopped after {finished} of {wanted} epoch(s): " \
                             f"{result.status} {result.reason}".strip()
             return outcome
-        diff, where = compare(record["epochs"], result.epochs, wanted)
+        diff, where = compare(reference, result.epochs, wanted,
+                              "with the old code" if baseline is not None else "stored")
+        if baseline is not None:
+            stored_diff = compare(record["epochs"], result.epochs, wanted)[0]
+            outcome.stored_relative = max(outcome.stored_relative or 0.0, stored_diff)
         outcome.keys.append(spec.key())
         outcome.seeds.append(spec.seed)
         outcome.threads.append(threads)
@@ -188,7 +273,12 @@ def entry(outcome: Outcome, note: str) -> dict:
             "seeds": outcome.seeds, "epochs": outcome.epochs,
             "max_relative_difference": float(outcome.max_relative),
             "stored_on": sorted(set(outcome.cpus)), "checked_on": cpu_name(),
-            "threads": sorted(set(outcome.threads)), "note": note}
+            "threads": sorted(set(outcome.threads)),
+            **({"compared_with": "the old code re-run on this machine (--baseline), same seed "
+                                 "and threads",
+                "stored_vs_rerun_max_relative": float(outcome.stored_relative or 0.0)}
+               if outcome.baseline else {"compared_with": "the stored numbers"}),
+            "note": note}
 
 
 def append(path: Path, entries: list[dict]) -> None:
@@ -205,7 +295,8 @@ def append(path: Path, entries: list[dict]) -> None:
 
 
 def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths, epochs: int,
-        tolerance: float, runs_per_cell: int, note: str, list_only: bool) -> int:
+        tolerance: float, runs_per_cell: int, note: str, list_only: bool,
+        baseline: Optional[Path] = None, suite_path: Optional[Path] = None) -> int:
     from harness.store import Store
     if epochs < 1:
         raise UserError(f"--epochs: must be ≥ 1, not {epochs}")
@@ -215,6 +306,9 @@ def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths
         raise UserError(f"--tolerance: a relative difference ≥ 0, not {tolerance}")
     if not Path(store_path).exists():
         raise UserError(f"{store_path}: no result store there")
+    if baseline is not None and not (Path(baseline) / "harness" / "runner.py").is_file():
+        raise UserError(f"--baseline {baseline}: not a checkout of this project (no "
+                        f"harness/runner.py); make one with `git worktree add DIR COMMIT`")
     path = fingerprint.equivalences_path()
     fingerprint.load_equivalences(path)              # a malformed file: say so before any run
     with Store(store_path, readonly=True) as store:
@@ -232,13 +326,17 @@ def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths
     for cell in cells:
         print(f"{cell.name()}:", flush=True)
         outcome = check(cell, runs_per_cell, epochs, data_dir, plugin_paths,
-                        lambda line: print(line, flush=True))
+                        lambda line: print(line, flush=True), baseline, suite_path)
         if outcome.passed(tolerance):
             passed.append(outcome)
             how = "equal" if outcome.max_relative == 0 else \
                 f"within {outcome.max_relative:.2g} (largest: {outcome.where})"
-            print(f"  {how} over {outcome.epochs} epoch(s): its {len(cell.runs)} run(s) count "
-                  f"as current", flush=True)
+            against = " to the old code's re-run" if baseline else ""
+            stored = (f" (the stored numbers, made on {', '.join(sorted(set(outcome.cpus)))}: "
+                      f"within {outcome.stored_relative:.2g})"
+                      if baseline and outcome.stored_relative else "")
+            print(f"  {how}{against} over {outcome.epochs} epoch(s){stored}: its "
+                  f"{len(cell.runs)} run(s) count as current", flush=True)
         else:
             failed.append(outcome)
             print(f"  DIFFERS — {outcome.error or outcome.where}", flush=True)

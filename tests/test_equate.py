@@ -133,3 +133,50 @@ def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_su
     assert rerun.returncode == 0 and "ok 2" in rerun.stdout, rerun.stderr
     assert "stale" not in bench("run", path, "--device", "cpu", "--dry-run").stdout
     assert "nothing to check" in bench("equate", path).stdout
+
+
+def _checkout(root: Path, into: Path) -> Path:
+    """A copy of the project's code (what `git worktree add` would give, minus git)."""
+    import shutil
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("harness", "algorithms", "tasks"):
+        shutil.copytree(root / name, into / name, ignore=ignore)
+    shutil.copy(root / "bench.py", into / "bench.py")
+    return into
+
+
+def test_baseline_compares_with_the_old_code_run_here(tmp_path, write_suite):
+    """--baseline DIR: the old code (a checkout) and the new run side by side on this machine;
+    an engine edit that computes the same agrees exactly and is recorded as such; a baseline
+    whose code is not the stored runs' is refused with its digest; a folder that is no checkout
+    is one line, exit 2."""
+    old = _checkout(ROOT, tmp_path / "old")
+    new = _checkout(ROOT, tmp_path / "new")
+    equivalences = tmp_path / "equivalences.yaml"
+    env = dict(os.environ, BENCH_EQUIVALENCES=str(equivalences))
+    path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 2\nseeds: 1\n"
+                       "algorithms: {bp: {lr: 0.05}}\n", "st")
+
+    def bench(where, *args):
+        return subprocess.run([sys.executable, "bench.py", *map(str, args), "--plugins",
+                               str(TEST_PLUGINS)], capture_output=True, text=True, cwd=where,
+                              env=env)
+    done = bench(old, "run", path, "--device", "cpu", "--no-progress", "--no-report")
+    assert done.returncode == 0 and "ok 1" in done.stdout, done.stderr
+    toolkit = new / "harness" / "toolkit.py"                   # the engine, edited: same numbers
+    toolkit.write_text(toolkit.read_text() + "\n\nEDITED_BY_A_TEST = True\n")
+    assert "1 stored run(s) were made with source other" in \
+        bench(new, "run", path, "--device", "cpu", "--dry-run").stdout
+
+    refused = bench(new, "equate", path, "--baseline", tmp_path)
+    assert refused.returncode == 2 and "not a checkout of this project" in refused.stderr
+    wrong = bench(new, "equate", path, "--baseline", new)       # the new code is no baseline
+    assert wrong.returncode == 1 and "check out the commit they were made with" in wrong.stdout
+
+    done = bench(new, "equate", path, "--baseline", old, "--epochs", "2")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "equal to the old code's re-run over 2 epoch(s)" in done.stdout
+    entry, = yaml.safe_load(equivalences.read_text())
+    assert entry["compared_with"].startswith("the old code re-run on this machine")
+    assert entry["max_relative_difference"] == 0.0 and entry["stored_vs_rerun_max_relative"] == 0.0
+    assert "stale" not in bench(new, "run", path, "--device", "cpu", "--dry-run").stdout
