@@ -280,8 +280,9 @@ class ReleasedCNN(ReleasedRules, FeedForwardDLL):
 class ReleasedMLP(FeedForwardDLL):
     """The released code's MLP: u_{i+1} = f_i(u_i) W_iᵀ with f = tanh on every layer's input
     (raw pixels included) but softmax on the last hidden layer, a linear output and the error
-    y_smooth − u_L; Θ (N(0, 1)) never trains. The softmax's derivative is taken elementwise,
-    s(1 − s), as in the released code's per-unit error."""
+    y_smooth − u_L; Θ (N(0, 1)) never trains. The error sent through the softmax layer's Θ is
+    not multiplied by any derivative of the softmax: the released model.py builds that layer with
+    ``df=linear_deriv`` (1), and its backward multiplies by ``df`` of the layer's input."""
 
     def layer_weights(self):
         return None            # the outer form is not the architecture's plain network
@@ -289,7 +290,7 @@ class ReleasedMLP(FeedForwardDLL):
     def _transfer(self, index: int):
         dense = [i for i, layer in enumerate(self.layers) if isinstance(layer[0], Dense)]
         if index == dense[-1]:
-            return (lambda u: torch.softmax(u, dim=1)), (lambda z: z * (1.0 - z))
+            return (lambda u: torch.softmax(u, dim=1)), (lambda z: torch.ones_like(z))
         return activation("tanh")
 
     def _forward(self, x, keep):
