@@ -582,7 +582,7 @@ def cmd_equate(args) -> int:
     specs = _only(suite, args.only)
     return equate.run(specs, suite.store_path, _current_sources(specs), _data_dir(args),
                       args.plugins, args.epochs, args.tolerance, args.runs_per_cell, args.note,
-                      args.list, args.baseline, args.suite)
+                      args.list, args.baseline)
 
 
 def cmd_data(args) -> int:

@@ -158,21 +158,29 @@ def compare(stored_epochs: list[dict], new_epochs: list, epochs: int,
 BASELINE_SCRIPT = """
 import json, sys
 args = json.loads(sys.argv[1])
-from harness import suite as suite_mod
+from harness import api
 from harness.registry import discover
 from harness.runner import execute
 discover(args["plugins"])
-suite = suite_mod.load(args["suite"], device="cpu", data_dir=args["data_dir"])
-spec = [s for s in suite.specs if s.key() == args["key"]]
-if not spec:
-    print(json.dumps({"error": "the suite, loaded by this code, has no run of key " + args["key"]}))
+data = args["spec"]
+layer = lambda entry: [api.LAYER_KINDS[k](**v) for k, v in entry.items()][0]
+arch = api.Arch(name=data["arch"]["name"], input_shape=tuple(data["arch"]["input_shape"]),
+                layers=tuple(layer(e) for e in data["arch"]["layers"]),
+                output_size=data["arch"]["output_size"])
+fields = {k: v for k, v in data.items() if k in api.RunSpec.__dataclass_fields__}
+fields.update(arch=arch, params=tuple(sorted(data["params"].items())),
+              task_params=tuple(sorted(data["task_params"].items())),
+              diagnostics=tuple(data.get("diagnostics", ())), device="cpu")
+spec = api.RunSpec(**fields)
+if spec.key() != args["key"]:
+    print(json.dumps({"error": "this code gives the stored spec the key " + spec.key()}))
     sys.exit(0)
 class Enough(Exception):
     pass
 def stop(_spec, record):
     if record.epoch >= args["epochs"]:
         raise Enough()
-result = execute(spec[0], args["data_dir"], args["threads"], tuple(args["plugins"]), on_epoch=stop)
+result = execute(spec, args["data_dir"], args["threads"], tuple(args["plugins"]), on_epoch=stop)
 print(json.dumps({"source": result.fingerprint.get("source"), "status": str(result.status),
                   "reason": result.reason,
                   "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr,
@@ -180,14 +188,16 @@ print(json.dumps({"source": result.fingerprint.get("source"), "status": str(resu
 """
 
 
-def run_baseline(baseline: Path, suite_path: Path, spec: RunSpec, epochs: int, threads: int,
-                 data_dir, plugin_paths) -> dict:
+def run_baseline(baseline: Path, spec: RunSpec, epochs: int, threads: int, data_dir,
+                 plugin_paths) -> dict:
     """Run ``spec`` for ``epochs`` epochs with the code checked out in ``baseline`` (a process
-    of its own, importing that checkout's harness): ``{source, status, reason, epochs}``."""
+    of its own, importing that checkout's harness; the spec is rebuilt there from its JSON, not
+    from the suite file, which that code may not read, and must get the same key):
+    ``{source, status, reason, epochs}``."""
     import json
     import subprocess
     import sys
-    args = {"suite": str(Path(suite_path).resolve()), "key": spec.key(), "epochs": epochs,
+    args = {"spec": spec.to_json(), "key": spec.key(), "epochs": epochs,
             "threads": threads, "data_dir": str(Path(data_dir).resolve()),
             "plugins": [str(Path(p).resolve()) for p in plugin_paths]}
     done = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, json.dumps(args)],
@@ -204,8 +214,7 @@ def run_baseline(baseline: Path, suite_path: Path, spec: RunSpec, epochs: int, t
 
 
 def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
-          say: Callable[[str], None], baseline: Optional[Path] = None,
-          suite_path: Optional[Path] = None) -> Outcome:
+          say: Callable[[str], None], baseline: Optional[Path] = None) -> Outcome:
     """Re-run up to ``runs_per_cell`` of the cell's stored runs for their first ``epochs``
     epochs with the current code (each with the threads it ran with) and compare with the
     stored numbers — or, with ``baseline``, with the same run of the old code made here."""
@@ -222,8 +231,7 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
         if baseline is not None:
             say(f"  running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s) with "
                 f"the old code ({baseline})…")
-            old = run_baseline(baseline, suite_path, spec, wanted, threads, data_dir,
-                               plugin_paths)
+            old = run_baseline(baseline, spec, wanted, threads, data_dir, plugin_paths)
             if "error" in old:
                 outcome.error = old["error"]
                 return outcome
@@ -296,7 +304,7 @@ def append(path: Path, entries: list[dict]) -> None:
 
 def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths, epochs: int,
         tolerance: float, runs_per_cell: int, note: str, list_only: bool,
-        baseline: Optional[Path] = None, suite_path: Optional[Path] = None) -> int:
+        baseline: Optional[Path] = None) -> int:
     from harness.store import Store
     if epochs < 1:
         raise UserError(f"--epochs: must be ≥ 1, not {epochs}")
@@ -326,7 +334,7 @@ def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths
     for cell in cells:
         print(f"{cell.name()}:", flush=True)
         outcome = check(cell, runs_per_cell, epochs, data_dir, plugin_paths,
-                        lambda line: print(line, flush=True), baseline, suite_path)
+                        lambda line: print(line, flush=True), baseline)
         if outcome.passed(tolerance):
             passed.append(outcome)
             how = "equal" if outcome.max_relative == 0 else \
