@@ -290,16 +290,20 @@ def entry(outcome: Outcome, note: str) -> dict:
 
 
 def append(path: Path, entries: list[dict]) -> None:
-    """Add entries to the equivalences file in one atomic replace (a new file gets a header)."""
+    """Add entries to the equivalences file in one atomic replace (a new file gets a header),
+    under a lock: two checks that end together both land."""
+    import fcntl
     import yaml
-    fingerprint.load_equivalences(path)              # refuse to extend a malformed file
-    text = path.read_text() if path.exists() else HEADER
-    if text and not text.endswith("\n"):
-        text += "\n"
-    text += yaml.safe_dump(entries, sort_keys=False, allow_unicode=True, width=100)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fingerprint.load_equivalences(path)          # refuse to extend a malformed file
+        text = path.read_text() if path.exists() else HEADER
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += yaml.safe_dump(entries, sort_keys=False, allow_unicode=True, width=100)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths, epochs: int,

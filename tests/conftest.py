@@ -12,6 +12,27 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+# An algorithm plugin a test writes and then edits: BP, registered as {name}, its initial
+# weights' scale the expression {init} (tests change it to change, or keep, the numbers).
+EDITABLE_PLUGIN = textwrap.dedent('''
+    """An algorithm a test edits."""
+    from harness.api import Algorithm, TrainParams
+    from harness.nets import build_sequential
+    from harness.registry import algorithms
+    from harness.toolkit import ModuleLearner
+
+
+    @algorithms.register("{name}")
+    class Editable(Algorithm):
+        """BP, as written by a test."""
+        supports = frozenset({{"mlp"}})
+        Params = TrainParams
+
+        def build(self, arch, info, params, ctx):
+            network = build_sequential(arch, {init})
+            return ModuleLearner(network, info, params)
+''')
 os.environ.setdefault("BENCH_OFFLINE", "1")   # tests never fetch data from the network
 
 import tempfile  # noqa: E402

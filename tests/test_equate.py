@@ -6,35 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
 from harness import fingerprint
+from conftest import EDITABLE_PLUGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 BASE = "tasks: {blobs: {archs: [mlp], params: {n_train: 128, n_test: 64}}}\n"
-PLUGIN = textwrap.dedent('''
-    """An algorithm a test edits."""
-    from harness.api import Algorithm, TrainParams
-    from harness.nets import build_sequential
-    from harness.registry import algorithms
-    from harness.toolkit import ModuleLearner
-
-
-    @algorithms.register("editable_eq")
-    class Editable(Algorithm):
-        """BP, as written by a test."""
-        supports = frozenset({{"mlp"}})
-        Params = TrainParams
-
-        def build(self, arch, info, params, ctx):
-            network = build_sequential(arch, {init})
-            return ModuleLearner(network, info, params)
-''')
 
 
 def test_resolve_follows_a_chain_per_configuration(tmp_path, monkeypatch):
@@ -89,7 +71,7 @@ def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_su
     folder = tmp_path / "mine" / "algorithms"
     folder.mkdir(parents=True)
     plugin = folder / "editable_eq.py"
-    plugin.write_text(PLUGIN.format(init="params.init_std"))
+    plugin.write_text(EDITABLE_PLUGIN.format(name="editable_eq", init="params.init_std"))
     equivalences = tmp_path / "equivalences.yaml"
     path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 2\nseeds: 2\n"
                        "algorithms:\n  slow: {algorithm: editable_eq, lr: 0.05}\n"
@@ -99,8 +81,8 @@ def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_su
                            *plugins)
     assert status == 0 and "ok 4" in out, err
 
-    plugin.write_text(PLUGIN.format(        # `fast` starts from other weights; `slow` does not
-        init="params.init_std * (1.5 if params.lr > 0.06 else 1.0)"))
+    plugin.write_text(EDITABLE_PLUGIN.format(   # `fast` starts from other weights; `slow` not
+        name="editable_eq", init="params.init_std * (1.5 if params.lr > 0.06 else 1.0)"))
     env = dict(os.environ, BENCH_EQUIVALENCES=str(equivalences))
 
     def bench(*args):

@@ -183,25 +183,8 @@ def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite
     folder = tmp_path / "mine" / "algorithms"
     folder.mkdir(parents=True)
     plugin = folder / "editable.py"
-    body = textwrap.dedent('''
-        """An algorithm a test edits."""
-        from harness.api import Algorithm, TrainParams
-        from harness.nets import build_sequential
-        from harness.registry import algorithms
-        from harness.toolkit import ModuleLearner
-
-
-        @algorithms.register("editable_{tag}")
-        class Editable(Algorithm):
-            """BP, as written by a test."""
-            supports = frozenset({{"mlp"}})
-            Params = TrainParams
-
-            def build(self, arch, info, params, ctx):
-                network = build_sequential(arch, params.init_std{extra})
-                return ModuleLearner(network, info, params)
-    ''')
-    plugin.write_text(body.format(tag="s", extra=""))
+    from conftest import EDITABLE_PLUGIN as body
+    plugin.write_text(body.format(name="editable_s", init="params.init_std"))
     path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 1\nseeds: 2\n"
                        "algorithms: {editable_s: {}}\n", "st")
     args = ("--device", "cpu", "--plugins", tmp_path / "mine")
@@ -212,7 +195,8 @@ def test_an_edited_plugin_makes_its_stored_runs_stale(tmp_path, cli, write_suite
     # a different program in a new process (the one that imported the plugin keeps the old)
     import subprocess
     import sys
-    plugin.write_text(body.format(tag="s", extra=" * 1.0").replace("as written", "as edited"))
+    plugin.write_text(body.format(name="editable_s", init="params.init_std * 1.0")
+                      .replace("as written", "as edited"))
     run = [sys.executable, str(ROOT / "bench.py"), "run", str(path), "--device", "cpu",
            "--plugins", str(tmp_path / "mine"), "--plugins", str(TEST_PLUGINS)]
     done = subprocess.run(run + ["--dry-run"], capture_output=True, text=True, cwd=ROOT)
