@@ -341,6 +341,7 @@ def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths
                         lambda line: print(line, flush=True), baseline)
         if outcome.passed(tolerance):
             passed.append(outcome)
+            append(path, [entry(outcome, note)])     # at once: an interrupted check keeps it
             how = "equal" if outcome.max_relative == 0 else \
                 f"within {outcome.max_relative:.2g} (largest: {outcome.where})"
             against = " to the old code's re-run" if baseline else ""
@@ -353,7 +354,6 @@ def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths
             failed.append(outcome)
             print(f"  DIFFERS — {outcome.error or outcome.where}", flush=True)
     if passed:
-        append(path, [entry(o, note) for o in passed])
         print(f"{path}: {len(passed)} entr{'y' if len(passed) == 1 else 'ies'} added")
     if failed:
         print(f"{len(failed)} configuration(s) differ and stay stale: "
