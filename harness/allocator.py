@@ -41,9 +41,13 @@ def keep_freed_memory() -> Optional[str]:
             mallopt = libc.mallopt
         except (OSError, AttributeError):         # not glibc (macOS, musl): nothing to set
             mallopt = None
-        if mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 \
-                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
-            setting = f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold " \
-                      f"{TRIM_THRESHOLD >> 20} MiB (freed memory kept)"
+        if mallopt is not None:
+            mmap = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+            parts = ([f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB"] if mmap else []) + \
+                ([f"trim threshold {TRIM_THRESHOLD >> 20} MiB"] if trim else [])
+            if parts:
+                setting = ", ".join(parts) + (" (freed memory kept)" if mmap and trim else
+                                              " (only this part set)")
     _state["done"] = setting
     return setting

@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from harness import fingerprint
-from harness.api import RunSpec, Status, UserError
+from harness.api import RunSpec, Status, UserError, device_kind
 
 CHECKED_STATUSES = (Status.OK, Status.DIVERGED)
+STORED_LIMIT = 0.05     # --baseline: the stored numbers may differ from the old code's re-run
+                        # here by float rounding grown over an epoch (1.7e-3 seen), not more
 HEADER = """\
 # Verified equivalences of code (harness/fingerprint.py, `python bench.py equate --help`).
 #
@@ -48,6 +50,10 @@ HEADER = """\
 # seed) made with the code of digest `from` count as runs of the code of digest `to`, because
 # `bench.py equate` re-ran the runs named under `runs` with the `to` code and every number of
 # their first `epochs` epochs agreed (largest relative difference: max_relative_difference).
+# An entry holds for its device kind (`device`; cpu where absent) and configuration only.
+# With `compared_with: the old code re-run on this machine`, the agreement is with a re-run of
+# the `from` code here (runs stored on another CPU model). The stored selection (the epoch each
+# protocol takes) is checked against the current code's choice over all stored epochs.
 # Entries are written by `bench.py equate`, never by hand; delete one to make its runs stale.
 """
 
@@ -109,7 +115,7 @@ def stale_cells(specs: list[RunSpec], store, sources: dict[str, str]) -> list[Ce
         if stored is None or fingerprint.is_current(spec, stored, current):
             continue
         config = fingerprint.config_of(spec)
-        old = fingerprint.resolve(config, stored)
+        old = fingerprint.resolve(config, stored, device_kind(spec.device))
         cell = cells.setdefault((config, old, current), Cell(config, old, current))
         cell.runs.append((spec, record, cpu_of.get(record.get("session"))))
     for cell in cells.values():
@@ -125,14 +131,20 @@ def _numbers(train_loss, lr, metrics) -> dict[str, Optional[float]]:
     return out
 
 
+def _finite_or_none(value):
+    """A number as the store keeps it: a non-finite float is stored as null."""
+    if value is None or isinstance(value, bool):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _relative(a, b) -> float:
+    a, b = _finite_or_none(a), _finite_or_none(b)
     if a is None or b is None:
         return 0.0 if a is b else math.inf
-    a, b = float(a), float(b)
-    if a == b or (math.isnan(a) and math.isnan(b)):
+    if a == b:
         return 0.0
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return math.inf
     return abs(a - b) / max(abs(a), abs(b))
 
 
@@ -200,17 +212,47 @@ def run_baseline(baseline: Path, spec: RunSpec, epochs: int, threads: int, data_
     args = {"spec": spec.to_json(), "key": spec.key(), "epochs": epochs,
             "threads": threads, "data_dir": str(Path(data_dir).resolve()),
             "plugins": [str(Path(p).resolve()) for p in plugin_paths]}
-    done = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, json.dumps(args)],
+    done = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT,
+                           json.dumps(args, default=str)],
                           cwd=baseline, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     try:
         found = json.loads(lines[-1]) if lines else {}
     except ValueError:
         found = {}
+    if not isinstance(found, dict):
+        found = {}
     if done.returncode != 0 or not found or "error" in found:
         why = found.get("error") or (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"the baseline in {baseline} failed: {why}"}
     return found
+
+
+SELECTION = ("clean_epoch", "clean_val", "clean_test", "paper_epoch", "paper_test")
+
+
+def selection_difference(spec: RunSpec, record: dict) -> tuple[float, str]:
+    """What the current code selects from the stored run's epochs (``runner.summarize``: the
+    epoch each protocol takes, and its values) against the selection stored with it — the
+    numbers the results tables read. The re-run's epochs cover the start of a run; this covers
+    the choice made over all of it."""
+    from harness.api import EpochRecord
+    from harness.registry import tasks
+    from harness.runner import summarize
+    task = tasks.get(spec.task)
+    epochs = [EpochRecord(epoch=e["epoch"], train_time_s=e.get("train_time_s") or 0.0,
+                          eval_time_s=e.get("eval_time_s") or 0.0,
+                          train_loss=e.get("train_loss"), metrics=e.get("metrics") or {},
+                          lr=e.get("lr"), warmup=bool(e.get("warmup")))
+              for e in record["epochs"]]
+    now = summarize(epochs, task.primary_metric, task.metrics[task.primary_metric])
+    worst, where = 0.0, ""
+    for name in SELECTION:
+        diff = _relative(record.get(name), getattr(now, name))
+        if diff > worst:
+            worst, where = diff, f"selection {name}: {record.get(name)!r} stored, " \
+                                 f"{getattr(now, name)!r} now"
+    return worst, where
 
 
 def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
@@ -235,7 +277,8 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
             if "error" in old:
                 outcome.error = old["error"]
                 return outcome
-            if fingerprint.resolve(cell.config, old["source"]) != cell.old:
+            if fingerprint.resolve(cell.config, old["source"],
+                                   device_kind(spec.device)) != cell.old:
                 outcome.error = (f"the code in {baseline} has digest {old['source']}, not the "
                                  f"stored runs' {record.get('source')}: check out the commit "
                                  f"they were made with")
@@ -258,9 +301,22 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
             return outcome
         diff, where = compare(reference, result.epochs, wanted,
                               "with the old code" if baseline is not None else "stored")
+        for other, other_where in (
+                selection_difference(spec, record),
+                (_relative(record.get("n_parameters"), result.n_parameters),
+                 f"parameters: {record.get('n_parameters')!r} stored, "
+                 f"{result.n_parameters!r} now")):
+            if other > diff:
+                diff, where = other, other_where
         if baseline is not None:
-            stored_diff = compare(record["epochs"], result.epochs, wanted)[0]
+            stored_diff, stored_where = compare(record["epochs"], result.epochs, wanted)
             outcome.stored_relative = max(outcome.stored_relative or 0.0, stored_diff)
+            if not stored_diff <= STORED_LIMIT:
+                outcome.error = (f"the old code re-run here does not reproduce the stored run "
+                                 f"(relative difference {stored_diff:.3g} > {STORED_LIMIT}: "
+                                 f"{stored_where}): other data, torch or code than the "
+                                 f"baseline's?")
+                return outcome
         outcome.keys.append(spec.key())
         outcome.seeds.append(spec.seed)
         outcome.threads.append(threads)
@@ -276,7 +332,8 @@ def entry(outcome: Outcome, note: str) -> dict:
     spec = outcome.cell.first
     return {"algorithm": spec.algorithm, "task": spec.task, "arch": spec.arch.name,
             "row": spec.label or spec.algorithm, "config": outcome.cell.config,
-            "from": outcome.cell.old, "to": outcome.cell.new,
+            "device": device_kind(spec.device), "from": outcome.cell.old,
+            "to": outcome.cell.new,
             "checked": datetime.date.today().isoformat(), "runs": outcome.keys,
             "seeds": outcome.seeds, "epochs": outcome.epochs,
             "max_relative_difference": float(outcome.max_relative),
@@ -292,6 +349,14 @@ def entry(outcome: Outcome, note: str) -> dict:
 def append(path: Path, entries: list[dict]) -> None:
     """Add entries to the equivalences file in one atomic replace (a new file gets a header),
     under a lock: two checks that end together both land."""
+    try:
+        _append(path, entries)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the equivalences file ({exc.strerror or exc})") \
+            from None
+
+
+def _append(path: Path, entries: list[dict]) -> None:
     import fcntl
     import yaml
     with open(path.with_name(path.name + ".lock"), "w") as lock:
@@ -314,8 +379,8 @@ def run(specs, store_path: Path, sources: dict[str, str], data_dir, plugin_paths
         raise UserError(f"--epochs: must be ≥ 1, not {epochs}")
     if runs_per_cell < 1:
         raise UserError(f"--runs-per-cell: must be ≥ 1, not {runs_per_cell}")
-    if not tolerance >= 0:
-        raise UserError(f"--tolerance: a relative difference ≥ 0, not {tolerance}")
+    if not 0 <= tolerance < 1:
+        raise UserError(f"--tolerance: a relative difference in [0, 1), not {tolerance}")
     if not Path(store_path).exists():
         raise UserError(f"{store_path}: no result store there")
     if baseline is not None and not (Path(baseline) / "harness" / "runner.py").is_file():

@@ -197,7 +197,7 @@ def current_source(plugin_paths=()):
 
 EQUIVALENCES_FILE = PROJECT_ROOT / "equivalences.yaml"
 ENTRY_KEYS = ("algorithm", "task", "arch", "config", "from", "to")
-NOT_CONFIG = ("seed", "device", "label", "task_label", "suite", "skip_reason")
+NOT_CONFIG = ("seed", "device", "label", "task_label", "suite", "skip_reason")  # device: apart
 _LOADED: dict[str, dict] = {}
 
 
@@ -233,7 +233,7 @@ def load_equivalences(path: Optional[Path] = None) -> list[dict]:
         return []
     try:
         entries = yaml.safe_load(path.read_text()) or []
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: not readable as YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(entries, list):
         raise UserError(f"{path}: must be a list of entries, each with keys "
@@ -255,18 +255,20 @@ def _mapping() -> dict[tuple, str]:
         stamp = f"{path}:missing"
     if stamp not in _LOADED:
         _LOADED.clear()
-        _LOADED[stamp] = {(e["config"], e["from"]): e["to"] for e in load_equivalences(path)}
+        _LOADED[stamp] = {(e["config"], str(e.get("device", "cpu")), e["from"]): e["to"]
+                          for e in load_equivalences(path)}
     return _LOADED[stamp]
 
 
-def resolve(config: str, source: Optional[str]) -> Optional[str]:
-    """The digest a stored run of ``source`` and configuration ``config`` (:func:`config_of`)
-    counts as: followed through the verified equivalences to the newest; itself where none
-    applies."""
+def resolve(config: str, source: Optional[str], device: str = "cpu") -> Optional[str]:
+    """The digest a stored run of ``source``, configuration ``config`` (:func:`config_of`) and
+    device kind ``device`` counts as: followed through the verified equivalences to the newest;
+    itself where none applies. An entry holds for the device kind it was checked on (a check
+    on the CPU says nothing of a CUDA path)."""
     mapping, seen = _mapping(), set()
-    while source is not None and (config, source) in mapping and source not in seen:
+    while source is not None and (config, device, source) in mapping and source not in seen:
         seen.add(source)
-        source = mapping[config, source]
+        source = mapping[config, device, source]
     return source
 
 
@@ -280,7 +282,18 @@ def is_current(spec, stored: Optional[str], current: Optional[str]) -> bool:
     if not isinstance(stored, str) or not _mapping():
         return False
     try:
-        config = config_of(spec)
+        config, device = config_of(spec), device_of(spec)
     except (TypeError, ValueError, AttributeError):    # no spec recorded: nothing to resolve
         return False
-    return resolve(config, stored) == current
+    return resolve(config, stored, device) == current
+
+
+def device_of(spec) -> str:
+    """The device kind (cpu, cuda) of a RunSpec or its stored JSON."""
+    import json
+    from harness.api import device_kind
+    if hasattr(spec, "device"):
+        return device_kind(spec.device)
+    if isinstance(spec, str):
+        spec = json.loads(spec)
+    return device_kind(str(spec.get("device") or "cpu"))

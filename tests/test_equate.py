@@ -30,10 +30,12 @@ def test_resolve_follows_a_chain_per_configuration(tmp_path, monkeypatch):
     assert fingerprint.resolve("c2", "d1") == "d1"          # another configuration: no entry
     assert fingerprint.resolve("c1", "d9") == "d9"
     monkeypatch.setattr(fingerprint, "config_of", lambda spec: spec)
+    monkeypatch.setattr(fingerprint, "device_of", lambda spec: "cpu")
     assert fingerprint.is_current("c1", "d1", "d3")
     assert not fingerprint.is_current("c2", "d1", "d3")
     assert not fingerprint.is_current("c1", "d1", "d2")     # d2 was itself superseded
     assert fingerprint.is_current("c1", "d1", None)          # unknown current: not stale
+    assert fingerprint.resolve("c1", "d1", "cuda") == "d1"   # checked on the CPU only
 
 
 def test_config_is_the_identity_without_seed_or_labels():
@@ -107,6 +109,12 @@ def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_su
 
     dry = bench("run", path, "--device", "cpu", "--dry-run")
     assert dry.stdout.count("stored (stale)") == 2, dry.stdout      # fast's two seeds only
+    report = bench("report", path, "--out", tmp_path / "reports")   # from the stored JSON specs
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "reports" / "st" / "report.md").read_text()
+    assert "**2 of these runs were made with older code (stale)**: fast on blobs/mlp" in text
+    assert "2 run(s) made with an older digest count as current" in text
+    assert bench("equate", path, "--tolerance", "inf").returncode == 2
     again = bench("equate", path)
     assert again.returncode == 1 and "1 configuration(s) with stale runs (2 runs)" in again.stdout
     assert len(yaml.safe_load(equivalences.read_text())) == 1       # nothing added for fast
@@ -162,3 +170,33 @@ def test_baseline_compares_with_the_old_code_run_here(tmp_path, write_suite):
     assert entry["compared_with"].startswith("the old code re-run on this machine")
     assert entry["max_relative_difference"] == 0.0 and entry["stored_vs_rerun_max_relative"] == 0.0
     assert "stale" not in bench(new, "run", path, "--device", "cpu", "--dry-run").stdout
+
+
+def test_numbers_compare_as_the_store_keeps_them():
+    """A non-finite number is stored as null: a diverged epoch's NaN loss re-run as NaN (or
+    inf) agrees with its stored null; a number against null or another number does not."""
+    from harness.equate import _relative
+    assert _relative(None, float("nan")) == 0.0 and _relative(float("inf"), None) == 0.0
+    assert _relative(1.0, 1.0) == 0.0 and _relative(None, 1.0) == float("inf")
+    assert _relative(2.0, 1.0) == 0.5
+
+
+def test_the_stored_selection_is_checked_against_the_current_choice():
+    """equate also asks the current code which epoch each protocol takes over all the stored
+    epochs: a stored selection it would not make is a difference."""
+    from harness.equate import selection_difference
+    from harness.registry import discover
+
+    discover([str(TEST_PLUGINS)])
+
+    class Spec:
+        task = "blobs"
+    epochs = [{"epoch": e, "train_loss": 1.0 / e, "lr": 0.1,
+               "metrics": {"val": {"accuracy": acc, "loss": 1.0},
+                           "test": {"accuracy": acc - 1, "loss": 1.0}}}
+              for e, acc in ((1, 50.0), (2, 70.0), (3, 60.0))]
+    record = {"epochs": epochs, "clean_epoch": 2, "clean_val": 70.0, "clean_test": 69.0,
+              "paper_epoch": 2, "paper_test": 69.0}
+    assert selection_difference(Spec, record) == (0.0, "")
+    worst, where = selection_difference(Spec, dict(record, clean_epoch=3, clean_test=59.0))
+    assert worst > 0 and where.startswith("selection clean_")

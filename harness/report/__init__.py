@@ -291,8 +291,9 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
              "runs the current code would make differently (stale); `--rerun-stale` runs "
              "them again." + (f" {n_equated} run(s) made with an older digest count as current: "
                               "`bench.py equate` re-ran one of each of their configurations "
-                              "with the current code and every number agreed (equivalences.yaml "
-                              "lists each check)." if n_equated else ""))
+                              "with the current code and its numbers agreed with the stored "
+                              "ones, or with the old code re-run beside it (equivalences.yaml "
+                              "lists each check, its tolerance and epochs)." if n_equated else ""))
     _section(lines, "## Environment", render.environment_table(sessions, runs))
     path = out_dir / "report.md"
     try:
