@@ -24,10 +24,7 @@ from harness import params as P  # noqa: E402
 from harness.api import RunContext, RunSpec  # noqa: E402
 from harness.data import DATASETS, default_data_dir, verify  # noqa: E402
 from harness.registry import algorithms, discover, tasks  # noqa: E402
-from harness.allocator import keep_freed_memory  # noqa: E402
 from harness.runner import execute  # noqa: E402
-
-keep_freed_memory()      # as every run process of the harness does (BENCH_MALLOC=default: not)
 
 BAR = 1.2
 

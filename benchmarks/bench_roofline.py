@@ -68,7 +68,6 @@ from harness import params as P  # noqa: E402
 from harness.api import Arch, Conv, Dense, Recurrent, RunContext, RunSpec  # noqa: E402
 from harness.data import DATASETS, default_data_dir, verify  # noqa: E402
 from harness.registry import algorithms, discover, tasks  # noqa: E402
-from harness.allocator import keep_freed_memory  # noqa: E402
 from harness.runner import execute  # noqa: E402
 from harness.toolkit import layer_shapes  # noqa: E402
 
@@ -518,8 +517,6 @@ def main() -> None:
         print(line, file=sys.stderr, flush=True)
 
     load_before, busy_before = os.getloadavg()[0], _busy_ticks()
-    malloc = keep_freed_memory()     # as every run process of the harness does
-    log(f"allocator: {malloc or 'as the C library has it (BENCH_MALLOC=default, or not glibc)'}")
     discover()
     torch.set_num_threads(args.threads)
     if args.check_counts:

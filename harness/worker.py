@@ -60,15 +60,10 @@ def execute_noting_cpu(spec, data_dir, threads, plugin_paths, on_epoch=None):
     that had its core to itself, well below where other work took it (or, above one thread,
     where its threads sat idle), so a report can say which timings were taken under load — and
     ``load_per_core``, the machine's one-minute load average ÷ the cores this process may use
-    as the run ended. Neither is noted for a GPU run, whose time is the device's. The process's
-    C allocator keeps freed memory first (harness.allocator), noted as ``malloc``."""
-    from harness.allocator import keep_freed_memory
+    as the run ended. Neither is noted for a GPU run, whose time is the device's."""
     from harness.runner import execute
-    malloc = keep_freed_memory()           # every large block from the heap, kept for reuse
     wall, cpu = time.perf_counter(), time.process_time()
     result = execute(spec, data_dir, threads, plugin_paths, on_epoch=on_epoch)
-    if malloc:
-        result.notes["malloc"] = malloc
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if not str(spec.device).startswith("cpu"):
         return result

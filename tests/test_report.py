@@ -563,19 +563,6 @@ def test_time_ratios_are_like_for_like_or_say_why_not(tmp_path):
                      (json.dumps({"cpu_share": 0.5}),))
     found = timings()
     assert found["fa"].unlike == () and found["fa"].ratio.mean == pytest.approx(3.0)
-    with sqlite3.connect(tmp_path / "t.sqlite") as conn:
-        # a bp seed made with freed memory kept (harness/allocator.py), twice as fast again:
-        # fa's runs, made without, are not divided by it; made with it, by it alone
-        kept = json.dumps({"cpu_share": 0.99, "malloc": "kept"})
-        conn.execute("UPDATE runs SET notes = ? WHERE label = 'bp' AND threads = 2", (kept,))
-        conn.execute("UPDATE epochs SET train_time_s = 0.25 WHERE run_key IN (SELECT key FROM "
-                     "runs WHERE label = 'bp' AND threads = 2)")
-    found = timings()
-    assert "threads" in found["fa"].unlike          # no bp run of fa's setting left
-    with sqlite3.connect(tmp_path / "t.sqlite") as conn:
-        conn.execute("UPDATE runs SET notes = ? WHERE label = 'fa'", (kept,))
-    found = timings()
-    assert found["fa"].unlike == () and found["fa"].ratio.mean == pytest.approx(6.0)
 
 
 def test_rules_are_compared_across_the_cells_they_all_have():

@@ -263,9 +263,8 @@ def _write(layout: Layout, frames, out_dir: Path, regenerate: str,
     _section(lines, "## Time per epoch and memory", render.timing_table(layout, timings),
              "Timings are only as good as the machine was quiet; `benchmarks/` measures "
              "ratios in one process. A run's ratio divides it by the baseline's runs of the "
-             "same cell made at the same torch threads on the same CPU model with the same "
-             "allocator setting; ‡ marks a ratio that is not like for like, and the lines "
-             "below the table say why (" + "; ".join(
+             "same cell made at the same torch threads on the same CPU model; ‡ marks a ratio "
+             "that is not like for like, and the lines below the table say why (" + "; ".join(
                  tables.UNLIKE.values()) + ")." + (
                  " CPU share (where runs noted it): the run process's CPU seconds ÷ (wall "
                  "seconds × its threads) over the whole run, set-up and evaluation included, "

@@ -198,14 +198,6 @@ class Timing:
     run_ratios: tuple = ()          # each run's ratio (the summary's values), for the plot
 
 
-def _note(notes, name: str):
-    """One entry of a run's stored notes (None where absent or unreadable)."""
-    try:
-        return (json.loads(notes) if isinstance(notes, str) else notes or {}).get(name)
-    except (ValueError, AttributeError):
-        return None
-
-
 def cpu_share(notes) -> Optional[float]:
     """The share of its cores a run process had (harness.worker), from its stored notes."""
     try:
@@ -226,8 +218,7 @@ def _in_cells(frame, cells: set):
 STARVED = 0.9     # a one-thread run below this CPU share had its core taken by other work
 ALL = object()    # a ratio divided by every baseline run of the cell (none of its setting)
 UNLIKE = {         # why a time ratio is not like for like
-    "threads": "no baseline run made at the same torch threads on the same CPU model with the "
-               "same allocator setting (harness/allocator.py)",
+    "threads": "no baseline run made at the same torch threads on the same CPU model",
     "starved": f"one-thread runs (the row's or the baseline's) had less than {STARVED} of their "
                "core: other work slowed them",
     "unrecorded": "the load is not recorded (the row's or the baseline's one-thread runs were "
@@ -238,8 +229,7 @@ def timing(layout: Layout, runs, epochs, sessions=None) -> list[Timing]:
     """Each cell's training seconds per epoch and its ratio to the baseline's. A run is divided
     by the baseline's runs made at the same torch threads (one thread or two halves or doubles
     an epoch) on the same CPU model (``sessions``' ``cpu``: the stores hold runs of several
-    machines) with the same allocator setting (the run's ``malloc`` note: keeping freed memory
-    makes a CNN step up to a quarter faster); ``unlike`` says where that was not possible, or where the row's one-thread runs
+    machines); ``unlike`` says where that was not possible, or where the row's one-thread runs
     or the baseline runs it was divided by had less than STARVED of their cores, or never
     recorded it (the load, not the rule, may have moved the ratio)."""
     counted = epochs[epochs["status"].isin(["ok", "diverged"])]
@@ -252,10 +242,8 @@ def timing(layout: Layout, runs, epochs, sessions=None) -> list[Timing]:
             and "session_id" in runs.columns:
         by_session = dict(zip(sessions["id"], sessions["cpu"]))
         cpu_of = {key: by_session.get(sid) for key, sid in zip(runs["key"], runs["session_id"])}
-    malloc_of = {key: _note(notes, "malloc") for key, notes in zip(runs["key"], runs["notes"])} \
-        if "notes" in runs.columns else {}
-    setting_of = {key: (threads, cpu_of.get(key), malloc_of.get(key)) for key, threads in zip(
-        runs["key"], runs["threads"])} if "threads" in runs.columns else {}  # threads, CPU, malloc
+    setting_of = {key: (threads, cpu_of.get(key)) for key, threads in zip(   # (threads, CPU)
+        runs["key"], runs["threads"])} if "threads" in runs.columns else {}
     finished = runs[runs["status"].isin(["ok", "diverged"])]
     base: dict[tuple, float] = {}          # (task, arch) and (task, arch, setting) → mean
     if layout.baseline:
