@@ -312,10 +312,10 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
             stored_diff, stored_where = compare(record["epochs"], result.epochs, wanted)
             outcome.stored_relative = max(outcome.stored_relative or 0.0, stored_diff)
             if not stored_diff <= STORED_LIMIT:
-                outcome.error = (f"the old code re-run here does not reproduce the stored run "
-                                 f"(relative difference {stored_diff:.3g} > {STORED_LIMIT}: "
-                                 f"{stored_where}): other data, torch or code than the "
-                                 f"baseline's?")
+                outcome.error = (f"the stored run is not what this code, old or new, gives "
+                                 f"here (relative difference {stored_diff:.3g} > "
+                                 f"{STORED_LIMIT}: {stored_where}): other data, torch or "
+                                 f"code than the baseline's?")
                 return outcome
         outcome.keys.append(spec.key())
         outcome.seeds.append(spec.seed)
