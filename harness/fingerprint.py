@@ -19,7 +19,8 @@ A change that leaves the numbers as they were (a faster kernel, code moved betwe
 not stale a day of runs: ``bench.py equate`` re-runs stored runs of each changed cell with the
 new code, compares every number of their first epochs, and — only where they agree — records
 in ``equivalences.yaml`` that runs of the old digest count as runs of the new one, for that
-(algorithm, task, arch). :func:`is_current` is the one test every caller uses.
+configuration (:func:`config_of`) and device kind. :func:`is_current` is the one test every
+caller uses.
 
 The engine digest is taken once, when this module is first imported — in the process that
 imported the engine, so a worker forked from a server that imported it earlier reports the code
@@ -208,13 +209,17 @@ def config_of(spec) -> str:
     DLL says nothing of dll-released, a row of the same plugin with other parameters."""
     import json
     from harness.api import _canonical
-    if hasattr(spec, "identity"):
-        spec = spec.identity()
-    elif isinstance(spec, str):
-        spec = json.loads(spec)
-    kept = {k: v for k, v in spec.items() if k not in NOT_CONFIG}
+    kept = {k: v for k, v in _as_dict(spec).items() if k not in NOT_CONFIG}
     text = json.dumps(_canonical(kept), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:SHORT]
+
+
+def _as_dict(spec) -> dict:
+    """A RunSpec's identity, or its stored JSON (text or parsed) as a dict."""
+    import json
+    if hasattr(spec, "identity"):
+        return spec.identity()
+    return json.loads(spec) if isinstance(spec, str) else spec
 
 
 def equivalences_path() -> Path:
@@ -282,7 +287,8 @@ def is_current(spec, stored: Optional[str], current: Optional[str]) -> bool:
     if not isinstance(stored, str) or not _mapping():
         return False
     try:
-        config, device = config_of(spec), device_of(spec)
+        data = _as_dict(spec)                          # parsed once for both
+        config, device = config_of(data), device_of(data)
     except (TypeError, ValueError, AttributeError):    # no spec recorded: nothing to resolve
         return False
     return resolve(config, stored, device) == current
@@ -290,10 +296,5 @@ def is_current(spec, stored: Optional[str], current: Optional[str]) -> bool:
 
 def device_of(spec) -> str:
     """The device kind (cpu, cuda) of a RunSpec or its stored JSON."""
-    import json
     from harness.api import device_kind
-    if hasattr(spec, "device"):
-        return device_kind(spec.device)
-    if isinstance(spec, str):
-        spec = json.loads(spec)
-    return device_kind(str(spec.get("device") or "cpu"))
+    return device_kind(str(_as_dict(spec).get("device") or "cpu"))

@@ -29,6 +29,7 @@ def test_resolve_follows_a_chain_per_configuration(tmp_path, monkeypatch):
     assert fingerprint.resolve("c1", "d1") == "d3"
     assert fingerprint.resolve("c2", "d1") == "d1"          # another configuration: no entry
     assert fingerprint.resolve("c1", "d9") == "d9"
+    monkeypatch.setattr(fingerprint, "_as_dict", lambda spec: spec)
     monkeypatch.setattr(fingerprint, "config_of", lambda spec: spec)
     monkeypatch.setattr(fingerprint, "device_of", lambda spec: "cpu")
     assert fingerprint.is_current("c1", "d1", "d3")

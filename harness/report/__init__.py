@@ -30,15 +30,20 @@ def _specs(runs):
     return runs["spec"] if "spec" in runs.columns else [None] * len(runs)
 
 
+def _with_source(runs):
+    """The runs that were made (not skipped) and recorded their source digest (a run the
+    supervisor recorded — killed, timed out — has none: not "older code")."""
+    return runs[(runs["status"] != "skipped") & runs["source"].notna()]
+
+
 def _stale(runs, current) -> set[tuple]:
     """(key, row label, role, task, arch) of the runs (not skipped) whose stored source digest
     differs from what ``current(algorithm, task)`` says the code gives now (None: unknown, not
     counted) and is not verified equivalent to it (:func:`harness.fingerprint.is_current`)."""
     if current is None or runs.empty or "source" not in runs.columns:
         return set()
-    done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
+    done = _with_source(runs)
     role = done["role"] if "role" in done.columns else [""] * len(done)
-    # (a run the supervisor recorded — killed, timed out — has no source: not "older code")
     return {(key, row, kind, task, arch)
             for key, kind, row, algorithm, task_plugin, task, arch, source, spec in zip(
                 done["key"], role, done["label"], done["algorithm"], done["task"],
@@ -51,7 +56,7 @@ def equated(runs, current) -> int:
     count as current through a verified equivalence (equivalences.yaml)."""
     if current is None or runs.empty or "source" not in runs.columns:
         return 0
-    done = runs[(runs["status"] != "skipped") & runs["source"].notna()]
+    done = _with_source(runs)
     count = 0
     for algorithm, task, source, spec in zip(done["algorithm"], done["task"], done["source"],
                                              _specs(done)):
