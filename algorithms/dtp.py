@@ -88,13 +88,14 @@ class DTPNetwork(nn.Module):
         return self.activations(x)[-1]
 
 
+@torch.no_grad()   # constants of the rule: in-place sums, no graph
 def difference_targets(net: DTPNetwork, hs: list[torch.Tensor],
                        output_target: torch.Tensor) -> list[Optional[torch.Tensor]]:
     """t_L = output_target, t_i = g_i(t_{i+1}) + h_i − g_i(h_{i+1}) down to i = 1 (t_0: None)."""
     targets: list[Optional[torch.Tensor]] = [None] * len(hs)
     targets[-1] = output_target
     for i in range(len(hs) - 2, 0, -1):
-        targets[i] = net.inverse(i, targets[i + 1]) + hs[i] - net.inverse(i, hs[i + 1])
+        targets[i] = net.inverse(i, targets[i + 1]).add_(hs[i]).sub_(net.inverse(i, hs[i + 1]))
     return targets
 
 
@@ -109,6 +110,7 @@ def inverse_loss(net: DTPNetwork, hs: list[torch.Tensor], noise: float) -> torch
     return total / hs[0].shape[0]
 
 
+@torch.no_grad()   # constants of the rule: in-place sums, no graph
 def forward_gradients(net: DTPNetwork, hs: list[torch.Tensor],
                       targets: list[torch.Tensor]) -> list[torch.Tensor]:
     """∂/∂W_i (and ∂/∂b_i) of ½‖h_{i+1} − t_{i+1}‖² / N with h_i held fixed (the layer-local
@@ -116,10 +118,10 @@ def forward_gradients(net: DTPNetwork, hs: list[torch.Tensor],
     weight_grads, bias_grads = [], []
     for i in range(len(net.weights)):
         derivative = activation(net.acts[i])[1](hs[i + 1])
-        delta = (hs[i + 1] - targets[i + 1]) * derivative
-        weight_grads.append(delta.t().matmul(hs[i]) / hs[0].shape[0])
+        delta = (hs[i + 1] - targets[i + 1]).mul_(derivative)
+        weight_grads.append(delta.t().matmul(hs[i]).div_(hs[0].shape[0]))
         if i in net.bias_of:
-            bias_grads.append(delta.sum(0) / hs[0].shape[0])
+            bias_grads.append(delta.sum(0).div_(hs[0].shape[0]))
     return weight_grads + bias_grads
 
 

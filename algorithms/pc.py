@@ -152,6 +152,17 @@ def energy(nodes, mus, loss, n_terms):
     return (sum(0.5 * (x - mu).pow(2).sum() for x, mu in zip(nodes, mus)) + n_terms * loss) / n_terms
 
 
+def _node_step(node, velocity, error, top_down, momentum: float, state_lr: float):
+    """One state update, (x_i − γ·v, v) with v = m·v + ∂E/∂x_i and ∂E/∂x_i = ε_i + J_iᵀ(·).
+    ``error`` is a fresh tensor, spent here. Without momentum (the defaults) v is ∂E/∂x_i itself,
+    formed in place in the error: the same numbers as m·v + ∂E/∂x_i (0·v adds a zero) with
+    three fewer passes over the node and no velocity kept."""
+    if not momentum:
+        return node - error.add_(top_down).mul_(state_lr), None
+    velocity = momentum * velocity + (error + top_down)
+    return node - state_lr * velocity, velocity
+
+
 def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: float = 0.0,
               fixed_predictions: bool = False, label_smoothing: float = 0.0,
               record_energy: bool = False):
@@ -178,7 +189,7 @@ def dense_inference(net, x, y, info: TaskInfo, steps: int, state_lr: float,
     first = mus[0].detach() if isinstance(net, PCFeedForward) and mus else None
     n_terms = out.shape[0] * (out.shape[1] if info.sequence else 1)
     nodes = [leaf.detach() for leaf in leaves]
-    velocity = [torch.zeros_like(node) for node in nodes]
+    velocity = [torch.zeros_like(node) if momentum else None for node in nodes]
     loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
     forward_loss = loss                                   # the forward pass's: what is reported
     energies = []
@@ -196,8 +207,8 @@ def dense_inference(net, x, y, info: TaskInfo, steps: int, state_lr: float,
                                        retain_graph=fixed_predictions)         # J_iᵀ ∂E/∂μ_{i+1}
         with torch.no_grad():
             for i, (e, jt) in enumerate(zip(errors, top_down)):
-                velocity[i] = momentum * velocity[i] + (e + jt)                 # ∂E/∂x_i
-            nodes = [node - state_lr * v for node, v in zip(nodes, velocity)]
+                nodes[i], velocity[i] = _node_step(nodes[i], velocity[i], e, jt, momentum,
+                                                   state_lr)
     if not fixed_predictions:                             # predictions at the final nodes
         mus, out = net.predictions(x, nodes)
         loss, out_grad = loss_and_grad(info, out.detach(), y, label_smoothing)
@@ -207,7 +218,7 @@ def dense_inference(net, x, y, info: TaskInfo, steps: int, state_lr: float,
     weights = [w for w in net.parameters()]
     dE_dmu = [-e for e in errors] + [n_terms * out_grad]
     grads = torch.autograd.grad(mus + [out], weights, dE_dmu)                  # local ∂E/∂W_i
-    return [g / n_terms for g in grads], forward_loss, energies
+    return [g.div_(n_terms) for g in grads], forward_loss, energies           # fresh: in place
 
 
 def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, state_lr: float,
@@ -236,7 +247,7 @@ def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, stat
         if j < depth:
             leaves.append(preds[j].detach().requires_grad_())
     nodes = [leaf.detach() for leaf in leaves[1:]]          # nodes[i]: block i's output node
-    velocity = [torch.zeros_like(node) for node in nodes]
+    velocity = [torch.zeros_like(node) if momentum else None for node in nodes]
     n_terms = preds[depth].shape[0] * (preds[depth].shape[1] if info.sequence else 1)
 
     def predict_again(j: int) -> None:    # block j from its input node as it is now
@@ -265,8 +276,8 @@ def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, stat
         top_down = torch.autograd.grad(preds[low:], leaves[low:], cotangents)  # J_iᵀ ∂E/∂μ_{i+1}
         with torch.no_grad():
             for i, e, jt in zip(range(low - 1, depth), errors, top_down):
-                velocity[i] = momentum * velocity[i] + (e + jt)                # ∂E/∂x_i
-                nodes[i] = nodes[i] - state_lr * velocity[i]
+                nodes[i], velocity[i] = _node_step(nodes[i], velocity[i], e, jt, momentum,
+                                                   state_lr)
     last = max(depth - steps, 0)          # blocks last … depth have error at the final nodes
     for j in range(max(depth - steps + 1, 1), depth + 1):   # their inputs moved
         predict_again(j)
@@ -276,7 +287,7 @@ def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, stat
     cotangents = [-(nodes[i] - preds[i].detach()) for i in range(last, depth)]
     grads = torch.autograd.grad(preds[last:], weights, cotangents + [n_terms * out_grad])
     by_weight = {id(w): g for w, g in zip(weights, grads)}    # the blocks below: exactly 0
-    return ([by_weight[id(w)] / n_terms if id(w) in by_weight else torch.zeros_like(w)
+    return ([by_weight[id(w)].div_(n_terms) if id(w) in by_weight else torch.zeros_like(w)
              for w in net.parameters()], forward_loss, energies)
 
 

@@ -240,3 +240,43 @@ def test_layered_pc_inference_does_only_the_counted_matrix_work(name, monkeypatc
             layered_inference(net, x, y, info, steps, 0.2)
         counted = roofline.macs_pc(arch, PCParams(inference_steps=steps))
         assert counter.total == 2 * counted * len(y), (name, steps)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_pc_state_step_is_the_written_update_to_the_bit(momentum):
+    """The in-place state step (no momentum: ∂E/∂x formed in the spent error) gives the numbers of
+    x − γ·(m·v + (ε + Jᵀ·)) as written, so a speed change here moves no stored run."""
+    from algorithms.pc import _node_step
+    g = torch.Generator().manual_seed(3)
+    node, velocity, error, top_down = (torch.randn(7, 5, 4, 4, generator=g) for _ in range(4))
+    node = node.contiguous(memory_format=torch.channels_last)
+    expected_v = momentum * velocity + (error + top_down)
+    expected = node - 0.37 * expected_v
+    got, got_v = _node_step(node, velocity, error.clone(), top_down, momentum, 0.37)
+    assert torch.equal(got, expected)
+    assert (got_v is None) if not momentum else torch.equal(got_v, expected_v)
+
+
+def test_dtp_targets_and_local_gradients_are_the_written_formulas_to_the_bit():
+    """In-place sums in difference_targets and forward_gradients: the same numbers as the
+    out-of-place formulas, on a tanh net with biases, called with autograd enabled."""
+    from algorithms.dtp import forward_gradients
+    from harness.toolkit import activation
+    torch.manual_seed(5)
+    arch = Arch("mlp", (1, 8, 8), (Flatten(), Dense(16), Dense(12), Dense(5, "linear")), 5)
+    net = DTPNetwork(arch, 0.3)
+    x = torch.randn(9, 1, 8, 8)
+    hs = net.activations(x)                         # with a graph: the functions hold none
+    t_out = hs[-1] + 0.1 * torch.randn_like(hs[-1])
+    targets = difference_targets(net, hs, t_out)
+    with torch.no_grad():
+        expect = [None] * len(hs)
+        expect[-1] = t_out
+        for i in range(len(hs) - 2, 0, -1):
+            expect[i] = net.inverse(i, expect[i + 1]) + hs[i] - net.inverse(i, hs[i + 1])
+        for i in range(1, len(hs)):
+            assert torch.equal(targets[i], expect[i]), i
+        grads = forward_gradients(net, hs, targets)
+        for i in range(len(net.weights)):
+            delta = (hs[i + 1] - targets[i + 1]) * activation(net.acts[i])[1](hs[i + 1])
+            assert torch.equal(grads[i], delta.t().matmul(hs[i]) / hs[0].shape[0]), i
