@@ -154,13 +154,29 @@ def energy(nodes, mus, loss, n_terms):
 
 def _node_step(node, velocity, error, top_down, momentum: float, state_lr: float):
     """One state update, (x_i − γ·v, v) with v = m·v + ∂E/∂x_i and ∂E/∂x_i = ε_i + J_iᵀ(·).
-    ``error`` is a fresh tensor, spent here. Without momentum (the defaults) v is ∂E/∂x_i itself,
-    formed in place in the error: the same numbers as m·v + ∂E/∂x_i (0·v adds a zero) with
-    three fewer passes over the node and no velocity kept."""
+    Without momentum (the defaults) v is ∂E/∂x_i itself, formed in place in ``error`` (a fresh
+    tensor the caller no longer reads): three fewer passes over the node and no velocity kept.
+    That is m·v + ∂E/∂x_i with m = 0 value for value: 0·v is a zero, and adding a zero changes
+    nothing but, where ∂E/∂x_i is −0, the sign of that zero; where v is already not finite the
+    node is too, and the run diverges either way."""
     if not momentum:
         return node - error.add_(top_down).mul_(state_lr), None
     velocity = momentum * velocity + (error + top_down)
     return node - state_lr * velocity, velocity
+
+
+def _per_term(grads, cotangents, n_terms: int) -> list[torch.Tensor]:
+    """Each weight gradient divided by M, in place where it is a tensor of its own (the usual
+    case: a product autograd just made, so no second pass over fresh memory), else into a new
+    tensor: autograd may hand back a cotangent itself, or one tensor for two weights (a weight
+    added straight onto a node's shape)."""
+    seen = {t.untyped_storage().data_ptr() for t in cotangents}
+    out = []
+    for g in grads:
+        where = g.untyped_storage().data_ptr()
+        out.append(g / n_terms if where in seen else g.div_(n_terms))
+        seen.add(where)
+    return out
 
 
 def inference(net, x, y, info: TaskInfo, steps: int, state_lr: float, momentum: float = 0.0,
@@ -218,7 +234,7 @@ def dense_inference(net, x, y, info: TaskInfo, steps: int, state_lr: float,
     weights = [w for w in net.parameters()]
     dE_dmu = [-e for e in errors] + [n_terms * out_grad]
     grads = torch.autograd.grad(mus + [out], weights, dE_dmu)                  # local ∂E/∂W_i
-    return [g.div_(n_terms) for g in grads], forward_loss, energies           # fresh: in place
+    return _per_term(grads, dE_dmu, n_terms), forward_loss, energies
 
 
 def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, state_lr: float,
@@ -285,9 +301,10 @@ def layered_inference(net: PCFeedForward, x, y, info: TaskInfo, steps: int, stat
     record(loss)
     weights = [w for block in blocks[last:] for w in block.parameters()]
     cotangents = [-(nodes[i] - preds[i].detach()) for i in range(last, depth)]
-    grads = torch.autograd.grad(preds[last:], weights, cotangents + [n_terms * out_grad])
+    cotangents.append(n_terms * out_grad)
+    grads = _per_term(torch.autograd.grad(preds[last:], weights, cotangents), cotangents, n_terms)
     by_weight = {id(w): g for w, g in zip(weights, grads)}    # the blocks below: exactly 0
-    return ([by_weight[id(w)].div_(n_terms) if id(w) in by_weight else torch.zeros_like(w)
+    return ([by_weight[id(w)] if id(w) in by_weight else torch.zeros_like(w)
              for w in net.parameters()], forward_loss, energies)
 
 

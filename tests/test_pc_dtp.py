@@ -263,7 +263,8 @@ def test_dtp_targets_and_local_gradients_are_the_written_formulas_to_the_bit():
     from algorithms.dtp import forward_gradients
     from harness.toolkit import activation
     torch.manual_seed(5)
-    arch = Arch("mlp", (1, 8, 8), (Flatten(), Dense(16), Dense(12), Dense(5, "linear")), 5)
+    arch = Arch("mlp", (1, 8, 8), (Flatten(), Dense(16, bias=True), Dense(12, bias=True),
+                                   Dense(5, "linear", bias=True)), 5)
     net = DTPNetwork(arch, 0.3)
     x = torch.randn(9, 1, 8, 8)
     hs = net.activations(x)                         # with a graph: the functions hold none
@@ -277,6 +278,24 @@ def test_dtp_targets_and_local_gradients_are_the_written_formulas_to_the_bit():
         for i in range(1, len(hs)):
             assert torch.equal(targets[i], expect[i]), i
         grads = forward_gradients(net, hs, targets)
-        for i in range(len(net.weights)):
+        layers = len(net.weights)
+        assert len(grads) == 2 * layers
+        for i in range(layers):
             delta = (hs[i + 1] - targets[i + 1]) * activation(net.acts[i])[1](hs[i + 1])
             assert torch.equal(grads[i], delta.t().matmul(hs[i]) / hs[0].shape[0]), i
+            assert torch.equal(grads[layers + i], delta.sum(0) / hs[0].shape[0]), i
+
+
+def test_pc_gradients_divided_in_place_only_where_autograd_made_them_apart():
+    """autograd.grad may return a cotangent itself, or one tensor for two inputs; those are
+    divided into new tensors, so no cotangent changes and nothing is divided twice."""
+    from algorithms.pc import _per_term
+    cotangent = torch.full((3,), 6.0)
+    a = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    ga, gb = torch.autograd.grad(a + b, [a, b], cotangent)       # the cotangent, twice over
+    fresh = torch.full((2,), 6.0)
+    got = _per_term([ga, gb, fresh], [cotangent], 3)
+    assert [t.tolist() for t in got] == [[2.0] * 3, [2.0] * 3, [2.0] * 2]
+    assert cotangent.tolist() == [6.0] * 3
+    assert got[2] is fresh                                         # its own: divided in place
