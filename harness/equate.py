@@ -58,11 +58,6 @@ HEADER = """\
 """
 
 
-class _Enough(Exception):
-    """Raised after the epochs a check compares: ends the re-run early (the runner records it
-    as a failure, keeping the epochs it finished)."""
-
-
 @dataclass
 class Cell:
     """Stale stored runs of one configuration that share an old and a new digest."""
@@ -148,14 +143,14 @@ def _relative(a, b) -> float:
     return abs(a - b) / max(abs(a), abs(b))
 
 
-def compare(stored_epochs: list[dict], new_epochs: list, epochs: int,
+def compare(stored_epochs: list[dict], new_epochs: list[dict], epochs: int,
             before: str = "stored") -> tuple[float, str]:
     """The largest relative difference between the stored epochs and the re-run's, over their
     first ``epochs``, and where it is (``epoch 1 test accuracy: 97.1 stored, 97.2 now``)."""
     worst, where = 0.0, ""
     for stored, new in zip(stored_epochs[:epochs], new_epochs[:epochs]):
         old = _numbers(stored.get("train_loss"), stored.get("lr"), stored.get("metrics"))
-        after = _numbers(new.train_loss, new.lr, new.metrics)
+        after = _numbers(new.get("train_loss"), new.get("lr"), new.get("metrics"))
         for name in sorted(set(old) | set(after)):
             if name.startswith("train ") and name != "train loss" and name not in old:
                 continue          # a figure the old code did not report is not a difference
@@ -167,7 +162,7 @@ def compare(stored_epochs: list[dict], new_epochs: list, epochs: int,
     return worst, where
 
 
-BASELINE_SCRIPT = """
+RERUN_SCRIPT = """
 import json, sys
 args = json.loads(sys.argv[1])
 from harness import api
@@ -194,27 +189,33 @@ def stop(_spec, record):
         raise Enough()
 result = execute(spec, args["data_dir"], args["threads"], tuple(args["plugins"]), on_epoch=stop)
 print(json.dumps({"source": result.fingerprint.get("source"), "status": str(result.status),
-                  "reason": result.reason,
+                  "reason": result.reason, "n_parameters": result.n_parameters,
                   "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr,
                               "metrics": e.metrics} for e in result.epochs]}))
 """
 
 
-def run_baseline(baseline: Path, spec: RunSpec, epochs: int, threads: int, data_dir,
+ROOT = Path(__file__).resolve().parent.parent     # the current code's checkout
+
+
+def run_checkout(checkout: Path, spec: RunSpec, epochs: int, threads: int, data_dir,
                  plugin_paths) -> dict:
-    """Run ``spec`` for ``epochs`` epochs with the code checked out in ``baseline`` (a process
-    of its own, importing that checkout's harness; the spec is rebuilt there from its JSON, not
-    from the suite file, which that code may not read, and must get the same key):
-    ``{source, status, reason, epochs}``."""
+    """Run ``spec`` for ``epochs`` epochs with the code checked out in ``checkout`` — the old
+    code (``--baseline``) or the current one (:data:`ROOT`) — in a process of its own that
+    imports that checkout's harness: a run that crashes or is killed ends that process, not
+    equate. The spec is rebuilt there from its JSON, not from the suite file (which old code
+    may not read), and must get the same key. ``{source, status, reason, n_parameters,
+    epochs}``, or ``{error}`` saying why there is none."""
     import json
     import subprocess
     import sys
+    from harness.worker import death_reason
     args = {"spec": spec.to_json(), "key": spec.key(), "epochs": epochs,
             "threads": threads, "data_dir": str(Path(data_dir).resolve()),
             "plugins": [str(Path(p).resolve()) for p in plugin_paths]}
-    done = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT,
+    done = subprocess.run([sys.executable, "-c", RERUN_SCRIPT,
                            json.dumps(args, default=str)],
-                          cwd=baseline, capture_output=True, text=True)
+                          cwd=checkout, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     try:
         found = json.loads(lines[-1]) if lines else {}
@@ -222,9 +223,13 @@ def run_baseline(baseline: Path, spec: RunSpec, epochs: int, threads: int, data_
         found = {}
     if not isinstance(found, dict):
         found = {}
+    which = "the old code" if Path(checkout).resolve() != ROOT else "the current code"
+    if done.returncode < 0:
+        return {"error": f"{which}'s re-run in {checkout} ended without a result: "
+                         f"{death_reason(done.returncode)}"}
     if done.returncode != 0 or not found or "error" in found:
         why = found.get("error") or (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"the baseline in {baseline} failed: {why}"}
+        return {"error": f"{which}'s re-run in {checkout} failed: {why}"}
     return found
 
 
@@ -259,21 +264,17 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
           say: Callable[[str], None], baseline: Optional[Path] = None) -> Outcome:
     """Re-run up to ``runs_per_cell`` of the cell's stored runs for their first ``epochs``
     epochs with the current code (each with the threads it ran with) and compare with the
-    stored numbers — or, with ``baseline``, with the same run of the old code made here."""
-    from harness.runner import execute
+    stored numbers — or, with ``baseline``, with the same run of the old code made here. Each
+    re-run is a process of its own (:func:`run_checkout`)."""
     outcome = Outcome(cell, baseline=str(baseline) if baseline else "")
     for spec, record, cpu in cell.runs[:runs_per_cell]:
         wanted = min(epochs, len(record["epochs"]))
         threads = int(record.get("threads") or 1)
-
-        def stop(_spec, epoch_record, wanted=wanted):
-            if epoch_record.epoch >= wanted:
-                raise _Enough(f"checked {wanted} epoch(s)")
         reference = record["epochs"]
         if baseline is not None:
             say(f"  running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s) with "
                 f"the old code ({baseline})…")
-            old = run_baseline(baseline, spec, wanted, threads, data_dir, plugin_paths)
+            old = run_checkout(baseline, spec, wanted, threads, data_dir, plugin_paths)
             if "error" in old:
                 outcome.error = old["error"]
                 return outcome
@@ -289,27 +290,29 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
                 return outcome
             reference = old["epochs"]
         say(f"  re-running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s)…")
-        result = execute(spec, str(data_dir), threads, tuple(plugin_paths), on_epoch=stop)
-        finished = len(result.epochs)
-        if result.fingerprint.get("source") != cell.new:
-            outcome.error = (f"the re-run's code has digest {result.fingerprint.get('source')}, "
+        result = run_checkout(ROOT, spec, wanted, threads, data_dir, plugin_paths)
+        if "error" in result:
+            outcome.error = result["error"]
+            return outcome
+        if result["source"] != cell.new:
+            outcome.error = (f"the re-run's code has digest {result['source']}, "
                              f"not {cell.new}: files changed while it ran")
             return outcome
-        if finished < wanted:
-            outcome.error = f"seed {spec.seed} stopped after {finished} of {wanted} epoch(s): " \
-                            f"{result.status} {result.reason}".strip()
+        if len(result["epochs"]) < wanted:
+            outcome.error = (f"seed {spec.seed} stopped after {len(result['epochs'])} of "
+                             f"{wanted} epoch(s): {result['status']} {result['reason']}").strip()
             return outcome
-        diff, where = compare(reference, result.epochs, wanted,
+        diff, where = compare(reference, result["epochs"], wanted,
                               "with the old code" if baseline is not None else "stored")
         for other, other_where in (
                 selection_difference(spec, record),
-                (_relative(record.get("n_parameters"), result.n_parameters),
+                (_relative(record.get("n_parameters"), result["n_parameters"]),
                  f"parameters: {record.get('n_parameters')!r} stored, "
-                 f"{result.n_parameters!r} now")):
+                 f"{result['n_parameters']!r} now")):
             if other > diff:
                 diff, where = other, other_where
         if baseline is not None:
-            stored_diff, stored_where = compare(record["epochs"], result.epochs, wanted)
+            stored_diff, stored_where = compare(record["epochs"], result["epochs"], wanted)
             outcome.stored_relative = max(outcome.stored_relative or 0.0, stored_diff)
             if not stored_diff <= STORED_LIMIT:
                 outcome.error = (f"the stored run is not what this code, old or new, gives "

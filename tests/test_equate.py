@@ -126,6 +126,37 @@ def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_su
     assert "nothing to check" in bench("equate", path).stdout
 
 
+def test_a_rerun_that_kills_its_process_fails_its_check_not_equate(tmp_path, write_suite):
+    """Each re-run is a process of its own: one that dies of a signal (here SIGSEGV, as a crash
+    in native code would) is that configuration's failure, with its cause, and equate goes on
+    to the next configuration and records it."""
+    folder = tmp_path / "mine" / "algorithms"
+    folder.mkdir(parents=True)
+    plugin = folder / "editable_crash.py"
+    plugin.write_text(EDITABLE_PLUGIN.format(name="editable_crash", init="params.init_std"))
+    equivalences = tmp_path / "equivalences.yaml"
+    path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 1\nseeds: 1\n"
+                       "algorithms:\n  crashes: {algorithm: editable_crash, lr: 0.1}\n"
+                       "  holds: {algorithm: editable_crash, lr: 0.05}\n", "st")
+    plugins = ("--plugins", str(tmp_path / "mine"), "--plugins", str(TEST_PLUGINS))
+    env = dict(os.environ, BENCH_EQUIVALENCES=str(equivalences))
+
+    def bench(*args):
+        return subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args),
+                               *plugins], capture_output=True, text=True, cwd=ROOT, env=env)
+    done = bench("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    assert done.returncode == 0 and "ok 2" in done.stdout, done.stderr
+    plugin.write_text(EDITABLE_PLUGIN.format(
+        name="editable_crash", init="(__import__('os').kill(__import__('os').getpid(), 11) "
+                                    "if params.lr > 0.06 else params.init_std)"))
+    done = bench("equate", path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    crashed = done.stdout.split("crashes on blobs/mlp:\n")[1].split("holds on blobs/mlp:")[0]
+    assert "ended without a result" in crashed and "SIGSEGV" in crashed, done.stdout
+    assert "equal over 1 epoch(s)" in done.stdout.split("holds on blobs/mlp:\n")[1]
+    assert [e["row"] for e in yaml.safe_load(equivalences.read_text())] == ["holds"]
+
+
 def _checkout(root: Path, into: Path) -> Path:
     """A copy of the project's code (what `git worktree add` would give, minus git)."""
     import shutil
