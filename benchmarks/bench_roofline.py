@@ -3,7 +3,7 @@ the matrix work that rule computes, as a fraction of this machine's matmul peak.
 
     python benchmarks/bench_roofline.py [--threads 2] [--repeats 3] [--epochs 2] [--scale 1]
         [--archs mnist_mlp,mnist_cnn,fmnist_cnn,chars_rnn]
-        [--algorithms bp,fa,dfa,dll,dll_fa,pc,dtp] [--json] [--check-counts]
+        [--algorithms bp,fa,dfa,dll,dll_fa,pc,dtp] [--json] [--check-counts] [--breakdown]
 
 For each arch (MNIST MLP 784-1024-512-256-10 at batch 128; the ``cnn`` presets of ``mnist``
 and ``fashion_mnist`` at batch 64; the ``chars`` task's ``rnn`` preset on Moby-Dick, hidden 324,
@@ -26,6 +26,10 @@ vocabulary 84, windows of 32, batch 32) and each rule that supports it, it print
   taken before and after the runs; the higher is used, both are printed);
 * ``vs_bp`` = epoch_s / BP's epoch_s on the same arch, beside ``op_ratio`` = gflop / BP's gflop:
   time ratio against operation-count ratio.
+
+``--breakdown`` profiles one training step per rule instead (``torch.profiler``): the matrix
+kernels' own time and rate, which is the ceiling of the step's peak fraction, against the
+share of the step spent outside them and the biggest ops there — where a rule's time goes.
 
 It also prints an estimate of the CPU time of the paper grid (``suites/paper_table.yaml``) on
 the image sets this machine has offline (MNIST and FashionMNIST × MLP and CNN × its rules × 4
@@ -410,6 +414,70 @@ def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
           "skip: ≤ 2.2% over)", file=out)
 
 
+# the kernels of the matrix work (their self time is the time of the products themselves)
+MATRIX_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
+              "aten::convolution_backward", "aten::_convolution_pointwise")
+
+
+def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: float,
+              out, steps: int = 20) -> None:
+    """Where one training step's time goes: the matrix kernels' own time and rate (what the step
+    could reach if everything else cost nothing: ``ceiling``), and the biggest other ops, from
+    ``torch.profiler`` over ``steps`` steps after five warm-up steps, the runner's Stepper and
+    layout, one batch of real (or random) data, the rule's default parameters."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from harness.nets import prefer_channels_last
+    from harness.runner import Stepper
+    table = []
+    for case in cases:
+        if case.missing:
+            continue
+        ctx = RunContext(validation=VALIDATION, data_dir=str(default_data_dir()),
+                         batch_size=case.case.batch, epochs=2)
+        data = case.task.load(P.build(case.task.Params, case.task_params), ctx)
+        batch = case.case.batch
+        for name in rules:
+            if case.unsupported(name):
+                continue
+            alg = algorithms.get(name)
+            p = P.build(alg.Params, P.resolve(alg.Params, {}))
+            torch.manual_seed(0)
+            learner = alg.build(case.arch, data.info, p, ctx)
+            x, y = data.train.x, data.train.y
+            if alg.channels_last and prefer_channels_last(learner, case.arch,
+                                                          torch.device("cpu")) and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            stepper = Stepper(learner, p, 2)
+            starts = [(i * batch) % (len(y) - batch + 1) for i in range(steps + 5)]
+            for start in starts[:5]:
+                stepper.step(x[start:start + batch], y[start:start + batch])
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for start in starts[5:]:
+                    stepper.step(x[start:start + batch], y[start:start + batch])
+            ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
+            total = sum(ms for _, ms in ops)
+            matrix = sum(ms for key, ms in ops if key in MATRIX_OPS)
+            others = sorted(((ms, key) for key, ms in ops if key not in MATRIX_OPS),
+                            reverse=True)[:3]
+            gflop = 2 * MACS[name](case.arch, p) * batch / 1e9
+            table.append([case.key, name, f"{total:.2f}", f"{matrix:.2f}",
+                          f"{gflop / (matrix / 1e3) / peak:.2f}",
+                          f"{gflop / (total / 1e3) / peak:.2f}", f"{1 - matrix / total:.0%}",
+                          ", ".join(f"{key.removeprefix('aten::')} {ms / total:.0%}"
+                                    for ms, key in others)])
+    print(f"Breakdown of one training step ({threads} threads, torch.profiler self times over "
+          f"{steps} steps after 5 warm-up steps, default parameters; peak {peak:.1f} GFLOP/s). "
+          f"step_ms: all ops; matrix_ms: the matrix kernels ({', '.join(MATRIX_OPS)}); "
+          f"matrix_rate: the rule's matrix work over matrix_ms, as a fraction of the peak (its "
+          f"ceiling: the step's peak fraction if all else cost nothing); step_rate: over "
+          f"step_ms (the profiler adds a little); other: the step's share outside the matrix "
+          f"kernels, and its three biggest ops.", file=out)
+    print(tabulate(table, headers=["arch", "rule", "step_ms", "matrix_ms", "matrix_rate",
+                                   "step_rate", "other", "biggest others"],
+                   tablefmt="github", disable_numparse=True), file=out)
+
+
 # --------------------------------------------------------------------------------------------
 # The paper grid's cost from these epoch times
 # --------------------------------------------------------------------------------------------
@@ -503,6 +571,9 @@ def main() -> None:
     parser.add_argument("--check-counts", action="store_true",
                         help="compare each rule's analytic count with the matrix FLOPs torch "
                         "dispatches in one training step, then exit (no timing)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile one training step per rule instead of timing epochs: "
+                        "the matrix kernels' time and rate against the rest, then exit")
     parser.add_argument("--json", action="store_true",
                         help="JSON list on stdout (everything else on stderr)")
     args = parser.parse_args()
@@ -525,6 +596,11 @@ def main() -> None:
             check_counts(list(cases.values()), rules, out)
         return
     peak_before = matmul_peak(args.threads)
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as scratch:
+            cases = {k: Case(k, ARCHS[k], 0.2, Path(scratch)) for k in arch_keys}
+            breakdown(list(cases.values()), rules, args.threads, peak_before, out)
+        return
     log(f"matmul peak (1024³ float32 torch.mm, {args.threads} threads): {peak_before:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory() as scratch:
         cases = {k: Case(k, ARCHS[k], args.scale, Path(scratch)) for k in arch_keys}
@@ -565,7 +641,7 @@ def main() -> None:
 
     n_epochs = args.repeats * (args.epochs - 1)
     print(f"Roofline: training epochs timed by the harness, {args.threads} threads, cpu, torch "
-          f"{torch.__version__}, code {ROOT} at {_git_commit()}", file=out)
+          f"{torch.__version__}, code at {_git_commit()}", file=out)
     print(f"matmul peak (1024³ float32 torch.mm, best of 20): {peak_before:.1f} GFLOP/s before "
           f"the runs, {peak_after:.1f} after; peak = {peak:.1f}", file=out)
     cores = os.cpu_count() or 1
