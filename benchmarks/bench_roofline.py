@@ -381,31 +381,37 @@ def _shape(t):
     return t.shape if isinstance(t, torch.Tensor) else t
 
 
-def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
-    """The analytic count of each rule against the matrix FLOPs torch's dispatcher sees in one
-    training step (mm, addmm, bmm, convolution and their backward, counted by
-    ``torch.utils.flop_counter``'s formulas), on one batch of real (or random) data."""
-    table = []
+def _learners(cases: list[Case], rules: tuple[str, ...]):
+    """(case, rule name, its default params, the task's data, a learner seeded 0) for every arch
+    with its data and every rule that supports it."""
     for case in cases:
         if case.missing:
             continue
         ctx = RunContext(validation=VALIDATION, data_dir=str(default_data_dir()),
                          batch_size=case.case.batch, epochs=2)
         data = case.task.load(P.build(case.task.Params, case.task_params), ctx)
-        x, y = data.train.x[:case.case.batch], data.train.y[:case.case.batch]
         for name in rules:
             if case.unsupported(name):
                 continue
             alg = algorithms.get(name)
             p = P.build(alg.Params, P.resolve(alg.Params, {}))
             torch.manual_seed(0)
-            learner = alg.build(case.arch, data.info, p, ctx)
+            yield case, name, p, data, alg.build(case.arch, data.info, p, ctx)
+
+
+def check_counts(cases: list[Case], rules: tuple[str, ...], out) -> None:
+    """The analytic count of each rule against the matrix FLOPs torch's dispatcher sees in one
+    training step (mm, addmm, bmm, convolution and their backward, counted by
+    ``torch.utils.flop_counter``'s formulas), on one batch of real (or random) data."""
+    table = []
+    for case, name, p, data, learner in _learners(cases, rules):
+        x, y = data.train.x[:case.case.batch], data.train.y[:case.case.batch]
+        learner.train_step(x, y)
+        with MatrixFlops() as counter:
             learner.train_step(x, y)
-            with MatrixFlops() as counter:
-                learner.train_step(x, y)
-            analytic = 2 * MACS[name](case.arch, p) * len(y)
-            table.append([case.key, name, f"{counter.total / 1e6:.2f}", f"{analytic / 1e6:.2f}",
-                          f"{analytic / counter.total:.4f}"])
+        analytic = 2 * MACS[name](case.arch, p) * len(y)
+        table.append([case.key, name, f"{counter.total / 1e6:.2f}", f"{analytic / 1e6:.2f}",
+                      f"{analytic / counter.total:.4f}"])
     print("matrix MFLOP of one training step: torch's dispatcher vs this script's count",
           file=out)
     headers = ["arch", "rule", "dispatched", "analytic", "analytic/dispatched"]
@@ -430,42 +436,30 @@ def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: flo
     from harness.nets import prefer_channels_last
     from harness.runner import Stepper
     table = []
-    for case in cases:
-        if case.missing:
-            continue
-        ctx = RunContext(validation=VALIDATION, data_dir=str(default_data_dir()),
-                         batch_size=case.case.batch, epochs=2)
-        data = case.task.load(P.build(case.task.Params, case.task_params), ctx)
+    for case, name, p, data, learner in _learners(cases, rules):
         batch = case.case.batch
-        for name in rules:
-            if case.unsupported(name):
-                continue
-            alg = algorithms.get(name)
-            p = P.build(alg.Params, P.resolve(alg.Params, {}))
-            torch.manual_seed(0)
-            learner = alg.build(case.arch, data.info, p, ctx)
-            x, y = data.train.x, data.train.y
-            if alg.channels_last and prefer_channels_last(learner, case.arch,
-                                                          torch.device("cpu")) and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            stepper = Stepper(learner, p, 2)
-            starts = [(i * batch) % (len(y) - batch + 1) for i in range(steps + 5)]
-            for start in starts[:5]:
+        x, y = data.train.x, data.train.y
+        if algorithms.get(name).channels_last and prefer_channels_last(
+                learner, case.arch, torch.device("cpu")) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        stepper = Stepper(learner, p, 2)
+        starts = [(i * batch) % (len(y) - batch + 1) for i in range(steps + 5)]
+        for start in starts[:5]:
+            stepper.step(x[start:start + batch], y[start:start + batch])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for start in starts[5:]:
                 stepper.step(x[start:start + batch], y[start:start + batch])
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for start in starts[5:]:
-                    stepper.step(x[start:start + batch], y[start:start + batch])
-            ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
-            total = sum(ms for _, ms in ops)
-            matrix = sum(ms for key, ms in ops if key in MATRIX_OPS)
-            others = sorted(((ms, key) for key, ms in ops if key not in MATRIX_OPS),
-                            reverse=True)[:3]
-            gflop = 2 * MACS[name](case.arch, p) * batch / 1e9
-            table.append([case.key, name, f"{total:.2f}", f"{matrix:.2f}",
-                          f"{gflop / (matrix / 1e3) / peak:.2f}",
-                          f"{gflop / (total / 1e3) / peak:.2f}", f"{1 - matrix / total:.0%}",
-                          ", ".join(f"{key.removeprefix('aten::')} {ms / total:.0%}"
-                                    for ms, key in others)])
+        ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
+        total = sum(ms for _, ms in ops)
+        matrix = sum(ms for key, ms in ops if key in MATRIX_OPS)
+        others = sorted(((ms, key) for key, ms in ops if key not in MATRIX_OPS),
+                        reverse=True)[:3]
+        gflop = 2 * MACS[name](case.arch, p) * batch / 1e9
+        table.append([case.key, name, f"{total:.2f}", f"{matrix:.2f}",
+                      f"{gflop / (matrix / 1e3) / peak:.2f}",
+                      f"{gflop / (total / 1e3) / peak:.2f}", f"{1 - matrix / total:.0%}",
+                      ", ".join(f"{key.removeprefix('aten::')} {ms / total:.0%}"
+                                for ms, key in others)])
     print(f"Breakdown of one training step ({threads} threads, torch.profiler self times over "
           f"{steps} steps after 5 warm-up steps, default parameters; peak {peak:.1f} GFLOP/s). "
           f"step_ms: all ops; matrix_ms: the matrix kernels ({', '.join(MATRIX_OPS)}); "
