@@ -67,30 +67,38 @@ def test_a_malformed_equivalences_file_is_one_line(tmp_path, cli, write_suite, m
     assert str(path) in err and expected in err, err
 
 
-def test_equate_keeps_equal_configurations_and_only_them(tmp_path, cli, write_suite):
-    """Two rows of one plugin; an edit that moves only the `fast` row's numbers. equate keeps
-    `slow` current (entry written), reports `fast` as differing (exit 1, no entry); the next
-    dry run shows only fast's runs stale, and equate on a current store has nothing to do."""
+def _editable_suite(tmp_path, write_suite, name: str, rows: str, epochs: int, seeds: int):
+    """A plugin a test edits (``name``, in a folder of its own), a suite of ``rows`` on it
+    (YAML lines under ``algorithms:``), and ``bench(*args)``: bench.py with both plugin folders
+    and the test's own equivalences file. (plugin file, suite path, equivalences path, bench)"""
     folder = tmp_path / "mine" / "algorithms"
     folder.mkdir(parents=True)
-    plugin = folder / "editable_eq.py"
-    plugin.write_text(EDITABLE_PLUGIN.format(name="editable_eq", init="params.init_std"))
+    plugin = folder / f"{name}.py"
+    plugin.write_text(EDITABLE_PLUGIN.format(name=name, init="params.init_std"))
     equivalences = tmp_path / "equivalences.yaml"
-    path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 2\nseeds: 2\n"
-                       "algorithms:\n  slow: {algorithm: editable_eq, lr: 0.05}\n"
-                       "  fast: {algorithm: editable_eq, lr: 0.1}\n", "st")
+    path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: {epochs}\n"
+                       f"seeds: {seeds}\nalgorithms:\n{rows}", "st")
     plugins = ("--plugins", str(tmp_path / "mine"), "--plugins", str(TEST_PLUGINS))
-    status, out, err = cli("run", path, "--device", "cpu", "--no-progress", "--no-report",
-                           *plugins)
-    assert status == 0 and "ok 4" in out, err
-
-    plugin.write_text(EDITABLE_PLUGIN.format(   # `fast` starts from other weights; `slow` not
-        name="editable_eq", init="params.init_std * (1.5 if params.lr > 0.06 else 1.0)"))
     env = dict(os.environ, BENCH_EQUIVALENCES=str(equivalences))
 
     def bench(*args):
         return subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args),
                                *plugins], capture_output=True, text=True, cwd=ROOT, env=env)
+    return plugin, path, equivalences, bench
+
+
+def test_equate_keeps_equal_configurations_and_only_them(tmp_path, write_suite):
+    """Two rows of one plugin; an edit that moves only the `fast` row's numbers. equate keeps
+    `slow` current (entry written), reports `fast` as differing (exit 1, no entry); the next
+    dry run shows only fast's runs stale, and equate on a current store has nothing to do."""
+    plugin, path, equivalences, bench = _editable_suite(
+        tmp_path, write_suite, "editable_eq", "  slow: {algorithm: editable_eq, lr: 0.05}\n"
+        "  fast: {algorithm: editable_eq, lr: 0.1}\n", epochs=2, seeds=2)
+    done = bench("run", path, "--device", "cpu", "--no-progress", "--no-report")
+    assert done.returncode == 0 and "ok 4" in done.stdout, done.stderr
+
+    plugin.write_text(EDITABLE_PLUGIN.format(   # `fast` starts from other weights; `slow` not
+        name="editable_eq", init="params.init_std * (1.5 if params.lr > 0.06 else 1.0)"))
     listed = bench("equate", path, "--list")
     assert listed.returncode == 0, listed.stderr
     assert "2 configuration(s) with stale runs (4 runs)" in listed.stdout
@@ -130,20 +138,9 @@ def test_a_rerun_that_kills_its_process_fails_its_check_not_equate(tmp_path, wri
     """Each re-run is a process of its own: one that dies of a signal (here SIGSEGV, as a crash
     in native code would) is that configuration's failure, with its cause, and equate goes on
     to the next configuration and records it."""
-    folder = tmp_path / "mine" / "algorithms"
-    folder.mkdir(parents=True)
-    plugin = folder / "editable_crash.py"
-    plugin.write_text(EDITABLE_PLUGIN.format(name="editable_crash", init="params.init_std"))
-    equivalences = tmp_path / "equivalences.yaml"
-    path = write_suite(BASE + f"store: {tmp_path / 'st.sqlite'}\nepochs: 1\nseeds: 1\n"
-                       "algorithms:\n  crashes: {algorithm: editable_crash, lr: 0.1}\n"
-                       "  holds: {algorithm: editable_crash, lr: 0.05}\n", "st")
-    plugins = ("--plugins", str(tmp_path / "mine"), "--plugins", str(TEST_PLUGINS))
-    env = dict(os.environ, BENCH_EQUIVALENCES=str(equivalences))
-
-    def bench(*args):
-        return subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args),
-                               *plugins], capture_output=True, text=True, cwd=ROOT, env=env)
+    plugin, path, equivalences, bench = _editable_suite(
+        tmp_path, write_suite, "editable_crash", "  crashes: {algorithm: editable_crash, lr: 0.1}\n"
+        "  holds: {algorithm: editable_crash, lr: 0.05}\n", epochs=1, seeds=1)
     done = bench("run", path, "--device", "cpu", "--no-progress", "--no-report")
     assert done.returncode == 0 and "ok 2" in done.stdout, done.stderr
     plugin.write_text(EDITABLE_PLUGIN.format(
