@@ -447,26 +447,28 @@ def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: flo
         for start in starts[:5]:
             stepper.step(x[start:start + batch], y[start:start + batch])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
+            began = time.perf_counter()
             for start in starts[5:]:
                 stepper.step(x[start:start + batch], y[start:start + batch])
+            total = (time.perf_counter() - began) * 1e3 / steps   # wall: Python between ops too
         ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
-        total = sum(ms for _, ms in ops)
         matrix = sum(ms for key, ms in ops if key in MATRIX_OPS)
         others = sorted(((ms, key) for key, ms in ops if key not in MATRIX_OPS),
                         reverse=True)[:3]
         gflop = 2 * MACS[name](case.arch, p) * batch / 1e9
         table.append([case.key, name, f"{total:.2f}", f"{matrix:.2f}",
-                      f"{gflop / (matrix / 1e3) / peak:.2f}",
+                      f"{gflop / (matrix / 1e3) / peak:.2f}" if matrix else "–",
                       f"{gflop / (total / 1e3) / peak:.2f}", f"{1 - matrix / total:.0%}",
                       ", ".join(f"{key.removeprefix('aten::')} {ms / total:.0%}"
                                 for ms, key in others)])
     print(f"Breakdown of one training step ({threads} threads, torch.profiler self times over "
           f"{steps} steps after 5 warm-up steps, default parameters; peak {peak:.1f} GFLOP/s). "
-          f"step_ms: all ops; matrix_ms: the matrix kernels ({', '.join(MATRIX_OPS)}); "
-          f"matrix_rate: the rule's matrix work over matrix_ms, as a fraction of the peak (its "
-          f"ceiling: the step's peak fraction if all else cost nothing); step_rate: over "
-          f"step_ms (the profiler adds a little); other: the step's share outside the matrix "
-          f"kernels, and its three biggest ops.", file=out)
+          f"step_ms: wall time per step, profiled (the profiler adds a little); matrix_ms: "
+          f"the matrix kernels' self time ({', '.join(MATRIX_OPS)}); matrix_rate: the rule's "
+          f"matrix work over matrix_ms, as a fraction of the peak (its ceiling: the step's "
+          f"peak fraction if all else cost nothing); step_rate: over step_ms; other: the "
+          f"step's share outside the matrix kernels (other ops, Python between them), and its "
+          f"three biggest ops.", file=out)
     print(tabulate(table, headers=["arch", "rule", "step_ms", "matrix_ms", "matrix_rate",
                                    "step_rate", "other", "biggest others"],
                    tablefmt="github", disable_numparse=True), file=out)

@@ -163,7 +163,8 @@ def compare(stored_epochs: list[dict], new_epochs: list[dict], epochs: int,
 
 
 RERUN_SCRIPT = """
-import json, sys
+import json, os, sys
+sys.path.insert(0, os.getcwd())   # this checkout's harness, even under PYTHONSAFEPATH
 args = json.loads(sys.argv[1])
 from harness import api
 from harness.registry import discover
@@ -209,13 +210,19 @@ def run_checkout(checkout: Path, spec: RunSpec, epochs: int, threads: int, data_
     import json
     import subprocess
     import sys
+
+    from harness.registry import PLUGIN_PATH_ENV
     from harness.worker import death_reason
     args = {"spec": spec.to_json(), "key": spec.key(), "epochs": epochs,
             "threads": threads, "data_dir": str(Path(data_dir).resolve()),
             "plugins": [str(Path(p).resolve()) for p in plugin_paths]}
+    env = dict(os.environ)          # plugin folders named relative to here, absolute there
+    if env.get(PLUGIN_PATH_ENV):
+        env[PLUGIN_PATH_ENV] = os.pathsep.join(
+            str(Path(p).resolve()) for p in env[PLUGIN_PATH_ENV].split(os.pathsep) if p)
     done = subprocess.run([sys.executable, "-c", RERUN_SCRIPT,
                            json.dumps(args, default=str)],
-                          cwd=checkout, capture_output=True, text=True)
+                          cwd=checkout, capture_output=True, text=True, env=env)
     lines = done.stdout.strip().splitlines()
     try:
         found = json.loads(lines[-1]) if lines else {}
@@ -228,7 +235,9 @@ def run_checkout(checkout: Path, spec: RunSpec, epochs: int, threads: int, data_
         return {"error": f"{which}'s re-run in {checkout} ended without a result: "
                          f"{death_reason(done.returncode)}"}
     if done.returncode != 0 or not found or "error" in found:
-        why = found.get("error") or (done.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        why = found.get("error") or (f"{death_reason(done.returncode)}; its last line: {last}"
+                                     if done.returncode > 0 and not found else last)
         return {"error": f"{which}'s re-run in {checkout} failed: {why}"}
     return found
 
@@ -278,15 +287,15 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
             if "error" in old:
                 outcome.error = old["error"]
                 return outcome
+            if len(old["epochs"]) < wanted:
+                outcome.error = (f"the old code stopped after {len(old['epochs'])} of {wanted} "
+                                 f"epoch(s): {old['status']} {old['reason']}").strip()
+                return outcome
             if fingerprint.resolve(cell.config, old["source"],
                                    device_kind(spec.device)) != cell.old:
                 outcome.error = (f"the code in {baseline} has digest {old['source']}, not the "
                                  f"stored runs' {record.get('source')}: check out the commit "
                                  f"they were made with")
-                return outcome
-            if len(old["epochs"]) < wanted:
-                outcome.error = (f"the old code stopped after {len(old['epochs'])} of {wanted} "
-                                 f"epoch(s): {old['status']} {old['reason']}").strip()
                 return outcome
             reference = old["epochs"]
         say(f"  re-running seed {spec.seed} for {wanted} epoch(s) at {threads} thread(s)…")
@@ -294,13 +303,13 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
         if "error" in result:
             outcome.error = result["error"]
             return outcome
-        if result["source"] != cell.new:
-            outcome.error = (f"the re-run's code has digest {result['source']}, "
-                             f"not {cell.new}: files changed while it ran")
-            return outcome
         if len(result["epochs"]) < wanted:
             outcome.error = (f"seed {spec.seed} stopped after {len(result['epochs'])} of "
                              f"{wanted} epoch(s): {result['status']} {result['reason']}").strip()
+            return outcome
+        if result["source"] != cell.new:
+            outcome.error = (f"the re-run's code has digest {result['source']}, "
+                             f"not {cell.new}: files changed while it ran")
             return outcome
         diff, where = compare(reference, result["epochs"], wanted,
                               "with the old code" if baseline is not None else "stored")

@@ -137,16 +137,24 @@ def test_equate_keeps_equal_configurations_and_only_them(tmp_path, write_suite):
 def test_a_rerun_that_kills_its_process_fails_its_check_not_equate(tmp_path, write_suite):
     """Each re-run is a process of its own: one that dies of a signal (here SIGSEGV, as a crash
     in native code would) is that configuration's failure, with its cause, and equate goes on
-    to the next configuration and records it."""
+    to the next configuration and records it. A plugin folder named relative to where equate
+    runs reaches the re-runs."""
     plugin, path, equivalences, bench = _editable_suite(
         tmp_path, write_suite, "editable_crash", "  crashes: {algorithm: editable_crash, lr: 0.1}\n"
         "  holds: {algorithm: editable_crash, lr: 0.05}\n", epochs=1, seeds=1)
     done = bench("run", path, "--device", "cpu", "--no-progress", "--no-report")
     assert done.returncode == 0 and "ok 2" in done.stdout, done.stderr
-    plugin.write_text(EDITABLE_PLUGIN.format(
-        name="editable_crash", init="(__import__('os').kill(__import__('os').getpid(), 11) "
-                                    "if params.lr > 0.06 else params.init_std)"))
-    done = bench("equate", path)
+    plugin.write_text(EDITABLE_PLUGIN.format(   # no core file: RLIMIT_CORE 0, then SIGSEGV
+        name="editable_crash", init="((__import__('resource').setrlimit(__import__('resource')"
+                                    ".RLIMIT_CORE, (0, 0)), __import__('os').kill(__import__("
+                                    "'os').getpid(), 11)) if params.lr > 0.06 "
+                                    "else params.init_std)"))
+    # run from the plugin folder's parent, named there relatively in $BENCH_PLUGIN_PATH: the
+    # re-runs (processes in the project's folder) must still find it
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "equate", str(path),
+                           "--plugins", str(TEST_PLUGINS)], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, BENCH_PLUGIN_PATH="mine",
+                                                 BENCH_EQUIVALENCES=str(equivalences)))
     assert done.returncode == 1, (done.stdout, done.stderr)
     crashed = done.stdout.split("crashes on blobs/mlp:\n")[1].split("holds on blobs/mlp:")[0]
     assert "ended without a result" in crashed and "SIGSEGV" in crashed, done.stdout
