@@ -429,8 +429,8 @@ def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: flo
               out, steps: int = 20) -> None:
     """Where one training step's time goes: the matrix kernels' own time and rate (what the step
     could reach if everything else cost nothing: ``ceiling``), and the biggest other ops. The
-    step's wall time over ``steps`` steps after five warm-up steps, then the same steps again
-    under ``torch.profiler`` for the ops' self times; the runner's Stepper and layout, one
+    step's wall time over ``steps`` steps after five warm-up steps (timed before and after
+    the profiled pass), the same steps under ``torch.profiler`` for the ops' self times; the runner's Stepper and layout, one
     batch of real (or random) data, the rule's default parameters."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -447,13 +447,16 @@ def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: flo
         starts = [(i * batch) % (len(y) - batch + 1) for i in range(steps + 5)]
         for start in starts[:5]:
             stepper.step(x[start:start + batch], y[start:start + batch])
-        began = time.perf_counter()          # wall time, without the profiler's own cost
-        for start in starts[5:]:
-            stepper.step(x[start:start + batch], y[start:start + batch])
-        total = (time.perf_counter() - began) * 1e3 / steps
+        def timed() -> float:               # wall ms per step, without the profiler's cost
+            began = time.perf_counter()
+            for start in starts[5:]:
+                stepper.step(x[start:start + batch], y[start:start + batch])
+            return (time.perf_counter() - began) * 1e3 / steps
+        first = timed()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for start in starts[5:]:
                 stepper.step(x[start:start + batch], y[start:start + batch])
+        total = (first + timed()) / 2       # the timed passes bracket the profiled one
         ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
         matrix = sum(ms for key, ms in ops if key in MATRIX_OPS)
         others = sorted(((ms, key) for key, ms in ops if key not in MATRIX_OPS),
@@ -464,7 +467,8 @@ def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: flo
     peak = max(before, matmul_peak(threads))     # the higher of before and after, as the table
     table = [[key, name, f"{total:.2f}", f"{matrix:.2f}",
               f"{gflop / (matrix / 1e3) / peak:.2f}" if matrix else "–",
-              f"{gflop / (total / 1e3) / peak:.2f}", f"{1 - matrix / total:.0%}",
+              f"{gflop / (total / 1e3) / peak:.2f}",
+              f"{1 - matrix / total:.0%}" if matrix <= total else "– (noisy)",
               ", ".join(f"{op.removeprefix('aten::')} {ms / total:.0%}" for ms, op in others)]
              for key, name, total, matrix, gflop, others in measured]
     print(f"Breakdown of one training step ({threads} threads, {steps} steps after 5 warm-up "
@@ -475,7 +479,9 @@ def breakdown(cases: list[Case], rules: tuple[str, ...], threads: int, peak: flo
           f"matrix work over matrix_ms, as a fraction of the peak (its ceiling: the step's "
           f"peak fraction if all else cost nothing); step_rate: over step_ms; other: the "
           f"step's share outside the matrix kernels (other ops, Python between them), and its "
-          f"three biggest ops (their self time over step_ms).", file=out)
+          f"three biggest ops (their self time over step_ms). step_ms is the mean of two timed "
+          f"passes around the profiled one; 'noisy' where the matrix kernels alone took longer "
+          f"than that (the machine was not quiet: rerun).", file=out)
     print(tabulate(table, headers=["arch", "rule", "step_ms", "matrix_ms", "matrix_rate",
                                    "step_rate", "other", "biggest others"],
                    tablefmt="github", disable_numparse=True), file=out)
