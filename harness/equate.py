@@ -269,6 +269,12 @@ def selection_difference(spec: RunSpec, record: dict) -> tuple[float, str]:
     return worst, where
 
 
+def _stopped_short(who: str, rerun: dict, wanted: int) -> str:
+    """Why a re-run (:func:`run_checkout`'s result) has fewer epochs than the check compares."""
+    return (f"{who} stopped after {len(rerun['epochs'])} of {wanted} epoch(s): "
+            f"{rerun['status']} {rerun['reason']}").strip()
+
+
 def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
           say: Callable[[str], None], baseline: Optional[Path] = None) -> Outcome:
     """Re-run up to ``runs_per_cell`` of the cell's stored runs for their first ``epochs``
@@ -288,8 +294,7 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
                 outcome.error = old["error"]
                 return outcome
             if len(old["epochs"]) < wanted:
-                outcome.error = (f"the old code stopped after {len(old['epochs'])} of {wanted} "
-                                 f"epoch(s): {old['status']} {old['reason']}").strip()
+                outcome.error = _stopped_short("the old code", old, wanted)
                 return outcome
             if fingerprint.resolve(cell.config, old["source"],
                                    device_kind(spec.device)) != cell.old:
@@ -304,8 +309,7 @@ def check(cell: Cell, runs_per_cell: int, epochs: int, data_dir, plugin_paths,
             outcome.error = result["error"]
             return outcome
         if len(result["epochs"]) < wanted:
-            outcome.error = (f"seed {spec.seed} stopped after {len(result['epochs'])} of "
-                             f"{wanted} epoch(s): {result['status']} {result['reason']}").strip()
+            outcome.error = _stopped_short(f"seed {spec.seed}", result, wanted)
             return outcome
         if result["source"] != cell.new:
             outcome.error = (f"the re-run's code has digest {result['source']}, "
